@@ -1,0 +1,109 @@
+"""Build script for softsae's compiled extensions.
+
+Extensions (each optional; the pure-Python backends always install):
+
+- ``softsae._C``       C++ CPU kernels (csrc/cpu + csrc/bindings/cpu.cpp), OpenMP threads.
+- ``softsae._C_cuda``  CUDA kernels (csrc/cuda + csrc/bindings/cuda.cpp); needs a CUDA
+                       toolkit (CUDA_HOME) and a CUDA build of torch. No GPU is needed to build.
+
+Environment switches (``auto`` is the default):
+
+- ``SOFTSAE_CPU_EXT``  = auto | 0 | 1   auto: build, fall back to pure Python on failure;
+                                          0: skip; 1: build or fail the install.
+- ``SOFTSAE_CUDA_EXT`` = auto | 0 | 1   auto: build when a toolkit and CUDA torch are found.
+- ``TORCH_CUDA_ARCH_LIST``  CUDA architectures (default "8.0;9.0").
+- ``MAX_JOBS``              parallel compile jobs (torch's ninja build).
+
+The Triton kernels in kernels/ ship as the subpackage ``softsae.kernels``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _switch(name: str) -> str:
+    value = os.environ.get(name, "auto").strip().lower()
+    if value not in {"auto", "0", "1"}:
+        raise SystemExit(f"{name} must be one of auto, 0, 1 (got {value!r})")
+    return value
+
+
+def _rel(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    """Return (ext_modules, cmdclass, required_names, notes)."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("softsae: torch is not importable at build time; installing pure-Python "
+              "backends only (install torch first and use --no-build-isolation).")
+        return [], {}, set(), []
+
+    cpu_mode, cuda_mode = _switch("SOFTSAE_CPU_EXT"), _switch("SOFTSAE_CUDA_EXT")
+    exts, required, notes = [], set(), []
+    portable = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+
+    cpu_sources = _rel("csrc/cpu/*.cpp") + ["csrc/bindings/cpu.cpp"]
+    if cpu_mode != "0" and os.path.exists(os.path.join(ROOT, "csrc/bindings/cpu.cpp")):
+        exts.append(cpp_extension.CppExtension(
+            "softsae._C", cpu_sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": portable}, extra_link_args=["-fopenmp"]))
+        if cpu_mode == "1":
+            required.add("softsae._C")
+    else:
+        notes.append("cpu extension skipped (SOFTSAE_CPU_EXT=0)")
+
+    cuda_home = cpp_extension.CUDA_HOME
+    cuda_ok = cuda_home is not None and torch.version.cuda is not None
+    if cuda_mode == "1" and not cuda_ok:
+        raise SystemExit("SOFTSAE_CUDA_EXT=1 but no CUDA toolkit (CUDA_HOME) or torch is a CPU build")
+    if cuda_mode != "0" and cuda_ok and os.path.exists(os.path.join(ROOT, "csrc/bindings/cuda.cpp")):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cuda_sources = _rel("csrc/cuda/*.cu") + ["csrc/bindings/cuda.cpp"]
+        exts.append(cpp_extension.CUDAExtension(
+            "softsae._C_cuda", cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}))
+        if cuda_mode == "1":
+            required.add("softsae._C_cuda")
+    elif cuda_mode != "0":
+        notes.append("cuda extension skipped (no CUDA toolkit or CPU-only torch)")
+
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class OptionalBuildExt(base):
+        """Build each extension; an optional one that fails is reported and skipped."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+                print(f"softsae: built {ext.name}")
+            except Exception as err:  # noqa: BLE001 - a compiler failure may raise anything
+                if ext.name in required:
+                    raise
+                print(f"softsae: WARNING: could not build {ext.name} ({err}); "
+                      "that backend will be unavailable.", file=sys.stderr)
+
+    return exts, {"build_ext": OptionalBuildExt}, required, notes
+
+
+ext_modules, cmdclass, _required, _notes = _extensions()
+for note in _notes:
+    print(f"softsae: {note}")
+
+setup(
+    packages=["softsae", "softsae.ops", "softsae.kernels"],
+    package_dir={"softsae.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

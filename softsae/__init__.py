@@ -1,0 +1,26 @@
+"""softsae: adaptive sparse autoencoders with fused Soft Top-K and sparse-decode kernels.
+
+    import softsae
+    p = softsae.soft_topk(x, k, alpha)                 # differentiable per-row soft top-k
+    z = softsae.soft_topk_gate(x, k, alpha)            # x * p, fused
+    vals, idx = softsae.topk_per_row(z, k)             # hard top-k, per-row k, padded layout
+    x_hat = softsae.sparse_decode(vals, idx, W_dec, b_dec)
+    softsae.available_backends()
+"""
+
+from softsae._backends import available_backends
+from softsae.ops.soft_topk import K_EPS, soft_topk, soft_topk_gate
+from softsae.ops.sparse_decode import sparse_decode
+from softsae.ops.topk_per_row import topk_per_row
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "K_EPS",
+    "available_backends",
+    "soft_topk",
+    "soft_topk_gate",
+    "sparse_decode",
+    "topk_per_row",
+]
+# --- SAE models, trainer and tools (softsae/models.py and friends) ---

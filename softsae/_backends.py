@@ -1,0 +1,100 @@
+"""Which backends exist in this install, and which one serves a given tensor.
+
+Backends: ``reference`` (pure PyTorch, always), ``cpu`` (compiled ``softsae._C``),
+``cuda`` (compiled ``softsae._C_cuda``, CUDA tensors) and ``triton`` (``softsae.kernels``,
+CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). ``auto`` picks the fastest one
+available for the tensor's device.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+@functools.cache
+def _load(module: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        # A missing module is a normal install without that backend; a module that exists but
+        # fails to load (ABI mismatch, missing symbol) deserves a word.
+        if "No module named" not in str(err):
+            warnings.warn(f"softsae: {module} is present but failed to load: {err}", stacklevel=2)
+        return None
+
+
+def cpu_ext() -> ModuleType | None:
+    """The compiled CPU extension, or None."""
+    return _load("softsae._C")
+
+
+def cuda_ext() -> ModuleType | None:
+    """The compiled CUDA extension, or None (it imports fine without a GPU)."""
+    return _load("softsae._C_cuda")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run on tensors of ``device`` in this process."""
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu" and cpu_ext() is not None
+    if backend == "cuda":
+        return device.type == "cuda" and cuda_ext() is not None
+    if backend == "triton":
+        if not _triton_importable():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    return False
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable here: for ``device`` if given, else for any device of this machine."""
+    if device is not None:
+        dev = torch.device(device)
+        return [b for b in BACKENDS if supports(b, dev)]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(supports(b, d) for d in devices)]
+
+
+# Fastest first, per device type. On CUDA, Triton leads until the CUDA kernels have been
+# measured to beat it (see benchmarks/RESULTS.md).
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+
+def resolve(backend: str, device: torch.device, arg: str = "backend") -> str:
+    """Map ``backend`` (a name or ``"auto"``) to a concrete backend for ``device``, or raise."""
+    if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"{arg} must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if supports(name, device):
+                return name
+        return "reference"
+    if not supports(backend, device):
+        raise ValueError(
+            f"{arg}={backend!r} is not available for {device.type} tensors here; "
+            f"available: {available_backends(device)}"
+        )
+    return backend

@@ -1,0 +1,81 @@
+"""Loss terms of the SoftSAE recipe and dead-latent bookkeeping.
+
+    L = recon(x, x_hat) + w_k * k_loss(k_hat, K) + a_aux * auxk_loss(...)
+
+All inputs live in the model's normalised space; x, x_hat (B, d), pre (B, n), k_hat (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from softsae.ops.sparse_decode import sparse_decode
+
+
+def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """||x - x_hat||^2 summed over d, averaged over the batch (a scalar)."""
+    return (x - x_hat).pow(2).sum(-1).mean()
+
+
+def k_loss(k_hat: Tensor, k_target: float, beta: float = 5.0) -> Tensor:
+    """softplus(mean(k_hat) - K_target, beta): penalises a mean budget above K_target."""
+    return F.softplus(k_hat.mean() - k_target, beta=beta)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
+
+
+def auxk_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor, k_aux: int,
+              backend: str = "auto") -> Tensor:
+    """AuxK loss (Gao et al. 2024): the top ``k_aux`` dead latents of each row regress the residual.
+
+    Args:
+        pre: post-ReLU encoder activations (B, n) (differentiable).
+        residual: x - x_hat (B, d); detached here.
+        dead: (n,) bool mask of dead latents.
+        W_dec: decoder (n, d); the auxiliary reconstruction uses no bias.
+        k_aux: latents per row (clipped to the number of dead latents); d // 2 in the recipe.
+
+    Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` (both batch means), 0 when nothing is dead.
+    """
+    e = residual.detach()
+    n_dead = int(dead.sum())
+    if n_dead == 0 or k_aux <= 0:
+        return pre.sum() * 0.0
+    kk = min(int(k_aux), n_dead)
+    masked = pre.masked_fill(~dead[None, :], float("-inf"))
+    vals, idx = torch.topk(masked, kk, dim=-1, sorted=False)
+    e_hat = sparse_decode(vals, idx, W_dec, None, backend=backend)
+    num = (e - e_hat).pow(2).sum(-1).mean()
+    den = (e - e.mean(0)).pow(2).sum(-1).mean()
+    return torch.nan_to_num(num / den, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class DeadLatentTracker:
+    """Counts, per latent, the tokens seen since it last fired; dead = count >= threshold."""
+
+    def __init__(self, n: int, threshold: int, device: torch.device | str = "cpu") -> None:
+        self.threshold = int(threshold)
+        self.tokens_since_fired = torch.zeros(n, dtype=torch.int64, device=device)
+
+    def update(self, fired: Tensor, n_tokens: int) -> None:
+        """fired: (n,) bool, latents that were non-zero for some of the ``n_tokens`` rows."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.threshold
+
+    def n_dead(self) -> int:
+        return int(self.dead_mask().sum())
+
+    def state_dict(self) -> dict:
+        return {"threshold": self.threshold, "tokens_since_fired": self.tokens_since_fired.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.threshold = int(state["threshold"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])

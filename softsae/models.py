@@ -1,0 +1,332 @@
+"""Sparse autoencoders: SoftSAE (learned per-input k), TopKSAE and BatchTopKSAE baselines.
+
+All three share one layout (activation dim d, dictionary size n)::
+
+    W_enc (n, d), b_enc (n,), W_dec (n, d) with unit-norm rows, b_dec (d,)
+    norm_shift (d,), norm_scale ()     input normalisation buffers: x_n = (x - shift) / scale
+
+and one pipeline, in normalised space::
+
+    pre   = relu((x_n - b_dec) @ W_enc.T + b_enc)         (B, n)
+    codes = <selection>(pre)                              dense (B, n) or padded (vals, idx) (B, K)
+    x_hat = codes @ W_dec + b_dec                         (B, d)
+
+Selections: SoftSAE gates ``pre`` with the soft top-k at a per-row budget k_hat(x) while
+training and keeps the hard top floor(k_hat) latents in the hard phase and at eval; TopKSAE
+keeps the top K; BatchTopKSAE keeps the K*B largest over the batch while training and uses a
+learned threshold at inference. The ops come from ``softsae.ops`` and are dispatched by
+``backend=`` ("auto", "reference", "cpu", "triton", "cuda").
+
+Public methods take and return *unnormalised* activations: ``encode(x)``, ``decode(codes)``,
+``forward(x) -> x_hat``. ``forward_train(x_n)`` works in normalised space and returns
+everything the trainer needs (``SAEOutput``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softsae.ops.soft_topk import soft_topk_gate
+from softsae.ops.sparse_decode import sparse_decode
+from softsae.ops.topk_per_row import topk_per_row
+
+ARCHS = ("softsae", "topk", "batchtopk")
+DECODE_MODES = ("auto", "sparse", "dense")
+
+
+@dataclass
+class Codes:
+    """Latent codes of a batch: either ``dense`` (B, n) or padded ``vals``/``idx`` (B, K), idx -1 = pad."""
+
+    n: int
+    dense: Tensor | None = None
+    vals: Tensor | None = None
+    idx: Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.dense is None
+
+    def active(self) -> Tensor:
+        """Boolean mask of the active (non-zero) entries: (B, n) dense or (B, K) sparse."""
+        if self.dense is not None:
+            return self.dense != 0
+        return (self.idx >= 0) & (self.vals != 0)
+
+    def l0(self) -> Tensor:
+        """Number of non-zero latents per row, (B,) int64."""
+        return self.active().sum(-1)
+
+    def fired(self) -> Tensor:
+        """Which latents are non-zero anywhere in the batch, (n,) bool."""
+        act = self.active()
+        if self.dense is not None:
+            return act.any(0)
+        out = torch.zeros(self.n + 1, dtype=torch.bool, device=act.device)
+        out[torch.where(act, self.idx, self.n).reshape(-1)] = True
+        return out[: self.n]
+
+    def to_dense(self) -> Tensor:
+        """The dense (B, n) code matrix (differentiable w.r.t. vals)."""
+        if self.dense is not None:
+            return self.dense
+        B = self.vals.shape[0]
+        full = self.vals.new_zeros(B, self.n + 1)
+        full = full.scatter(1, torch.where(self.idx >= 0, self.idx, self.n), self.vals)
+        return full[:, : self.n]
+
+
+@dataclass
+class SAEOutput:
+    """What one forward pass in normalised space produces (shapes for a batch of B rows)."""
+
+    x_hat: Tensor  # (B, d) reconstruction, normalised space
+    pre: Tensor  # (B, n) post-ReLU encoder activations
+    codes: Codes  # selected latents
+    k_hat: Tensor | None = None  # (B,) predicted budget (SoftSAE only)
+
+
+def _gather_nonzero(z: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded (vals, idx) (B, max count) of the non-zeros of a dense z (B, n), ``counts`` per row."""
+    _, idx = topk_per_row((z != 0).to(z.dtype), counts)
+    vals = torch.where(idx >= 0, z.gather(1, idx.clamp(min=0)), 0)
+    return vals, idx
+
+
+class SparseAutoencoder(nn.Module):
+    """Shared parameters, normalisation, decoding and (de)serialisation config of all SAEs."""
+
+    arch: str = "base"
+
+    def __init__(self, d: int, n: int, k: float, backend: str = "auto", decode_mode: str = "auto") -> None:
+        super().__init__()
+        if not (isinstance(d, int) and isinstance(n, int)) or d < 1 or n < 1:
+            raise ValueError(f"activation dim d and dictionary size n must be positive ints, got d={d}, n={n}")
+        if not 0 < k <= n:
+            raise ValueError(f"k must lie in (0, dict_size={n}], got k={k} (the dictionary is smaller than k)")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        self.d, self.n, self.k = d, n, k
+        self.backend, self.decode_mode = backend, decode_mode
+        self.hard = False  # hard top-k phase flag (SoftSAE); eval mode is always hard
+        W = torch.randn(n, d)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W)
+        self.W_enc = nn.Parameter(W.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("norm_shift", torch.zeros(d))
+        self.register_buffer("norm_scale", torch.ones(()))
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments (``build_model(config)`` rebuilds the module)."""
+        return {"arch": self.arch, "d": self.d, "n": self.n, "k": self.k, "backend": self.backend,
+                "decode_mode": self.decode_mode}
+
+    @property
+    def is_hard(self) -> bool:
+        return self.hard or not self.training
+
+    # ------------------------------------------------------------------ normalisation
+    def set_normalization(self, shift: Tensor | None, scale: float | Tensor) -> None:
+        """Store the input normalisation ``x_n = (x - shift) / scale``."""
+        with torch.no_grad():
+            self.norm_shift.copy_(torch.zeros(self.d) if shift is None else torch.as_tensor(shift))
+            self.norm_scale.fill_(float(scale))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.norm_shift) / self.norm_scale
+
+    def denormalize(self, x_n: Tensor) -> Tensor:
+        return x_n * self.norm_scale + self.norm_shift
+
+    # ------------------------------------------------------------------ pieces
+    def pre_acts(self, x_n: Tensor) -> Tensor:
+        """Post-ReLU encoder activations (B, n) of normalised input (B, d)."""
+        return F.relu(F.linear(x_n - self.b_dec, self.W_enc, self.b_enc))
+
+    def _use_sparse(self, hard: bool) -> bool:
+        return self.decode_mode == "sparse" or (self.decode_mode == "auto" and hard)
+
+    def decode_codes(self, codes: Codes) -> Tensor:
+        """Normalised reconstruction (B, d) of codes, via sparse_decode or a dense GEMM."""
+        if codes.is_sparse:
+            return sparse_decode(codes.vals, codes.idx, self.W_dec, self.b_dec, backend=self.backend)
+        return F.linear(codes.dense, self.W_dec.t(), self.b_dec)
+
+    def _hard_codes(self, pre: Tensor, k: Tensor | int) -> Codes:
+        vals_sel, idx = topk_per_row(pre, k)
+        codes = Codes(self.n, vals=vals_sel, idx=idx)
+        return codes if self._use_sparse(True) else Codes(self.n, dense=codes.to_dense())
+
+    def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, Tensor | None]:
+        """Choose the active latents: (codes, k_hat or None). Subclasses implement."""
+        raise NotImplementedError
+
+    def forward_train(self, x_n: Tensor) -> SAEOutput:
+        """Full pass in normalised space (used by the trainer and the metrics)."""
+        pre = self.pre_acts(x_n)
+        codes, k_hat = self.select(pre, x_n)
+        return SAEOutput(self.decode_codes(codes), pre, codes, k_hat)
+
+    # ------------------------------------------------------------------ public API
+    def encode(self, x: Tensor, sparse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Codes of unnormalised x (B, d): dense (B, n), or padded (vals, idx) (B, K) if ``sparse``."""
+        x_n = self.normalize(x)
+        codes, _ = self.select(self.pre_acts(x_n), x_n)
+        if not sparse:
+            return codes.to_dense()
+        if codes.is_sparse:
+            return codes.vals, codes.idx
+        z = codes.dense
+        return _gather_nonzero(z, (z != 0).sum(-1))
+
+    def decode(self, z: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """Unnormalised reconstruction (B, d) of dense codes (B, n) or a padded (vals, idx) pair."""
+        if isinstance(z, (tuple, list)):
+            vals, idx = z
+            codes = Codes(self.n, vals=vals, idx=idx)
+        else:
+            if z.dim() != 2 or z.shape[1] != self.n:
+                raise ValueError(f"dense codes must be (B, {self.n}), got {tuple(z.shape)}")
+            codes = Codes(self.n, dense=z)
+        return self.denormalize(self.decode_codes(codes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction x_hat (B, d) of unnormalised x (B, d)."""
+        return self.denormalize(self.forward_train(self.normalize(x)).x_hat)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove from W_dec.grad the component parallel to each (unit) decoder row."""
+        g = self.W_dec.grad
+        if g is not None:
+            W = self.W_dec
+            g.sub_((g * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True).clamp_min(1e-12))
+
+
+class SoftSAE(SparseAutoencoder):
+    """Adaptive SAE: per-input budget k_hat(x) from a small head, soft top-k gate while training.
+
+    Args:
+        d, n: activation dim and dictionary size.
+        k: target mean budget K (the trainer's k-loss keeps mean(k_hat) near it).
+        k_max: upper end of the head's range (default 2k, at most n); k_hat in [1, min(k_max, n)].
+        alpha: scale of the soft top-k (the trainer may anneal ``self.alpha``).
+    """
+
+    arch = "softsae"
+
+    def __init__(self, d: int, n: int, k: float, k_max: float | None = None, alpha: float = 1e-4,
+                 backend: str = "auto", decode_mode: str = "auto") -> None:
+        super().__init__(d, n, k, backend, decode_mode)
+        self.k_max = float(min(2 * k if k_max is None else k_max, n))
+        if self.k_max < k:
+            raise ValueError(f"k_max ({self.k_max}) must be >= k ({k})")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.k_estimator = nn.Sequential(nn.Linear(d, n), nn.ReLU(), nn.Linear(n, 1))
+        with torch.no_grad():
+            self.k_estimator[0].weight.copy_(self.W_enc)
+            self.k_estimator[0].bias.zero_()
+            self.k_estimator[2].weight.zero_()  # start at k_hat = k_max / 2 (= k by default)
+            self.k_estimator[2].bias.zero_()
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k_max": self.k_max, "alpha": self.alpha}
+
+    def k_hat_norm(self, x_n: Tensor) -> Tensor:
+        """Predicted budget (B,) in [1, n] for normalised x_n (B, d)."""
+        logit = self.k_estimator(x_n - self.b_dec).squeeze(-1)
+        return (self.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.n))
+
+    def predict_k(self, x: Tensor) -> Tensor:
+        """Predicted budget k_hat (B,) for unnormalised x (B, d); the hard L0 is floor(k_hat)."""
+        return self.k_hat_norm(self.normalize(x))
+
+    def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, Tensor]:
+        k_hat = self.k_hat_norm(x_n)
+        if self.is_hard:
+            return self._hard_codes(pre, k_hat.detach()), k_hat
+        if self._use_sparse(False):
+            vals, idx = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend, sparse=True)
+            return Codes(self.n, vals=vals, idx=idx), k_hat
+        return Codes(self.n, dense=soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend)), k_hat
+
+
+class TopKSAE(SparseAutoencoder):
+    """TopK SAE (Gao et al. 2024): the K largest post-ReLU latents of every input."""
+
+    arch = "topk"
+
+    def __init__(self, d: int, n: int, k: int, backend: str = "auto", decode_mode: str = "auto") -> None:
+        super().__init__(d, n, int(k), backend, decode_mode)
+        if int(k) != k or k < 1:
+            raise ValueError(f"TopK needs an integer k >= 1, got {k}")
+
+    def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, None]:
+        return self._hard_codes(pre, self.k), None
+
+
+class BatchTopKSAE(SparseAutoencoder):
+    """BatchTopK SAE (Bussmann et al. 2024): K*B largest latents over the batch while training;
+    at inference every latent above a learned threshold (EMA of the smallest kept activation)."""
+
+    arch = "batchtopk"
+
+    def __init__(self, d: int, n: int, k: int, threshold_beta: float = 0.999, backend: str = "auto",
+                 decode_mode: str = "auto") -> None:
+        super().__init__(d, n, int(k), backend, decode_mode)
+        if int(k) != k or k < 1:
+            raise ValueError(f"BatchTopK needs an integer k >= 1, got {k}")
+        self.threshold_beta = float(threshold_beta)
+        self.register_buffer("threshold", torch.full((), -1.0))  # < 0: not estimated yet
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "threshold_beta": self.threshold_beta}
+
+    def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, None]:
+        B = pre.shape[0]
+        if not self.training:
+            if self.threshold < 0:
+                return self._hard_codes(pre, self.k), None  # untrained threshold: per-row top-k
+            return self._hard_codes(pre, (pre > self.threshold).sum(-1)), None
+        flat = pre.detach().reshape(-1)
+        top = torch.topk(flat, min(self.k * B, flat.numel()), sorted=False)
+        keep = top.values > 0
+        counts = torch.bincount(top.indices[keep] // self.n, minlength=B)
+        if keep.any():
+            self._update_threshold(top.values[keep].min())
+        return self._hard_codes(pre, counts), None
+
+    @torch.no_grad()
+    def _update_threshold(self, batch_min: Tensor) -> None:
+        if self.threshold < 0:
+            self.threshold.copy_(batch_min)
+        else:
+            self.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * batch_min)
+
+
+MODEL_CLASSES: dict[str, type[SparseAutoencoder]] = {"softsae": SoftSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE}
+
+
+def build_model(config: dict[str, Any]) -> SparseAutoencoder:
+    """Instantiate an SAE from ``model.config()`` (unknown keys are rejected)."""
+    cfg = dict(config)
+    arch = cfg.pop("arch", None)
+    if arch not in MODEL_CLASSES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    return MODEL_CLASSES[arch](**cfg)

@@ -1,0 +1,58 @@
+"""Hard top-k with a per-row k, in the padded (B, K_max) layout the sparse decoder reads.
+
+    vals, idx = topk_per_row(z, k)
+
+Row b keeps its ``k[b]`` largest entries. Exact, with a fixed tie rule: among equal values the
+lower index wins. Output order per row: values descending, ties by increasing index; then
+padding (``idx = -1``, ``vals = 0``) up to ``K_max = max(k)``. ``vals`` is differentiable
+w.r.t. z (a gather).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def topk_per_row(z: Tensor, k) -> tuple[Tensor, Tensor]:
+    """z (B, n) float; k an int or a (B,) tensor (floored, clamped to [0, n]).
+
+    Returns vals (B, K_max) in z.dtype and idx (B, K_max) int64.
+    """
+    if not isinstance(z, Tensor) or z.dim() != 2 or not z.is_floating_point():
+        raise ValueError(f"z must be a 2-D float tensor (B, n), got "
+                         f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+    B, n = z.shape
+    if isinstance(k, Tensor):
+        if k.numel() != B and k.numel() != 1:
+            raise ValueError(f"k must have one value per row ({B}), got shape {tuple(k.shape)}")
+        kk = k.reshape(-1).to(z.device).floor().to(torch.int64).expand(B)
+    elif isinstance(k, (int, float)) and not isinstance(k, bool):
+        kk = torch.full((B,), int(k), dtype=torch.int64, device=z.device)
+    else:
+        raise TypeError(f"k must be an int or a tensor, got {type(k).__name__}")
+    kk = kk.clamp(0, n)
+    if torch.isnan(z).any():
+        raise ValueError("z contains NaN; top-k of a NaN row is undefined")
+    k_max = int(kk.max()) if B else 0
+    if k_max == 0:
+        return z.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.int64, device=z.device)
+
+    # The k-th largest value v of each row; keep everything > v, then the lowest-index ties.
+    top = torch.topk(z.detach(), k_max, dim=-1, sorted=True).values
+    v = top.gather(1, (kk - 1).clamp(min=0)[:, None])
+    above = z > v
+    tie = z == v
+    need = kk[:, None] - above.sum(dim=-1, keepdim=True)
+    keep = (above | (tie & (tie.cumsum(dim=-1) <= need))) & (kk[:, None] > 0)
+
+    # Compact kept positions (increasing index), then order by value, stable keeps index order.
+    key = torch.where(keep, n - torch.arange(n, device=z.device), 0)
+    keys, idx = torch.topk(key, k_max, dim=-1, sorted=True)
+    valid = keys > 0
+    vals_sel = z.gather(1, idx)
+    sort_key = torch.where(valid, vals_sel.detach(), float("-inf"))
+    order = torch.sort(sort_key, dim=-1, descending=True, stable=True).indices
+    idx, valid = idx.gather(1, order), valid.gather(1, order)
+    vals = torch.where(valid, z.gather(1, idx), 0)
+    return vals, torch.where(valid, idx, -1)
