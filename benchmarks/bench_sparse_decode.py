@@ -1,0 +1,111 @@
+"""Sparse decode speed (forward+backward) vs dense matmul decode and F.embedding_bag.
+
+    python benchmarks/bench_sparse_decode.py                  # CPU: n=16384, d=512, mean k in {32, 64, 128, 220}
+    python benchmarks/bench_sparse_decode.py --device cuda --full
+    python benchmarks/bench_sparse_decode.py --markdown out.md
+
+Setting (issue #3): B = 4096, per-row k uniform in [k/2, 3k/2] (padded to the row max), float32.
+Each implementation runs forward and backward (grads to the values/z, W_dec and b_dec).
+"dense" starts from the dense z (B, n) a user of a dense gate already holds.
+Effective GB/s counts the bytes the sparse op must move: the gathered W_dec rows (twice:
+forward and dvals), their dW writes, vals/idx and x_hat/grad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import environment, markdown_table, median_ms  # noqa: E402
+
+import softsae  # noqa: E402
+from softsae.ops.sparse_decode_ref import densify  # noqa: E402
+
+
+def make_codes(B: int, n: int, k_mean: int, device: torch.device):
+    ks = torch.randint(k_mean // 2, k_mean + k_mean // 2 + 1, (B,), device=device)
+    K = int(ks.max())
+    idx = torch.stack([torch.randperm(n, device=device)[:K] for _ in range(min(B, 64))])
+    idx = idx.repeat((B + 63) // 64, 1)[:B]  # distinct latents per row, cheap to build
+    idx = idx[:, torch.randperm(K, device=device)] if K else idx
+    idx = torch.where(torch.arange(K, device=device)[None] < ks[:, None], idx, -1)
+    vals = torch.where(idx >= 0, torch.rand(B, K, device=device), 0.0)
+    return vals, idx
+
+
+def run(device, B, grid, backends, repeat):
+    rows = []
+    for n, d, k_mean in grid:
+        rows += _rows_for(device, B, n, d, k_mean, backends, repeat)
+    headers = ["n", "d", "mean k", "implementation", "fwd+bwd ms", "eff. GB/s", "dense / this", "emb_bag / this"]
+    return headers, rows
+
+
+def _rows_for(device, B, n, d, k_mean, backends, repeat) -> list[list]:
+    rows = []
+    W = torch.randn(n, d, device=device, requires_grad=True)
+    b = torch.zeros(d, device=device, requires_grad=True)
+    vals, idx = make_codes(B, n, k_mean, device)
+    vals.requires_grad_()
+    g = torch.randn(B, d, device=device)
+    z = densify(vals.detach(), idx, n).requires_grad_()
+
+    def dense():
+        torch.autograd.backward(z @ W + b, g)
+
+    flat_idx = idx.clamp(min=0)
+
+    def bag():
+        out = F.embedding_bag(flat_idx, W, per_sample_weights=vals * (idx >= 0), mode="sum") + b
+        torch.autograd.backward(out, g)
+
+    dense_ms = median_ms(dense, device, repeat=repeat)
+    bag_ms = median_ms(bag, device, repeat=repeat)
+    nnz = int((idx >= 0).sum())
+    bytes_moved = (3 * nnz * d + 2 * B * d) * W.element_size() + nnz * 12
+    rows.append([n, d, k_mean, "dense z @ W", dense_ms, "", 1.0, ""])
+    rows.append([n, d, k_mean, "F.embedding_bag", bag_ms, bytes_moved / bag_ms / 1e6, dense_ms / bag_ms, 1.0])
+    for name in backends:
+        if name == "reference":
+            continue  # the reference *is* the dense product plus a scatter
+
+        def ours(name=name):
+            torch.autograd.backward(softsae.sparse_decode(vals, idx, W, b, backend=name), g)
+
+        ms = median_ms(ours, device, repeat=repeat)
+        rows.append([n, d, k_mean, f"softsae {name}", ms, bytes_moved / ms / 1e6, dense_ms / ms, bag_ms / ms])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--B", type=int, default=4096)
+    ap.add_argument("--full", action="store_true",
+                    help="d in {512, 2304}, n in {16384, 65536}, k in {32, 64, 128, 220}")
+    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--markdown", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    backends = args.backends or softsae.available_backends(device)
+    grid = (list(itertools.product([16384, 65536], [512, 2304], [32, 64, 128, 220])) if args.full
+            else [(16384, 512, k) for k in (32, 64, 128, 220)])
+    torch.manual_seed(0)
+    headers, rows = run(device, args.B, grid, backends, args.repeat)
+    title = f"Sparse decode fwd+bwd, B={args.B}, float32 — {environment(device)}; medians of {args.repeat}"
+    table = markdown_table(headers, rows)
+    print(title)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(f"{title}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
