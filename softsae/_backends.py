@@ -8,8 +8,8 @@ available for the tensor's device.
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 import warnings
 from types import ModuleType
@@ -19,7 +19,6 @@ import torch
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
-@functools.cache
 def _load(module: str) -> ModuleType | None:
     try:
         return importlib.import_module(module)
@@ -31,27 +30,28 @@ def _load(module: str) -> ModuleType | None:
         return None
 
 
+# Resolved once at import, so that torch.compile reads constants instead of tracing imports.
+_CPU_EXT = _load("softsae._C")
+_CUDA_EXT = _load("softsae._C_cuda")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def cpu_ext() -> ModuleType | None:
     """The compiled CPU extension, or None."""
-    return _load("softsae._C")
+    return _CPU_EXT
 
 
 def cuda_ext() -> ModuleType | None:
     """The compiled CUDA extension, or None (it imports fine without a GPU)."""
-    return _load("softsae._C_cuda")
+    return _CUDA_EXT
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAS_TRITON
 
 
 def supports(backend: str, device: torch.device) -> bool:

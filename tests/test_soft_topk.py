@@ -297,3 +297,19 @@ def test_reference_saves_only_threshold():
     out, t = soft_topk_fwd_ref(x, torch.full((4,), 3.0, dtype=torch.float64), 0.1, True, False)
     assert t.dtype == torch.float64 and t.shape == (4,)
     torch.testing.assert_close(laplace_cdf((x.double() - t[:, None]) / 0.1).float(), out)
+
+
+def test_torch_compile_inductor_auto_backend():
+    """Default compiler (inductor) with backend="auto": no graph break, same values and grads."""
+
+    def f(x, k, a):
+        z = softsae.soft_topk_gate(x, k, a)
+        return (z * torch.sigmoid(x)).sum()
+
+    x = torch.randn(8, 64, requires_grad=True)
+    k = (torch.rand(8) * 10 + 1).requires_grad_()
+    a = torch.tensor(0.05, requires_grad=True)
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, k, a), (x, k, a))
+    want = torch.autograd.grad(f(x, k, a), (x, k, a))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
