@@ -1,0 +1,11 @@
+"""Triton kernels of softsae, installed as the subpackage ``softsae.kernels``.
+
+- ``soft_topk``: ``launch_soft_topk_fwd`` / ``launch_soft_topk_bwd`` (one program per row,
+  sorting-free threshold search, t kept in float64).
+- ``sparse_decode``: ``launch_sparse_decode_fwd`` / ``launch_sparse_decode_bwd`` (gathered
+  decode, gathered-dot dvals, sorted segment-sum or atomic dW).
+
+The submodules import triton; this package file does not, so ``import softsae.kernels``
+works on installs without triton. Kernels run on CUDA tensors, or on CPU tensors when
+``TRITON_INTERPRET=1`` is set before the submodules are imported.
+"""

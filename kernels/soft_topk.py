@@ -1,0 +1,543 @@
+"""Triton Soft Top-K (LapSum) forward and backward, one program per row.
+
+Contract: docs/design.md ("Calling convention shared by all soft_topk backends"); math:
+shared/spec/soft_topk.md. ``x (R, n)`` contiguous, float16/bfloat16/float32 (computed in
+float32) or float64 (computed in float64); ``k (R,)`` float64 in ``(0, n)``; ``t (R,)`` float64.
+
+Forward, per row; [brackets] mark the passes over the row in global memory:
+
+1. [read] row max / min and ``M``, the elementwise max of the BLOCK-wide chunks: BLOCK
+   *distinct* row entries (folded to <= 1024). NaN/inf in the row surface in max/min.
+2. (on chip) ``L`` ~ the (floor(k)+2)-th largest entry of ``M``, by a 16-way bisection on
+   counts. At least floor(k)+2 row entries are >= L, so t >= L - s F^-1(k/m) (design.md,
+   "Threshold search"): with the top-k spread over many chunks, L sits just below the k-th
+   largest value and the candidate set is about k entries.
+3. [read] compaction: entries in [lower bound - 40 s, t_hi + 40 s) are appended to a per-row
+   scratch (order fixed by block prefix sums); entries above count as exactly 1, and those
+   equal to the row minimum (post-ReLU zeros) are kept as one weighted group.
+4. (scratch, L1/L2 sized) bracketed search for t (held as float64). Each iteration
+   evaluates g at NP thresholds at once (sums in float32 around a pivot+offset split of t,
+   rescaled by e^{min|u|}): the bracket shrinks at least (NP - 1)-fold, and for each
+   threshold the quadratic in e^{t/s} that is exact while no entry crosses t gives a
+   "segment step" (the sort-based closed form, without the sort). A short segment step that
+   stays in its own segment is the answer. If the scratch overflowed, the iterations read the
+   row instead (correct, slow: only for large k or large s).
+5. [read + write] output p or x * p.
+
+Rows with n <= _COMPACT_MIN skip 2-3 and search on the row itself (L1/L2 resident).
+
+Backward, per row: [read x, grad where needed] S, A, C with the online min|u| rescaling,
+then [read x, grad where needed, write dx] dx and ds. grad is loaded only where f > 0 (or
+p > 0 when gated); everywhere else its coefficient is exactly 0, so at small s the backward
+reads about k entries of grad.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "launch_soft_topk_bwd",
+    "launch_soft_topk_fwd",
+    "soft_topk_bwd_kernel",
+    "soft_topk_fwd_kernel",
+]
+
+_NP = 8  # thresholds evaluated per search iteration
+_COMPACT_MIN = 2048  # rows longer than this get the candidate compaction
+_MAX_ITERS = 64  # search iterations; the bracket shrinks >= 7x per iteration (typically 2-6 run)
+
+
+@triton.jit
+def _laplace_cdf(u):
+    e = 0.5 * tl.exp(-tl.abs(u))
+    return tl.where(u < 0, e, 1.0 - e)
+
+
+@triton.jit
+def _eval_points(src_ptr, length, piv, off, inv_s, cut, hi1, ymin,
+                 FROM_X: tl.constexpr, NEGATE: tl.constexpr, EXCLUDE: tl.constexpr,
+                 NP: tl.constexpr, CB: tl.constexpr, CDT: tl.constexpr):
+    """Statistics of g at NP thresholds t_j = piv_j + off_j (piv, off: (NP,) CDT).
+
+    Reads ``length`` values from ``src_ptr`` (the candidate scratch, already signed, or the
+    x row when FROM_X, then negated when NEGATE and, when EXCLUDE, restricted to
+    ``cut <= y < hi1, y != ymin``). Returns (NP,) tensors: npos (int32, #{u >= 0}),
+    mmin (min |u|), a = sum_{u>=0} e^{mmin-|u|}, b = sum_{u<0} e^{mmin-|u|}, above = min y
+    with u >= 0, below = max y with u < 0.
+    """
+    INF: tl.constexpr = float("inf")
+    offs = tl.arange(0, CB)
+    npos = tl.zeros([NP], dtype=tl.int32)
+    mrun = tl.full([NP], INF, CDT)
+    a = tl.zeros([NP], dtype=CDT)
+    b = tl.zeros([NP], dtype=CDT)
+    above = tl.full([NP], INF, CDT)
+    below = tl.full([NP], -INF, CDT)
+    for start in range(0, length, CB):
+        idx = start + offs
+        msk = idx < length
+        y = tl.load(src_ptr + idx, mask=msk, other=0.0).to(CDT)
+        if FROM_X:
+            if NEGATE:
+                y = -y
+            if EXCLUDE:
+                msk = msk & (y >= cut) & (y < hi1) & (y != ymin)
+        # y - piv is exact near t (Sterbenz): u keeps its accuracy where F is not saturated.
+        u = ((y[None, :] - piv[:, None]) - off[:, None]) * inv_s
+        m2 = msk[None, :]
+        au = tl.where(m2, tl.abs(u), INF)
+        pos = m2 & (u >= 0)
+        neg = m2 & (u < 0)
+        mnew = tl.minimum(mrun, tl.min(au, axis=1))
+        muse = tl.where(mnew < INF, mnew, 0.0)
+        e = tl.exp(muse[:, None] - au)
+        r = tl.where(mrun < INF, tl.exp(muse - mrun), 0.0)
+        a = a * r + tl.sum(tl.where(pos, e, 0.0), axis=1)
+        b = b * r + tl.sum(tl.where(neg, e, 0.0), axis=1)
+        npos += tl.sum(pos.to(tl.int32), axis=1)
+        above = tl.minimum(above, tl.min(tl.where(pos, y[None, :], INF), axis=1))
+        below = tl.maximum(below, tl.max(tl.where(neg, y[None, :], -INF), axis=1))
+        mrun = mnew
+    return npos, mrun, a, b, above, below
+
+
+@triton.jit
+def _add_group(npos, mrun, a, b, above, below, piv, off, inv_s, yg, cnt_g, CDT: tl.constexpr):
+    """Fold cnt_g copies of the value yg into the _eval_points statistics."""
+    INF: tl.constexpr = float("inf")
+    has = cnt_g > 0
+    u = ((yg - piv) - off) * inv_s
+    au = tl.where(has, tl.abs(u), INF)
+    pos = has & (u >= 0)
+    neg = has & (u < 0)
+    mnew = tl.minimum(mrun, au)
+    muse = tl.where(mnew < INF, mnew, 0.0)
+    e = cnt_g.to(CDT) * tl.exp(muse - au)
+    r = tl.where(mrun < INF, tl.exp(muse - mrun), 0.0)
+    a = a * r + tl.where(pos, e, 0.0)
+    b = b * r + tl.where(neg, e, 0.0)
+    npos += tl.where(pos, cnt_g, 0)
+    above = tl.where(pos, tl.minimum(above, yg), above)
+    below = tl.where(neg, tl.maximum(below, yg), below)
+    return npos, mnew, a, b, above, below
+
+
+@triton.jit
+def _segment_step(c, la, lb, s):
+    """Step dt = s ln z from t_j to the root of g within t_j's segment (float64 (NP,) each).
+
+    There g(t_j + dt) - k = c - a z + b / z with z = e^{dt/s}, c = #{u >= 0} - k,
+    a = sum_{u>=0} f = e^la, b = sum_{u<0} f = e^lb. Solved in logs so that nothing
+    overflows or cancels: with r = 4ab / c^2, c > 0: z = c (1 + sqrt(1 + r)) / (2a);
+    c < 0: z = 2b / (|c| (1 + sqrt(1 + r))); c = 0: z = sqrt(b / a).
+    """
+    LN2: tl.constexpr = 0.6931471805599453
+    LN4: tl.constexpr = 1.3862943611198906
+    cz = c == 0.0
+    lc = tl.log(tl.where(cz, 1.0, tl.abs(c)))
+    lr = LN4 + la + lb - 2.0 * lc
+    lrp = tl.maximum(lr, 0.0)
+    lrn = tl.minimum(lr, 0.0)
+    # ln(1 + sqrt(1 + e^lr)) without overflow for large lr.
+    l1q = tl.where(lr > 0.0,
+                   0.5 * lrp + tl.log(tl.exp(-0.5 * lrp) + tl.sqrt(1.0 + tl.exp(-lrp))),
+                   tl.log(1.0 + tl.sqrt(1.0 + tl.exp(lrn))))
+    lz_pos = lc + l1q - LN2 - la
+    lz_neg = LN2 + lb - lc - l1q
+    lz = tl.where(c > 0.0, lz_pos, lz_neg)
+    lz = tl.where(cz, 0.5 * (lb - la), lz)
+    return lz * s
+
+
+@triton.jit
+def _safe_log(v):
+    """ln v for v >= 0 (float64), -inf at 0 without evaluating log(0)."""
+    pos = v > 0.0
+    return tl.where(pos, tl.log(tl.where(pos, v, 1.0)), float("-inf"))
+
+
+@triton.jit
+def soft_topk_fwd_kernel(
+    x_ptr, k_ptr, s_ptr, out_ptr, t_ptr, cand_ptr, n, cap,
+    LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr,
+    BLOCK: tl.constexpr, MB: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
+    COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr,
+):
+    """One program per row.
+
+    x_ptr: (R, n) fp16/bf16/fp32/fp64; k_ptr: (R,) fp64; s_ptr: (1,) fp64 (s > 0);
+    out_ptr: (R, n) dtype of x; t_ptr: (R,) fp64; cand_ptr: (R, cap) CDT scratch (COMPACT).
+    CDT: compute dtype (fp32, or fp64 for fp64 input). BLOCK: chunk of the row passes;
+    MB: width M is folded to; CB: chunk of the search evaluations (NP x CB tiles).
+    """
+    INF: tl.constexpr = float("inf")
+    LN2: tl.constexpr = 0.6931471805599453
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * n
+    xrow = x_ptr + base
+    s = tl.load(s_ptr)
+    k = tl.load(k_ptr + row)
+    nf = n.to(tl.float64)
+    inv_s = (1.0 / s).to(CDT)
+    offs = tl.arange(0, BLOCK)
+
+    # ---- pass 1: extremes and M, the chunk-wise max (BLOCK distinct row elements). NaN
+    # propagates through both accumulators and +-inf reaches one of them, so the row's
+    # non-finite flag costs no accumulator of its own.
+    NANP: tl.constexpr = tl.PropagateNan.ALL
+    M = tl.full([BLOCK], -INF, CDT)
+    mn_v = tl.full([BLOCK], INF, CDT)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        msk = idx < n
+        y = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
+        if not LARGEST:
+            y = -y
+        M = tl.maximum(M, tl.where(msk, y, -INF), propagate_nan=NANP)
+        mn_v = tl.minimum(mn_v, tl.where(msk, y, INF), propagate_nan=NANP)
+    lane_ok = offs < n
+    bad = tl.sum(tl.where(lane_ok, M, 0.0) * 0.0 + tl.where(lane_ok, mn_v, 0.0) * 0.0) != 0.0
+    mx = tl.max(M).to(tl.float64)
+    mn = tl.min(mn_v).to(tl.float64)
+
+    # Bracket from design.md: g(t_lo) >= k >= g(t_hi).
+    t_hi = mx + s * tl.maximum(tl.log(nf / (2.0 * k)), 0.0)
+    t_lo = mn - s * tl.maximum(tl.log(nf / (2.0 * (nf - k))), 0.0)
+    lo = t_lo
+    hi = t_hi
+    n_one = 0
+    n_min = 0
+    cnt = 0
+    ymin = mn.to(CDT)
+    cut = tl.full([], -INF, CDT)
+    hi1 = tl.full([], INF, CDT)
+    if COMPACT:
+        # ---- L: about the m-th largest of M, m = floor(k) + 2 (multiway bisection on counts).
+        m_need = (tl.floor(k) + 2.0).to(tl.int32)
+        Mr = tl.max(tl.reshape(M, (MB, BLOCK // MB)), axis=1)
+        n_groups = tl.sum((Mr > -INF).to(tl.int32))
+        sel_lo = tl.min(tl.where(Mr > -INF, Mr, INF))
+        sel_hi = tl.max(Mr)
+        top_ok = tl.sum((Mr >= sel_hi).to(tl.int32)) >= m_need
+        sel_lo = tl.where(top_ok, sel_hi, sel_lo)
+        s_c = s.to(CDT)
+        jt = (tl.arange(0, 16) + 1).to(CDT) * (1.0 / 17.0)
+        rnd = 0
+        while (rnd < 8) & (sel_hi - sel_lo > s_c) & (n_groups >= m_need) & ~bad:
+            th = sel_lo + (sel_hi - sel_lo) * jt
+            c_th = tl.sum((Mr[None, :] >= th[:, None]).to(tl.int32), axis=1)
+            ok = c_th >= m_need
+            new_lo = tl.max(tl.where(ok, th, sel_lo))
+            sel_hi = tl.min(tl.where(ok, sel_hi, th))
+            sel_lo = new_lo
+            rnd += 1
+        have_L = (n_groups >= m_need) & ~bad
+        # g(L - d) >= m F(d/s) >= k for d = s F^-1(k/m): a lower end of the bracket.
+        q = k / m_need.to(tl.float64)
+        finv = tl.where(q < 0.5, tl.log(2.0 * q), -tl.log(2.0 * (1.0 - q)))
+        lo_L = sel_lo.to(tl.float64) - s * (tl.maximum(finv, 0.0) + 1e-3)
+        lo = tl.where(have_L, tl.maximum(t_lo, lo_L), t_lo)
+        # Entries below lo - 40 s weigh < e^-40 / 2 in g for every t >= lo; above t_hi + 40 s,
+        # they weigh 1 to within e^-40 / 2.
+        cut = (lo - 40.0 * s).to(CDT)
+        hi1 = (t_hi + 40.0 * s).to(CDT)
+
+        # ---- pass 2: compaction into the per-row scratch (block prefix sums: deterministic).
+        crow = cand_ptr + row.to(tl.int64) * cap
+        one_v = tl.zeros([BLOCK], dtype=tl.int32)
+        min_v = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            msk = idx < n
+            y = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
+            if not LARGEST:
+                y = -y
+            inside = msk & (y >= cut) & (y < hi1)
+            is_min = inside & (y == ymin)
+            is_c = inside & (y != ymin)
+            ic = is_c.to(tl.int32)
+            pos = cnt + tl.cumsum(ic, axis=0) - 1
+            tl.store(crow + pos, y, mask=is_c & (pos < cap))
+            cnt += tl.sum(ic)
+            one_v += (msk & (y >= hi1)).to(tl.int32)
+            min_v += is_min.to(tl.int32)
+        n_one = tl.sum(one_v)
+        n_min = tl.sum(min_v)
+        # The search reads the scratch through other threads than the ones that wrote it.
+        tl.debug_barrier()
+
+    # ---- threshold search on [lo, hi].
+    # t resolution: relative to s (what p sees) plus a few float64 ulps of t itself.
+    if CDT == tl.float64:
+        tol = 1e-13 * s + 8.9e-16 * tl.abs(hi)
+        dt_final = 1e3 * s
+    else:
+        tol = 2e-7 * s + 8.9e-16 * tl.abs(hi)
+        dt_final = 4.0 * s
+    jn = tl.arange(0, NP)
+    jf = jn.to(tl.float64)
+    tp = lo + (hi - lo) * (jf + 1.0) / (NP + 1.0)
+    done = bad | (n == 1)
+    t_fin = (lo + hi) * 0.5
+    it = 0
+    while (it < MAX_ITERS) & ~done:
+        piv = tp.to(CDT)
+        off = (tp - piv.to(tl.float64)).to(CDT)
+        if COMPACT:
+            if cnt <= cap:
+                npos, mrun, a, b, above, below = _eval_points(
+                    crow, cnt, piv, off, inv_s, cut, hi1, ymin,
+                    FROM_X=False, NEGATE=False, EXCLUDE=False, NP=NP, CB=CB, CDT=CDT)
+            else:
+                npos, mrun, a, b, above, below = _eval_points(
+                    xrow, n, piv, off, inv_s, cut, hi1, ymin,
+                    FROM_X=True, NEGATE=not LARGEST, EXCLUDE=True, NP=NP, CB=CB, CDT=CDT)
+            npos, mrun, a, b, above, below = _add_group(
+                npos, mrun, a, b, above, below, piv, off, inv_s, ymin, n_min, CDT)
+        else:
+            npos, mrun, a, b, above, below = _eval_points(
+                xrow, n, piv, off, inv_s, cut, hi1, ymin,
+                FROM_X=True, NEGATE=not LARGEST, EXCLUDE=False, NP=NP, CB=CB, CDT=CDT)
+        c = (npos + n_one).to(tl.float64) - k
+        mm = mrun.to(tl.float64)
+        la = _safe_log(a.to(tl.float64)) - (mm + LN2)  # ln sum_{u>=0} f
+        lb = _safe_log(b.to(tl.float64)) - (mm + LN2)  # ln sum_{u<0} f
+        gk = c - tl.exp(la) + tl.exp(lb)  # g(t_j) - k
+        gk = tl.where((gk == 0.0) & (c == 0.0), lb - la, gk)  # tails underflowed: compare logs
+        hit = gk == 0.0
+        lo = tl.maximum(lo, tl.max(tl.where(gk > 0.0, tp, -INF)))
+        hi = tl.minimum(hi, tl.min(tl.where(gk < 0.0, tp, INF)))
+        # Segment step: exact for the true g while no entry crosses, i.e. if it stays in
+        # (below_j, above_j]. Its rounding error grows with its length (u carries a relative
+        # error ~eps * |u|), so only a short one is final; a long one seeds the next round.
+        dt = _segment_step(c, la, lb, s)
+        tn = tp + dt
+        adt = tl.abs(dt)
+        in_br = (tn >= lo - tol) & (tn <= hi + tol)
+        in_seg = (tn > below.to(tl.float64)) & (tn <= above.to(tl.float64))
+        ok = (in_br & ((in_seg & (adt <= dt_final)) | (adt <= tol))) | hit
+        adt = tl.where(hit, 0.0, adt)
+        tn = tl.where(hit, tp, tn)
+        any_ok = tl.max(ok.to(tl.int32)) > 0
+        best = tl.min(tl.where(ok, adt, INF))
+        jsel = tl.min(tl.where(ok & (adt == best), jn, NP))
+        t_ok = tl.sum(tl.where(jn == jsel, tn, 0.0))
+        small = (hi - lo) <= tol
+        done = any_ok | small
+        t_fin = tl.where(any_ok, t_ok, 0.5 * (lo + hi))
+        # Next thresholds: the segment steps from the points that now bound the bracket (the
+        # fast path once close), and NP-2 evenly spaced interior points (guaranteed shrink).
+        j_lo = tl.max(tl.where(gk > 0.0, jn, -1))
+        j_hi = tl.min(tl.where(gk < 0.0, jn, NP))
+        mid = 0.5 * (lo + hi)
+        p_lo = tl.sum(tl.where(jn == j_lo, tn, 0.0))
+        p_hi = tl.sum(tl.where(jn == j_hi, tn, 0.0))
+        p_lo = tl.where((j_lo >= 0) & (p_lo > lo) & (p_lo < hi), p_lo, mid)
+        p_hi = tl.where((j_hi < NP) & (p_hi > lo) & (p_hi < hi), p_hi, mid)
+        lin = lo + (hi - lo) * (jf - 1.0) / (NP - 1.0)
+        tp = tl.where(jn == 0, p_lo, tl.where(jn == 1, p_hi, lin))
+        it += 1
+    # Out of iterations (not seen in practice): t_fin is already the bracket midpoint.
+
+    # n = 1: p = k exactly, t = y - s F^-1(k).
+    if n == 1:
+        finv1 = tl.where(k < 0.5, tl.log(2.0 * k), -tl.log(2.0 * (1.0 - k)))
+        t_fin = mx - s * finv1
+    t_fin = tl.where(bad, float("nan"), t_fin)
+    tl.store(t_ptr + row, t_fin)
+
+    # ---- output pass.
+    piv1 = t_fin.to(CDT)
+    off1 = (t_fin - piv1.to(tl.float64)).to(CDT)
+    k_c = k.to(CDT)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        msk = idx < n
+        xv = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_first").to(CDT)
+        y = xv
+        if not LARGEST:
+            y = -xv
+        p = _laplace_cdf(((y - piv1) - off1) * inv_s)
+        p = tl.where(n == 1, k_c, p)
+        if GATE:
+            p = xv * p
+        p = tl.where(bad, float("nan"), p)
+        tl.store(out_ptr + base + idx, p.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def soft_topk_bwd_kernel(
+    grad_ptr, x_ptr, t_ptr, s_ptr, dx_ptr, dk_ptr, ds_ptr, n,
+    LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row.
+
+    grad_ptr, x_ptr: (R, n) same dtype; t_ptr: (R,) fp64; s_ptr: (1,) fp64;
+    dx_ptr: (R, n) dtype of x; dk_ptr, ds_ptr: (R,) fp64.
+    """
+    INF: tl.constexpr = float("inf")
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * n
+    xrow = x_ptr + base
+    grow = grad_ptr + base
+    s = tl.load(s_ptr)
+    t = tl.load(t_ptr + row)
+    inv_s = (1.0 / s).to(CDT)
+    piv = t.to(CDT)
+    off = (t - piv.to(tl.float64)).to(CDT)
+    offs = tl.arange(0, BLOCK)
+
+    # ---- pass 1: S, A, C scaled by e^{min|u|} (online, like a streaming softmax), so the
+    # ratios A/S, C/S survive when every f underflows (t in a wide gap).
+    mrun = tl.full([], INF, CDT)
+    S = tl.zeros([], dtype=tl.float64)
+    A = tl.zeros([], dtype=tl.float64)
+    C = tl.zeros([], dtype=tl.float64)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        msk = idx < n
+        xv = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
+        y = xv
+        if not LARGEST:
+            y = -xv
+        u = ((y - piv) - off) * inv_s
+        au = tl.where(msk, tl.abs(u), INF)
+        mnew = tl.minimum(mrun, tl.min(au))
+        muse = tl.where(mnew < INF, mnew, 0.0)
+        e = tl.exp(muse - au)
+        # e == 0: that entry's weight in A/S underflows as well, so its grad is not needed.
+        gr = tl.load(grow + idx, mask=msk & (e > 0), other=0.0).to(CDT)
+        g = gr
+        if GATE:
+            g = gr * xv
+        r = tl.where(mrun < INF, tl.exp(muse - mrun), 0.0).to(tl.float64)
+        # xv * 0 is NaN exactly for non-finite x: the row's NaN flag rides on S.
+        S = S * r + tl.sum(e + xv * 0.0).to(tl.float64)
+        A = A * r + tl.sum(e * g).to(tl.float64)
+        C = C * r + tl.sum(e * u).to(tl.float64)
+        mrun = mnew
+    bad = (t != t) | (S != S)
+    a_over_s = A / S
+    c_over_s = C / S
+    NAN: tl.constexpr = float("nan")
+    tl.store(dk_ptr + row, tl.where(bad, NAN, a_over_s))
+
+    # ---- pass 2: dx = sign (f / s) (g - A/S) (+ grad p when gated), and
+    # ds = sum g (f / s) (C/S - u) in that form: A C / S - D would cancel catastrophically
+    # when one entry dominates f.
+    aos = a_over_s.to(CDT)
+    cos = c_over_s.to(CDT)
+    ds = tl.zeros([], dtype=tl.float64)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        msk = idx < n
+        xv = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_first").to(CDT)
+        y = xv
+        if not LARGEST:
+            y = -xv
+        u = ((y - piv) - off) * inv_s
+        f = 0.5 * tl.exp(-tl.abs(u))
+        if GATE:
+            p = _laplace_cdf(u)
+            need = msk & ((f > 0) | (p > 0))
+        else:
+            need = msk & (f > 0)
+        gr = tl.load(grow + idx, mask=need, other=0.0, eviction_policy="evict_first").to(CDT)
+        g = gr
+        if GATE:
+            g = gr * xv
+        fs = f * inv_s
+        ds += tl.sum(tl.where(need, g * fs * (cos - u), 0.0)).to(tl.float64)
+        dx = fs * (g - aos)
+        if not LARGEST:
+            dx = -dx
+        if GATE:
+            dx += gr * p
+        dx = tl.where(bad, NAN, dx)
+        tl.store(dx_ptr + base + idx, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+    tl.store(ds_ptr + row, tl.where(bad, NAN, ds))
+
+
+# --------------------------------------------------------------------------------- launchers
+
+
+def _np2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _compute_dtype(x: torch.Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _warps(block: int) -> int:
+    # BLOCK 4096 fp32 with 16 warps: 8 elements (two 16-byte loads) per thread per chunk.
+    return 4 if block <= 1024 else (8 if block <= 2048 else 16)
+
+
+def launch_soft_topk_fwd(
+    x: torch.Tensor, k: torch.Tensor, s: float, largest: bool, gate: bool,
+    *, block: int | None = None, compact: bool | None = None, cap: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, n) contiguous fp16/bf16/fp32/fp64, k (R,) fp64 in (0, n), s > 0.
+
+    Returns out (R, n) in x.dtype (p, or x * p when ``gate``) and t (R,) fp64. The keyword
+    arguments override the tuning choices (tests use them to reach every code path).
+    """
+    x = x.contiguous()
+    R, n = x.shape
+    out = torch.empty_like(x)
+    t = torch.empty(R, dtype=torch.float64, device=x.device)
+    if R == 0 or n == 0:
+        return out, t
+    k = k.to(device=x.device, dtype=torch.float64).contiguous()
+    s_t = torch.full((1,), float(s), dtype=torch.float64, device=x.device)
+    cdt = _compute_dtype(x)
+    wide = x.dtype == torch.float64
+    if block is None:
+        block = min(_np2(n), 2048 if wide else 4096)
+    if compact is None:
+        compact = n > _COMPACT_MIN
+    if cap is None:
+        cap = 2048
+    cb = min(block, 256 if wide else 512)
+    mb = min(block, 1024)
+    cand = torch.empty((R, cap) if compact else (1,), dtype=torch.float64 if wide else torch.float32,
+                       device=x.device)
+    soft_topk_fwd_kernel[(R,)](
+        x, k, s_t, out, t, cand, n, cap,
+        LARGEST=bool(largest), GATE=bool(gate), CDT=cdt, BLOCK=block, MB=mb, CB=cb, NP=_NP,
+        COMPACT=bool(compact), MAX_ITERS=_MAX_ITERS, num_warps=_warps(block),
+    )
+    return out, t
+
+
+def launch_soft_topk_bwd(
+    grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, s: float, largest: bool, gate: bool,
+    *, block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad, x (R, n) contiguous, same dtype; t (R,) fp64 from the forward; s > 0.
+
+    Returns dx (R, n) in x.dtype, dk (R,) fp64, ds (R,) fp64 (per row, w.r.t. s).
+    """
+    x = x.contiguous()
+    R, n = x.shape
+    dx = torch.empty_like(x)
+    dk = torch.empty(R, dtype=torch.float64, device=x.device)
+    ds = torch.empty(R, dtype=torch.float64, device=x.device)
+    if R == 0 or n == 0:
+        return dx, dk, ds
+    grad = grad.to(x.dtype).contiguous()
+    t = t.to(device=x.device, dtype=torch.float64).contiguous()
+    s_t = torch.full((1,), float(s), dtype=torch.float64, device=x.device)
+    wide = x.dtype == torch.float64
+    if block is None:
+        block = min(_np2(n), 2048 if wide else 4096)
+    soft_topk_bwd_kernel[(R,)](
+        grad, x, t, s_t, dx, dk, ds, n,
+        LARGEST=bool(largest), GATE=bool(gate), CDT=_compute_dtype(x), BLOCK=block,
+        num_warps=_warps(block),
+    )
+    return dx, dk, ds
