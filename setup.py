@@ -51,7 +51,8 @@ def _extensions():
 
     cpu_mode, cuda_mode = _switch("SOFTSAE_CPU_EXT"), _switch("SOFTSAE_CUDA_EXT")
     exts, required, notes = [], set(), []
-    portable = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    # no -std: torch picks the standard its headers need (C++20 for torch >= 2.13); no -march: portable.
+    portable = ["-O3", "-fopenmp", "-fno-math-errno"]
 
     cpu_sources = _rel("csrc/cpu/*.cpp") + ["csrc/bindings/cpu.cpp"]
     if cpu_mode != "0" and os.path.exists(os.path.join(ROOT, "csrc/bindings/cpu.cpp")):
@@ -72,8 +73,8 @@ def _extensions():
         cuda_sources = _rel("csrc/cuda/*.cu") + ["csrc/bindings/cuda.cpp"]
         exts.append(cpp_extension.CUDAExtension(
             "softsae._C_cuda", cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}))
+            extra_compile_args={"cxx": ["-O3"],
+                                "nvcc": ["-O3", "-lineinfo"]}))
         if cuda_mode == "1":
             required.add("softsae._C_cuda")
     elif cuda_mode != "0":

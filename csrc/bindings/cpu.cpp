@@ -1,0 +1,233 @@
+// softsae._C: torch bindings for the CPU kernels in csrc/cpu (contract: docs/design.md).
+//
+// This file owns argument checking (a wrong call raises, never crashes), output allocation
+// and the split of rows / latents over ATen's intra-op threads; the kernels themselves are
+// plain C++ on raw pointers.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "cpu/soft_topk.h"
+#include "cpu/sparse_decode.h"
+
+namespace {
+
+using at::Tensor;
+
+void check_float_matrix(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_same(const Tensor& a, const char* an, const Tensor& b, const char* bn) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " (", a.scalar_type(), ") and ", bn, " (",
+              b.scalar_type(), ") must have the same dtype");
+}
+
+void check_vector(const Tensor& t, const char* name, at::ScalarType dtype, int64_t size) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, name, " must have shape (", size, "), got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_scale(double s) {
+  TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0, "s = |alpha| must be finite and > 0, got ", s);
+}
+
+// Large outputs are first touched by the kernels; on Linux, ask for transparent huge pages so
+// that touching them costs a few hundred page faults instead of one per 4 KiB. Advice only.
+Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor out = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = out.numel() * out.element_size();
+  if (bytes >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+// Rows per task: enough elements that a task outweighs its scheduling and scratch setup.
+int64_t row_grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
+}
+
+// ------------------------------------------------------------------------------ soft top-k
+
+std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, double s, bool largest,
+                                         bool gate) {
+  check_float_matrix(x, "x");
+  const int64_t R = x.size(0), n = x.size(1);
+  check_vector(k, "k", at::kDouble, R);
+  check_scale(s);
+  if (R > 0 && n > 0) {
+    TORCH_CHECK_VALUE(((k > 0) & (k < static_cast<double>(n))).all().item<bool>(),
+                      "k must lie in (0, n) = (0, ", n, ") for every row (clamp it first)");
+  }
+  Tensor out = empty_output(x.sizes(), x.options());
+  Tensor t = at::empty({R}, x.options().dtype(at::kDouble));
+  if (R == 0 || n == 0) return {out, t.fill_(0.0)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_topk_fwd", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const double* kp = k.data_ptr<double>();
+    double* tp = t.data_ptr<double>();
+    at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+      softsae::cpu::soft_topk_fwd_rows<scalar_t>(xp, kp, op, tp, n, begin, end, s, largest, gate);
+    });
+  });
+  return {out, t};
+}
+
+std::tuple<Tensor, Tensor, Tensor> soft_topk_bwd(const Tensor& grad, const Tensor& x,
+                                                 const Tensor& t, double s, bool largest,
+                                                 bool gate) {
+  check_float_matrix(x, "x");
+  check_float_matrix(grad, "grad");
+  check_same(grad, "grad", x, "x");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad ", grad.sizes(), " and x ", x.sizes(),
+              " must have the same shape");
+  const int64_t R = x.size(0), n = x.size(1);
+  check_vector(t, "t", at::kDouble, R);
+  check_scale(s);
+  Tensor dx = empty_output(x.sizes(), x.options());
+  Tensor dk = at::empty({R}, t.options());
+  Tensor ds = at::empty({R}, t.options());
+  if (R == 0 || n == 0) return {dx, dk.fill_(0.0), ds.fill_(0.0)};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_topk_bwd", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const double* tp = t.data_ptr<double>();
+    double* dkp = dk.data_ptr<double>();
+    double* dsp = ds.data_ptr<double>();
+    at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+      softsae::cpu::soft_topk_bwd_rows<scalar_t>(gp, xp, tp, dxp, dkp, dsp, n, begin, end, s,
+                                                 largest, gate);
+    });
+  });
+  return {dx, dk, ds};
+}
+
+// --------------------------------------------------------------------------- sparse decode
+
+void check_pairs(const Tensor& vals, const Tensor& idx, const Tensor& W) {
+  check_float_matrix(vals, "vals");
+  check_float_matrix(W, "W");
+  check_same(vals, "vals", W, "W");
+  TORCH_CHECK(idx.device().is_cpu(), "idx must be a CPU tensor, got ", idx.device());
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
+  TORCH_CHECK(idx.sizes() == vals.sizes(), "idx ", idx.sizes(), " and vals ", vals.sizes(),
+              " must have the same (B, K) shape");
+  TORCH_CHECK(idx.is_contiguous(), "idx must be contiguous");
+  if (idx.numel() > 0) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < W.size(0), "idx must lie in [-1, ", W.size(0),
+                      ") (-1 = padding); found values in [", lo, ", ", hi, "]");
+  }
+}
+
+Tensor sparse_decode_fwd(const Tensor& vals, const Tensor& idx, const Tensor& W,
+                         const c10::optional<Tensor>& b) {
+  check_pairs(vals, idx, W);
+  const int64_t B = vals.size(0), K = vals.size(1), d = W.size(1);
+  Tensor bias;
+  if (b.has_value() && b->defined()) {
+    check_same(*b, "b", W, "W");
+    TORCH_CHECK(b->device().is_cpu(), "b must be a CPU tensor, got ", b->device());
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == d, "b must have shape (", d, "), got ",
+                b->sizes());
+    bias = b->contiguous();
+  }
+  Tensor out = at::empty({B, d}, W.options());
+  if (B == 0 || d == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "sparse_decode_fwd", [&] {
+    const scalar_t* vp = vals.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain((K + 1) * d), [&](int64_t begin, int64_t end) {
+      softsae::cpu::sparse_decode_fwd_rows<scalar_t>(vp, ip, wp, bp, op, K, d, begin, end);
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& vals,
+                                             const Tensor& idx, const Tensor& W, bool need_vals,
+                                             bool need_W, bool deterministic) {
+  (void)deterministic;  // the CPU path is always deterministic
+  check_pairs(vals, idx, W);
+  check_float_matrix(grad, "grad");
+  check_same(grad, "grad", W, "W");
+  const int64_t B = vals.size(0), K = vals.size(1), n = W.size(0), d = W.size(1);
+  TORCH_CHECK(grad.size(0) == B && grad.size(1) == d, "grad must have shape (", B, ", ", d,
+              "), got ", grad.sizes());
+  Tensor dvals = need_vals ? at::empty({B, K}, vals.options()) : at::empty({0}, vals.options());
+  Tensor dW = need_W ? at::empty({n, d}, W.options()) : at::empty({0}, W.options());
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "sparse_decode_bwd", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* vp = vals.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    if (need_vals && B > 0 && K > 0) {
+      scalar_t* dvp = dvals.data_ptr<scalar_t>();
+      at::parallel_for(0, B, row_grain(K * d + 1), [&](int64_t begin, int64_t end) {
+        softsae::cpu::sparse_decode_dvals_rows<scalar_t>(gp, ip, wp, dvp, K, d, begin, end);
+      });
+    }
+    if (need_W && n > 0 && d > 0) {
+      std::vector<int64_t> offsets(n + 1), order(B * K);
+      const int64_t nnz = softsae::cpu::sparse_decode_group_by_latent(ip, B, K, n,
+                                                                      offsets.data(),
+                                                                      order.data());
+      scalar_t* dwp = dW.data_ptr<scalar_t>();
+      const int64_t per_latent = (nnz / std::max<int64_t>(1, n) + 1) * d;
+      at::parallel_for(0, n, row_grain(per_latent), [&](int64_t begin, int64_t end) {
+        softsae::cpu::sparse_decode_dW_latents<scalar_t>(gp, vp, offsets.data(), order.data(),
+                                                         K, d, dwp, begin, end);
+      });
+    }
+  });
+  return {dvals, dW};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "softsae CPU kernels: soft top-k (LapSum) and sparse decode. See docs/design.md.";
+  m.def("soft_topk_fwd", &soft_topk_fwd, py::arg("x"), py::arg("k"), py::arg("s"),
+        py::arg("largest"), py::arg("gate"),
+        "Soft top-k forward. x (R, n) float32/float64 contiguous, k (R,) float64 in (0, n), "
+        "s = |alpha| > 0. Returns (out (R, n) x.dtype: p or x * p when gate, t (R,) float64).");
+  m.def("soft_topk_bwd", &soft_topk_bwd, py::arg("grad"), py::arg("x"), py::arg("t"),
+        py::arg("s"), py::arg("largest"), py::arg("gate"),
+        "Soft top-k backward. grad, x (R, n); t (R,) float64 from the forward. Returns "
+        "(dx (R, n) x.dtype, dk (R,) float64, ds (R,) float64 per row).");
+  m.def("sparse_decode_fwd", &sparse_decode_fwd, py::arg("vals"), py::arg("idx"), py::arg("W"),
+        py::arg("b") = py::none(),
+        "Sparse decode forward. vals (B, K), idx (B, K) int64 (-1 = padding), W (n, d), "
+        "b (d,) or None. Returns out (B, d) = sum_j vals[:, j] W[idx[:, j]] (+ b).");
+  m.def("sparse_decode_bwd", &sparse_decode_bwd, py::arg("grad"), py::arg("vals"),
+        py::arg("idx"), py::arg("W"), py::arg("need_vals"), py::arg("need_W"),
+        py::arg("deterministic") = true,
+        "Sparse decode backward. grad (B, d). Returns (dvals (B, K) or empty, dW (n, d) or "
+        "empty); dW is grouped per latent by a counting sort: deterministic, atomic-free.");
+}
