@@ -11,7 +11,7 @@ Environment switches (``auto`` is the default):
 - ``SOFTSAE_CPU_EXT``  = auto | 0 | 1   auto: build, fall back to pure Python on failure;
                                           0: skip; 1: build or fail the install.
 - ``SOFTSAE_CUDA_EXT`` = auto | 0 | 1   auto: build when a toolkit and CUDA torch are found.
-- ``TORCH_CUDA_ARCH_LIST``  CUDA architectures (default "8.0;9.0").
+- ``TORCH_CUDA_ARCH_LIST``  CUDA architectures (default "8.0;9.0+PTX": PTX lets newer GPUs JIT it).
 - ``MAX_JOBS``              parallel compile jobs (torch's ninja build).
 
 The Triton kernels in kernels/ ship as the subpackage ``softsae.kernels``.
@@ -69,7 +69,7 @@ def _extensions():
     if cuda_mode == "1" and not cuda_ok:
         raise SystemExit("SOFTSAE_CUDA_EXT=1 but no CUDA toolkit (CUDA_HOME) or torch is a CPU build")
     if cuda_mode != "0" and cuda_ok and os.path.exists(os.path.join(ROOT, "csrc/bindings/cuda.cpp")):
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         cuda_sources = _rel("csrc/cuda/*.cu") + ["csrc/bindings/cuda.cpp"]
         exts.append(cpp_extension.CUDAExtension(
             "softsae._C_cuda", cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],

@@ -1,0 +1,772 @@
+// Soft Top-K (LapSum) forward and backward, one thread block per row.
+//
+// Forward, per row (y = x or -x):
+//   A. one read of the row: max/min of y, non-finite check; the row is kept in
+//      dynamic shared memory when it fits (else later passes re-read it, mostly
+//      from L2).
+//   B. rows longer than the candidate buffer: a 2048-bin histogram over
+//      [min, max] gives a value L with count(y >= L) >= floor(k) + 2, hence the
+//      lower bound t >= L - c s (and likewise an upper bound a bin or two
+//      above). Elements below (lower bound) - 40 s add
+//      < 0.5 e^-40 each to g(t) = sum F((y - t)/s) and are dropped from the
+//      search. If the survivors fit the 16 KiB buffer they are compacted into
+//      shared memory (in row order, so the result is deterministic).
+//   C. safeguarded Newton on g(t) = k: each step solves the exact model of g on
+//      the current segment (no element crossing t), a quadratic in exp(dt/s);
+//      bisection takes over when the step leaves the bracket or |g - k| stops
+//      halving. Sums are float64; per-element math is float32 (float64 for
+//      double input) with u = ((y - piv) - off) / s, piv = float(t),
+//      off = float(t - piv), so y - piv is exact near t. Sums of exp(-|u|) are
+//      kept relative to exp(-m), m ~ min |u| (online rescaling as in online
+//      softmax), so a t in a wide gap, where every f underflows, is still
+//      located exactly (and the backward pass sees the right ratios); float
+//      rows with such a t (m > 64) evaluate u in double from then on.
+//   D. output pass: p = F(u), or x * p for the gate.
+// Backward, per row: one pass for the four sums S, A, C, D (same rescaling,
+// which is the S-underflow rule of docs/design.md; repeated with u in double
+// when m > 64), one pass writing dx.
+#include <cfloat>
+#include <climits>
+#include <mutex>
+#include <vector>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace softsae {
+namespace cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kMaxThreads = 1024;
+constexpr int kHistBins = 2048;
+// Histogram (2048 ints) and candidate buffer share this block of dynamic shared memory
+// (short rows get only what their candidates need, so many blocks fit on an SM).
+constexpr int kScratchBytes = 16384;
+static_assert(kHistBins * sizeof(int) <= kScratchBytes, "histogram must fit the scratch block");
+// Elements more than kWindow * s below t contribute < 0.5 e^-40 each.
+constexpr double kWindow = 40.0;
+// Bound on Newton/bisection steps (each at least halves |g - k| or the bracket
+// within two steps; ~100 suffice for any double bracket).
+constexpr int kMaxIter = 200;
+// Rescale a running sum only when a new |u| is this far below its shift, so
+// terms stay <= e^16 and the (double) rescale exp is rare.
+constexpr float kSlack = 16.0f;
+// Float rows whose shift m ~ min |u| exceeds this (t in a gap of > 2 * 64 s between
+// values) evaluate u = (y - t) / s in double: float u carries ~6e-8 |u| absolute error,
+// too much for the weights exp(m - |u|) that fix t in the gap and the ratios A/S, C/S.
+constexpr double kWideShift = 64.0;
+constexpr double kLn2 = 0.693147180559945309417;
+
+template <class C> struct Numerics;
+template <> struct Numerics<float> {
+  // Stop when the Newton step is below 1e-5 s: |dp| <= 5e-6, |sum p - k| <= 1e-5 k.
+  static constexpr double step_tol = 1e-5;
+  static constexpr double eps = FLT_EPSILON;
+  static constexpr double max_inv_s = 1e30;  // keeps 1/s finite in float
+};
+template <> struct Numerics<double> {
+  static constexpr double step_tol = 1e-12;
+  static constexpr double eps = DBL_EPSILON;
+  static constexpr double max_inv_s = 1e300;
+};
+
+// u = (y - t) / s evaluated accurately near t in the compute type.
+template <class C> struct Pivot {
+  C piv, off, inv_s;
+  __device__ C u(C y) const { return ((y - piv) - off) * inv_s; }
+};
+template <class C> __device__ __forceinline__ Pivot<C> make_pivot(double t, double s) {
+  Pivot<C> p;
+  p.piv = C(t);
+  p.off = C(t - double(p.piv));  // 0 for double
+  p.inv_s = C(fmin(1.0 / s, Numerics<C>::max_inv_s));
+  return p;
+}
+
+template <class C> __device__ __forceinline__ C laplace_cdf(C u) {
+  const C e = C(0.5) * c_exp(-fabs(u));
+  return u >= C(0) ? C(1) - e : e;
+}
+
+// ------------------------------------------------------------ accumulators
+template <class C> struct MinMax {
+  C mx, mn;
+  int bad;
+  __device__ MinMax shfl_xor(int o) const {
+    return {__shfl_xor_sync(kFullMask, mx, o), __shfl_xor_sync(kFullMask, mn, o),
+            __shfl_xor_sync(kFullMask, bad, o)};
+  }
+  __device__ static MinMax combine(const MinMax& a, const MinMax& b) {
+    return {fmax(a.mx, b.mx), fmin(a.mn, b.mn), a.bad | b.bad};
+  }
+  __device__ static MinMax identity() { return {-c_inf<C>(), c_inf<C>(), 0}; }
+};
+
+__device__ __forceinline__ double rescale_factor(double m_new, double m_old) {
+  // exp(m_new - m_old) with m_new <= m_old; an empty part (m_old = inf) gets 0
+  // and the factor is exactly 1 when nothing moves (also inf == inf).
+  return m_old == m_new ? 1.0 : exp(m_new - m_old);
+}
+
+// Forward sums at one t: cnt = #(u >= 0), and with f_i = 0.5 exp(-|u_i|)
+// P = sum_{u>=0} f, Q = sum_{u<0} f, both stored multiplied by exp(m).
+// g(t) = cnt - P + Q exactly (no 1 - f rounding).
+struct FwdAcc {
+  double m, P, Q;
+  int cnt;
+  __device__ FwdAcc shfl_xor(int o) const {
+    return {__shfl_xor_sync(kFullMask, m, o), __shfl_xor_sync(kFullMask, P, o),
+            __shfl_xor_sync(kFullMask, Q, o), __shfl_xor_sync(kFullMask, cnt, o)};
+  }
+  __device__ static FwdAcc combine(const FwdAcc& a, const FwdAcc& b) {
+    const double m = fmin(a.m, b.m);
+    const double sa = rescale_factor(m, a.m), sb = rescale_factor(m, b.m);
+    return {m, a.P * sa + b.P * sb, a.Q * sa + b.Q * sb, a.cnt + b.cnt};
+  }
+  __device__ static FwdAcc identity() { return {d_inf(), 0.0, 0.0, 0}; }
+};
+
+// U: type u is evaluated in (C, or double for wide rows); C: type of the exponentials.
+template <class U, class C> struct ThreadFwd {
+  U m;
+  double P, Q;
+  int cnt;
+  __device__ void init() {
+    m = c_inf<U>();
+    P = Q = 0.0;
+    cnt = 0;
+  }
+  __device__ __forceinline__ void add(U u) {
+    const U a = fabs(u);
+    if (a < m - U(kSlack)) {  // also taken for the first element (m = inf)
+      if (P + Q != 0.0) {
+        const double sc = exp(double(a) - double(m));
+        P *= sc;
+        Q *= sc;
+      }
+      m = a;
+    }
+    const double e = double(C(0.5) * c_exp(C(m - a)));
+    const bool up = u >= U(0);
+    cnt += up;
+    P += up ? e : 0.0;
+    Q += up ? 0.0 : e;
+  }
+  __device__ FwdAcc result() const { return {double(m), P, Q, cnt}; }
+};
+
+// Backward sums S = sum f, A = sum f g, C = sum f u, D = sum f g u, stored
+// multiplied by exp(m): the ratios A/S, C/S are right even when every f
+// underflows.
+struct BwdAcc {
+  double m, S, A, C, D;
+  __device__ BwdAcc shfl_xor(int o) const {
+    return {__shfl_xor_sync(kFullMask, m, o), __shfl_xor_sync(kFullMask, S, o),
+            __shfl_xor_sync(kFullMask, A, o), __shfl_xor_sync(kFullMask, C, o),
+            __shfl_xor_sync(kFullMask, D, o)};
+  }
+  __device__ static BwdAcc combine(const BwdAcc& a, const BwdAcc& b) {
+    const double m = fmin(a.m, b.m);
+    const double sa = rescale_factor(m, a.m), sb = rescale_factor(m, b.m);
+    return {m, a.S * sa + b.S * sb, a.A * sa + b.A * sb, a.C * sa + b.C * sb,
+            a.D * sa + b.D * sb};
+  }
+  __device__ static BwdAcc identity() { return {d_inf(), 0.0, 0.0, 0.0, 0.0}; }
+};
+
+template <class U, class C> struct ThreadBwd {
+  U m;
+  double S, A, Cu, D;
+  __device__ void init() {
+    m = c_inf<U>();
+    S = A = Cu = D = 0.0;
+  }
+  __device__ __forceinline__ void add(U u, C g) {
+    const U a = fabs(u);
+    if (a < m - U(kSlack)) {
+      if (S != 0.0) {
+        const double sc = exp(double(a) - double(m));
+        S *= sc;
+        A *= sc;
+        Cu *= sc;
+        D *= sc;
+      }
+      m = a;
+    }
+    const C e = C(0.5) * c_exp(C(m - a));
+    const C eg = e * g;
+    S += double(e);
+    A += double(eg);
+    Cu += double(U(e) * u);
+    D += double(U(eg) * u);
+  }
+  __device__ BwdAcc result() const { return {double(m), S, A, Cu, D}; }
+};
+
+// log(exp(x) + exp(y)), exact for -inf arguments.
+__device__ __forceinline__ double log_add(double x, double y) {
+  const double hi = fmax(x, y), lo = fmin(x, y);
+  if (hi == -d_inf()) return hi;
+  return hi + log1p(exp(lo - hi));
+}
+
+// Newton step on the exact model of g on the current segment. Around t, with
+// z = exp(dt / s), elements that do not cross t give
+//   g(t + dt) = cnt - P z + Q / z,      P = sum_{u>=0} f, Q = sum_{u<0} f,
+// and crossing elements only make the model err towards t, so the model root
+// never overshoots the true one. Solve P z^2 - a z - Q = 0 (a = cnt - k) for
+// z > 0 in the log domain (P, Q are given times exp(m) and may be ~e^-1000).
+// Returns log z; +-inf or NaN when the model has no root (caller bisects).
+__device__ double model_log_step(double a, double P, double Q, double m) {
+  const double lP = log(P) - m, lQ = log(Q) - m;  // log(0) = -inf
+  if (a == 0.0) return 0.5 * (lQ - lP);
+  const double la = log(fabs(a));
+  const double lr = 0.5 * log_add(2.0 * la, 2.0 * kLn2 + lP + lQ);  // log sqrt(a^2 + 4PQ)
+  if (a > 0.0) return log_add(la, lr) - kLn2 - lP;                  // (a + r) / (2P)
+  return kLn2 + lQ - log_add(la, lr);                                // 2Q / (r + |a|)
+}
+
+// F^{-1}(p) for the standard Laplace CDF, p in (0, 1).
+__device__ __forceinline__ double laplace_icdf(double p) {
+  return p < 0.5 ? log(2.0 * p) : -log(2.0 * (1.0 - p));
+}
+
+// ------------------------------------------------------------------ forward
+template <class T, int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    soft_topk_fwd_kernel(const T* __restrict__ x, const double* __restrict__ kvec,
+                         const double s, const bool largest, const bool gate,
+                         T* __restrict__ out, double* __restrict__ tout, const int n,
+                         const int scratch_bytes, const bool use_cache) {
+  using C = compute_t<T>;
+  constexpr int kCap = kScratchBytes / int(sizeof(C));  // candidate buffer entries
+  // Dynamic smem: [scratch: min(n, kCap) candidates, or the histogram][row cache, if used]
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  unsigned char* scratch = dyn_smem;
+  __shared__ int sh_bin, sh_cum, sh_bin_hi, sh_cum_hi;
+
+  const int tid = threadIdx.x, bd = blockDim.x;
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * n;
+  T* outr = out + row * n;
+  T* cache = reinterpret_cast<T*>(dyn_smem + scratch_bytes);
+  const double k = kvec[row];
+  const C sgn = largest ? C(1) : C(-1);
+  const int nchunks = n / V;  // the host picks V > 1 only when V divides n
+  auto chunk = [&](int j) {
+    return use_cache ? ld_vec<T, V>(cache + j * V) : ld_vec<T, V>(xr + j * V);
+  };
+  auto write_nan_row = [&]() {
+    Vec<T, V> o;
+#pragma unroll
+    for (int q = 0; q < V; ++q) o.v[q] = from_compute<T>(C(d_nan()));
+    for (int j = tid; j < nchunks; j += bd) st_vec<T, V>(outr + j * V, o);
+    if (tid == 0) tout[row] = d_nan();
+  };
+
+  if (n == 1) {  // p = k exactly
+    if (tid == 0) {
+      const C xv = to_compute(xr[0]);
+      const double y = double(sgn * xv);
+      if (!isfinite(y)) {
+        outr[0] = from_compute<T>(C(d_nan()));
+        tout[row] = d_nan();
+      } else {
+        tout[row] = y - s * laplace_icdf(k);
+        const C p = C(k);
+        outr[0] = from_compute<T>(gate ? xv * p : p);
+      }
+    }
+    return;
+  }
+
+  // ---- A: range of y, non-finite check, fill the shared-memory copy.
+  MinMax<C> mm = MinMax<C>::identity();
+  for (int j = tid; j < nchunks; j += bd) {
+    const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
+    if (use_cache) st_vec<T, V>(cache + j * V, v);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const C y = sgn * to_compute(v.v[q]);
+      mm.bad |= !isfinite(y);
+      mm.mx = fmax(mm.mx, y);
+      mm.mn = fmin(mm.mn, y);
+    }
+  }
+  mm = block_allreduce(mm);  // its barriers also publish the cache
+  if (mm.bad) {              // NaN/inf in the row: NaN out, NaN t (design.md)
+    write_nan_row();
+    return;
+  }
+  const double ymax = double(mm.mx), ymin = double(mm.mn);
+
+  // Bracket: g(lo) >= k >= g(hi).
+  double lo = ymin - s * fmax(0.0, log(n / (2.0 * (n - k))));
+  double hi = ymax + s * fmax(0.0, log(n / (2.0 * k)));
+
+  // ---- B: candidates.
+  bool use_cand = n <= kCap;  // short rows: the whole row goes to the buffer
+  double cand_lo = -d_inf();
+  if (!use_cand) {
+    if (ymax > ymin) {
+      int* hist = reinterpret_cast<int*>(scratch);
+      for (int b = tid; b < kHistBins; b += bd) hist[b] = 0;
+      if (tid == 0) sh_bin = sh_bin_hi = -1;
+      __syncthreads();
+      const C cmin = C(ymin);
+      const C scale = C(kHistBins) / (C(ymax) - cmin);  // 0 if the range overflows
+      // Uniform trip count so the whole warp takes part in the vote below.
+      for (int j0 = 0; j0 < nchunks; j0 += bd) {
+        const int j = j0 + tid;
+        const bool valid = j < nchunks;
+        Vec<T, V> v{};
+        if (valid) v = chunk(j);
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          int bin = -1;
+          if (valid) {
+            const C y = sgn * to_compute(v.v[q]);
+            bin = int(fmin(fmax((y - cmin) * scale, C(0)), C(kHistBins - 1)));
+          }
+          // Post-ReLU rows put whole warps into the zero bin: one atomic then.
+          const int b0 = __shfl_sync(kFullMask, bin, 0);
+          if (__all_sync(kFullMask, bin == b0)) {
+            if (lane_id() == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
+          } else if (bin >= 0) {
+            atomicAdd(&hist[bin], 1);
+          }
+        }
+      }
+      __syncthreads();
+      // Count from the top: thread 0 owns the highest bins, so an inclusive scan
+      // over threads gives count(bins >= own lowest bin).
+      const int per = kHistBins / bd;
+      const int top = kHistBins - tid * per;  // owns bins [top - per, top)
+      int mine = 0;
+      for (int b = top - per; b < top; ++b) mine += hist[b];
+      int total;
+      const int incl = block_inclusive_scan(mine, &total);
+      // Lower bound: the highest bin b with count(bins >= b) >= floor(k) + 2.
+      const double need = floor(k) + 2.0;
+      if (incl >= need && incl - mine < need) {  // exactly one thread
+        int cum = incl - mine;
+        for (int b = top - 1; b >= top - per; --b) {
+          cum += hist[b];
+          if (cum >= need) {
+            sh_bin = b;
+            sh_cum = cum;
+            break;
+          }
+        }
+      }
+      // Upper bound: the lowest bin b with count(bins >= b) <= k - 1.
+      const double most = k - 1.0;
+      if (incl > most && incl - mine <= most) {  // exactly one thread (none if k < 1)
+        int cum = incl - mine;
+        for (int b = top - 1; b >= top - per; --b) {
+          if (cum + hist[b] > most) {
+            sh_bin_hi = b + 1;
+            sh_cum_hi = cum;
+            break;
+          }
+          cum += hist[b];
+        }
+      }
+      __syncthreads();
+      const double binw = (ymax - ymin) / kHistBins;
+      if (sh_bin >= 0) {
+        // Every element of bins >= b lies above ymin + (b - 1) * binw (one bin of
+        // slack for rounding in the binning), so count(y >= L) >= m > k + 1 and
+        // g(L - c s) >= m F(c) >= k for c = ln(m / (2 (m - k))).
+        const double L = ymin + (sh_bin - 1) * binw;
+        const double m = sh_cum;
+        lo = fmax(lo, L - s * (fmax(0.0, log(m / (2.0 * (m - k)))) + 1.0));
+      }
+      if (sh_bin_hi >= 0) {
+        // Elements of bins < b lie below U = ymin + (b + 1) * binw (same slack), so
+        // with c = count(y > U) <= k - 1: g(U + s d) <= c + (n - c) e^-d / 2 <= k
+        // for d = ln((n - c) / (2 (k - c))).
+        const double U = ymin + (sh_bin_hi + 1) * binw;
+        const double c = sh_cum_hi;
+        hi = fmin(hi, U + s * fmax(0.0, log((n - c) / (2.0 * (k - c)))));
+      }
+      cand_lo = lo - kWindow * s;
+      // Upper bound on the candidate count: bins from one below cand_lo's bin up.
+      const double bc_d = floor((cand_lo - ymin) / binw) - 1.0;
+      const int bc = bc_d <= 0.0 ? 0 : (bc_d >= kHistBins ? kHistBins : int(bc_d));
+      int est = 0;
+      for (int b = max(top - per, bc); b < top; ++b) est += hist[b];
+      est = block_allreduce(IntSum{est}).v;  // leading barrier: hist reads done
+      use_cand = est <= kCap;
+    } else {
+      cand_lo = lo - kWindow * s;  // all elements tie
+    }
+  }
+
+  // Compact candidates into scratch, in row order (deterministic sums).
+  C* cand = reinterpret_cast<C*>(scratch);
+  const C clo = C(cand_lo);
+  int ncand = 0;
+  if (use_cand) {
+    for (int j0 = 0; j0 < nchunks; j0 += bd) {
+      const int j = j0 + tid;
+      C yv[V];
+      int cnt = 0;
+      if (j < nchunks) {
+        const Vec<T, V> v = chunk(j);
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          yv[q] = sgn * to_compute(v.v[q]);
+          cnt += yv[q] >= clo;
+        }
+      }
+      int total;
+      int pos = ncand + block_inclusive_scan(cnt, &total) - cnt;
+      if (j < nchunks) {
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          if (yv[q] >= clo) {
+            if (pos < kCap) cand[pos] = yv[q];
+            ++pos;
+          }
+        }
+      }
+      ncand += total;
+    }
+    use_cand = ncand <= kCap;  // the estimate rules overflow out; stay safe anyway
+    __syncthreads();           // candidates visible to every thread
+  }
+
+  // ---- C: safeguarded Newton on g(t) = k.
+  // Sums at t; u_of maps y to u (float pivot form, or double for wide rows).
+  auto sums = [&](auto u_of) {
+    using U = decltype(u_of(C(0)));
+    ThreadFwd<U, C> acc;
+    acc.init();
+    if (use_cand) {
+      for (int i = tid; i < ncand; i += bd) acc.add(u_of(cand[i]));
+    } else {
+      for (int j = tid; j < nchunks; j += bd) {
+        const Vec<T, V> v = chunk(j);
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          const C y = sgn * to_compute(v.v[q]);
+          if (y >= clo) acc.add(u_of(y));
+        }
+      }
+    }
+    return block_allreduce(acc.result());
+  };
+  auto eval = [&](double t, bool wide) {
+    if constexpr (sizeof(C) < sizeof(double)) {
+      if (wide) {
+        const double inv_s = fmin(1.0 / s, Numerics<double>::max_inv_s);
+        return sums([&](C y) { return (double(y) - t) * inv_s; });
+      }
+    }
+    const Pivot<C> pv = make_pivot<C>(t, s);
+    return sums([&](C y) { return pv.u(y); });
+  };
+
+  double t = lo;  // g(lo) >= k; for small s lo is close to the root
+  double lg_prev = d_inf(), lg_prev2 = d_inf();  // log |g - k| of the last two steps
+  bool wide = false;
+  for (int it = 0; it < kMaxIter; ++it) {
+    const bool wide_now = wide;
+    const FwdAcc r = eval(t, wide_now);  // identical in every thread, so is all control flow
+    wide = sizeof(C) < sizeof(double) && r.m > kWideShift;
+    const double a = double(r.cnt) - k;
+    // g(t) - k = a - (P - Q) e^-m. With t in a wide gap and integer k, a = 0 and
+    // e^-m underflows: take sign and size from the rescaled P, Q.
+    double sign, lg;
+    if (a == 0.0) {
+      sign = r.Q > r.P ? 1.0 : (r.Q < r.P ? -1.0 : 0.0);
+      lg = log(fabs(r.Q - r.P)) - r.m;
+    } else {
+      const double G = a - (r.P - r.Q) * exp(-r.m);
+      sign = G > 0.0 ? 1.0 : (G < 0.0 ? -1.0 : 0.0);
+      lg = log(fabs(G));
+    }
+    if (sign == 0.0) break;
+    if (sign > 0.0) lo = t;
+    else hi = t;
+    const double tm = t + s * model_log_step(a, r.P, r.Q, r.m);
+    // Resolution of t: the step tolerance, the rounding of u for the dominant
+    // elements (|u| ~ m, relative error ~ eps of the compute type: large when
+    // t sits in a gap of many s) and the rounding of t itself.
+    const double eps = wide_now ? DBL_EPSILON : Numerics<C>::eps;
+    const double tol = s * (Numerics<C>::step_tol + 4.0 * eps * r.m) + 4.0 * DBL_EPSILON * fabs(t);
+    if (wide_now || !wide) {  // a float evaluation of a wide row is not final
+      if (fabs(tm - t) <= tol || hi - lo <= tol) {
+        if (tm >= lo && tm <= hi) t = tm;  // converged: the step is below resolution
+        break;
+      }
+      // A root predicted just past a bound is that bound up to rounding (tied rows
+      // have their root exactly at the analytic t_hi or t_lo).
+      if (tm >= hi && tm - hi <= tol) {
+        t = hi;
+        break;
+      }
+      if (tm <= lo && lo - tm <= tol) {
+        t = lo;
+        break;
+      }
+    }
+    double next = tm;
+    if (!(tm > lo && tm < hi) || lg > lg_prev2 - kLn2) {  // |g - k| did not halve in 2 steps
+      next = lo + 0.5 * (hi - lo);
+      if (!(next > lo && next < hi)) break;  // bracket cannot shrink any more
+    }
+    lg_prev2 = lg_prev;
+    lg_prev = lg;
+    t = next;
+  }
+  if (tid == 0) tout[row] = t;
+
+  // ---- D: output.
+  const Pivot<C> pv = make_pivot<C>(t, s);
+  if (n <= kCap) {  // the buffer holds the whole row, in order
+    for (int j = tid; j < nchunks; j += bd) {
+      Vec<T, V> o;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const C y = cand[j * V + q];
+        const C p = laplace_cdf(pv.u(y));
+        o.v[q] = from_compute<T>(gate ? sgn * y * p : p);
+      }
+      st_vec<T, V>(outr + j * V, o);
+    }
+  } else {
+    for (int j = tid; j < nchunks; j += bd) {
+      const Vec<T, V> v = chunk(j);
+      Vec<T, V> o;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const C xv = to_compute(v.v[q]);
+        const C p = laplace_cdf(pv.u(sgn * xv));
+        o.v[q] = from_compute<T>(gate ? xv * p : p);
+      }
+      st_vec<T, V>(outr + j * V, o);
+    }
+  }
+}
+
+// ----------------------------------------------------------------- backward
+template <class T, int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    soft_topk_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                         const double* __restrict__ tin, const double s, const bool largest,
+                         const bool gate, T* __restrict__ dx, double* __restrict__ dk,
+                         double* __restrict__ ds, const int n, const int cache_stride,
+                         const bool use_cache) {
+  using C = compute_t<T>;
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  const int tid = threadIdx.x, bd = blockDim.x;
+  const int64_t row = blockIdx.x;
+  const T* gr = grad + row * n;
+  const T* xr = x + row * n;
+  T* dxr = dx + row * n;
+  T* cx = reinterpret_cast<T*>(dyn_smem);
+  T* cg = cx + cache_stride;  // cache_stride keeps cg 16-byte aligned
+  const int nchunks = n / V;
+  const C sgn = largest ? C(1) : C(-1);
+  const double t = tin[row];
+
+  if (!isfinite(t)) {  // the forward marked this row non-finite
+    Vec<T, V> o;
+#pragma unroll
+    for (int q = 0; q < V; ++q) o.v[q] = from_compute<T>(C(d_nan()));
+    for (int j = tid; j < nchunks; j += bd) st_vec<T, V>(dxr + j * V, o);
+    if (tid == 0) {
+      dk[row] = d_nan();
+      ds[row] = d_nan();
+    }
+    return;
+  }
+
+  const Pivot<C> pv = make_pivot<C>(t, s);
+  // Pass 1: the four sums. The first run reads global memory (and fills the cache).
+  auto sums = [&](auto u_of, bool first) {
+    using U = decltype(u_of(C(0)));
+    ThreadBwd<U, C> acc;
+    acc.init();
+    for (int j = tid; j < nchunks; j += bd) {
+      const bool cached = use_cache && !first;
+      const Vec<T, V> xv = cached ? ld_vec<T, V>(cx + j * V) : ld_vec<T, V>(xr + j * V);
+      const Vec<T, V> gv = cached ? ld_vec<T, V>(cg + j * V) : ld_vec<T, V>(gr + j * V);
+      if (use_cache && first) {
+        st_vec<T, V>(cx + j * V, xv);
+        st_vec<T, V>(cg + j * V, gv);
+      }
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const C xc = to_compute(xv.v[q]);
+        const C gc = to_compute(gv.v[q]);
+        acc.add(u_of(sgn * xc), gate ? gc * xc : gc);
+      }
+    }
+    return block_allreduce(acc.result());  // barriers also publish the cache
+  };
+  BwdAcc r = sums([&](C y) { return pv.u(y); }, true);
+  if constexpr (sizeof(C) < sizeof(double)) {
+    if (r.m > kWideShift) {  // t in a wide gap: redo the sums with u in double
+      const double inv_s = fmin(1.0 / s, Numerics<double>::max_inv_s);
+      r = sums([&](C y) { return (double(y) - t) * inv_s; }, false);
+    }
+  }
+  // Ratios use the rescaled sums (S > 0 always: the element at the shift adds
+  // >= 0.5 e^-16); ds uses the true, possibly underflowed, magnitudes.
+  const double AoS = r.A / r.S, CoS = r.C / r.S;
+  if (tid == 0) {
+    dk[row] = AoS;
+    ds[row] = (r.A * CoS - r.D) * exp(-r.m) / s;
+  }
+
+  const C aos = C(AoS);
+  for (int j = tid; j < nchunks; j += bd) {
+    const Vec<T, V> xv = use_cache ? ld_vec<T, V>(cx + j * V) : ld_vec<T, V>(xr + j * V);
+    const Vec<T, V> gv = use_cache ? ld_vec<T, V>(cg + j * V) : ld_vec<T, V>(gr + j * V);
+    Vec<T, V> o;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const C xc = to_compute(xv.v[q]);
+      const C gc = to_compute(gv.v[q]);
+      const C u = pv.u(sgn * xc);
+      const C e = C(0.5) * c_exp(-fabs(u));  // true f (may underflow: dx is then 0)
+      const C g = gate ? gc * xc : gc;
+      C d = sgn * (e * pv.inv_s) * (g - aos);
+      if (gate) d += gc * (u >= C(0) ? C(1) - e : e);  // d(x p)/dx = p + x dp/dx
+      o.v[q] = from_compute<T>(d);
+    }
+    st_vec<T, V>(dxr + j * V, o);
+  }
+}
+
+// -------------------------------------------------------------------- host
+int threads_for(int64_t n) {
+  // ~4 elements per thread, power of two in [32, 1024].
+  const int64_t want = (n + 3) / 4;
+  int t = 32;
+  while (t < want && t < kMaxThreads) t <<= 1;
+  return t;
+}
+
+// Dynamic shared memory `kernel` may use on the current device. The first call per
+// (kernel, device) opts the kernel into the device maximum, so later launches make no
+// attribute calls.
+cudaError_t dyn_smem_limit(const void* kernel, size_t* limit) {
+  struct Entry {
+    const void* kernel;
+    int device;
+    size_t limit;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> table;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& e : table) {
+    if (e.kernel == kernel && e.device == dev) {
+      *limit = e.limit;
+      return cudaSuccess;
+    }
+  }
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  const size_t lim = size_t(optin) > attr.sharedSizeBytes ? size_t(optin) - attr.sharedSizeBytes : 0;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(lim));
+  if (err != cudaSuccess) return err;
+  table.push_back({kernel, dev, lim});
+  *limit = lim;
+  return cudaSuccess;
+}
+
+size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+template <class T>
+cudaError_t fwd_impl(const void* x_, const double* k, double s, bool largest, bool gate,
+                     void* out_, double* t, int64_t R, int64_t n, cudaStream_t stream) {
+  if (R < 1 || n < 1 || R > INT_MAX || n > INT_MAX) return cudaErrorInvalidValue;
+  const T* x = static_cast<const T*>(x_);
+  T* out = static_cast<T*>(out_);
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = n % kVec == 0 && aligned16(x) && aligned16(out);
+  auto kernel = vec ? soft_topk_fwd_kernel<T, kVec> : soft_topk_fwd_kernel<T, 1>;
+  // Rows that fit the candidate buffer live there and are never re-read; longer
+  // ones keep the row in shared memory after the scratch block when it fits.
+  constexpr int64_t kCap = kScratchBytes / sizeof(compute_t<T>);
+  const size_t scratch = n <= kCap ? round16(size_t(n) * sizeof(compute_t<T>)) : kScratchBytes;
+  size_t limit = 0;
+  const cudaError_t err = dyn_smem_limit(reinterpret_cast<const void*>(kernel), &limit);
+  if (err != cudaSuccess) return err;
+  if (scratch > limit) return cudaErrorInvalidValue;
+  const bool use_cache = n > kCap && scratch + size_t(n) * sizeof(T) <= limit;
+  const size_t bytes = scratch + (use_cache ? size_t(n) * sizeof(T) : 0);
+  kernel<<<unsigned(R), threads_for(n), bytes, stream>>>(x, k, s, largest, gate, out, t,
+                                                          int(n), int(scratch), use_cache);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t bwd_impl(const void* grad_, const void* x_, const double* t, double s, bool largest,
+                     bool gate, void* dx_, double* dk, double* ds, int64_t R, int64_t n,
+                     cudaStream_t stream) {
+  if (R < 1 || n < 1 || R > INT_MAX || n > INT_MAX) return cudaErrorInvalidValue;
+  const T* grad = static_cast<const T*>(grad_);
+  const T* x = static_cast<const T*>(x_);
+  T* dx = static_cast<T*>(dx_);
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = n % kVec == 0 && aligned16(x) && aligned16(grad) && aligned16(dx);
+  auto kernel = vec ? soft_topk_bwd_kernel<T, kVec> : soft_topk_bwd_kernel<T, 1>;
+  // x and grad are read twice; keep both in shared memory when they fit.
+  const int64_t stride = (n + kVec - 1) / kVec * kVec;
+  const size_t want = 2 * size_t(stride) * sizeof(T);
+  size_t limit = 0;
+  const cudaError_t err = dyn_smem_limit(reinterpret_cast<const void*>(kernel), &limit);
+  if (err != cudaSuccess) return err;
+  const bool use_cache = want <= limit;
+  kernel<<<unsigned(R), threads_for(n), use_cache ? want : 0, stream>>>(
+      grad, x, t, s, largest, gate, dx, dk, ds, int(n), int(stride), use_cache);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t soft_topk_fwd(const void* x, const double* k, double s, bool largest, bool gate,
+                          void* out, double* t, int64_t R, int64_t n, DType dtype,
+                          cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16: return fwd_impl<__half>(x, k, s, largest, gate, out, t, R, n, stream);
+    case DType::kBFloat16:
+      return fwd_impl<__nv_bfloat16>(x, k, s, largest, gate, out, t, R, n, stream);
+    case DType::kFloat32: return fwd_impl<float>(x, k, s, largest, gate, out, t, R, n, stream);
+    case DType::kFloat64: return fwd_impl<double>(x, k, s, largest, gate, out, t, R, n, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t soft_topk_bwd(const void* grad, const void* x, const double* t, double s,
+                          bool largest, bool gate, void* dx, double* dk, double* ds, int64_t R,
+                          int64_t n, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return bwd_impl<__half>(grad, x, t, s, largest, gate, dx, dk, ds, R, n, stream);
+    case DType::kBFloat16:
+      return bwd_impl<__nv_bfloat16>(grad, x, t, s, largest, gate, dx, dk, ds, R, n, stream);
+    case DType::kFloat32:
+      return bwd_impl<float>(grad, x, t, s, largest, gate, dx, dk, ds, R, n, stream);
+    case DType::kFloat64:
+      return bwd_impl<double>(grad, x, t, s, largest, gate, dx, dk, ds, R, n, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace softsae
