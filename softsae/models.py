@@ -42,22 +42,35 @@ DECODE_MODES = ("auto", "sparse", "dense")
 
 @dataclass
 class Codes:
-    """Latent codes of a batch: either ``dense`` (B, n) or padded ``vals``/``idx`` (B, K), idx -1 = pad."""
+    """Latent codes of a batch: either ``dense`` (B, n) or padded ``vals``/``idx`` (B, K), idx -1 = pad.
+
+    Soft codes (the soft top-k gate ``pre * p``) also carry ``soft_pre`` (B, n), the ungated
+    activations: a latent then counts as active (for L0 and dead-latent tracking) when its gate
+    weight p >= 1/2, i.e. it lies above the row's soft threshold, not merely when ``pre * p != 0``
+    (at moderate alpha almost every positive latent has a tiny non-zero weight).
+    """
 
     n: int
     dense: Tensor | None = None
     vals: Tensor | None = None
     idx: Tensor | None = None
+    soft_pre: Tensor | None = None
 
     @property
     def is_sparse(self) -> bool:
         return self.dense is None
 
     def active(self) -> Tensor:
-        """Boolean mask of the active (non-zero) entries: (B, n) dense or (B, K) sparse."""
+        """Boolean mask of the active entries: (B, n) dense or (B, K) sparse."""
         if self.dense is not None:
+            if self.soft_pre is not None:
+                return (self.dense != 0) & (self.dense >= 0.5 * self.soft_pre.detach())
             return self.dense != 0
-        return (self.idx >= 0) & (self.vals != 0)
+        act = (self.idx >= 0) & (self.vals != 0)
+        if self.soft_pre is not None:
+            pre = self.soft_pre.detach().gather(1, self.idx.clamp(min=0))
+            act &= self.vals >= 0.5 * pre
+        return act
 
     def l0(self) -> Tensor:
         """Number of non-zero latents per row, (B,) int64."""
@@ -157,8 +170,9 @@ class SparseAutoencoder(nn.Module):
 
     def decode_codes(self, codes: Codes) -> Tensor:
         """Normalised reconstruction (B, d) of codes, via sparse_decode or a dense GEMM."""
-        if codes.is_sparse:
-            return sparse_decode(codes.vals, codes.idx, self.W_dec, self.b_dec, backend=self.backend)
+        if codes.is_sparse:  # (under autocast vals may be bf16; the decoder weights stay float32)
+            return sparse_decode(codes.vals.to(self.W_dec.dtype), codes.idx, self.W_dec, self.b_dec,
+                                 backend=self.backend)
         return F.linear(codes.dense, self.W_dec.t(), self.b_dec)
 
     def _hard_codes(self, pre: Tensor, k: Tensor | int) -> Codes:
@@ -250,7 +264,7 @@ class SoftSAE(SparseAutoencoder):
 
     def k_hat_norm(self, x_n: Tensor) -> Tensor:
         """Predicted budget (B,) in [1, n] for normalised x_n (B, d)."""
-        logit = self.k_estimator(x_n - self.b_dec).squeeze(-1)
+        logit = self.k_estimator(x_n - self.b_dec).squeeze(-1).float()  # float32 even under autocast
         return (self.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.n))
 
     def predict_k(self, x: Tensor) -> Tensor:
@@ -263,8 +277,9 @@ class SoftSAE(SparseAutoencoder):
             return self._hard_codes(pre, k_hat.detach()), k_hat
         if self._use_sparse(False):
             vals, idx = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend, sparse=True)
-            return Codes(self.n, vals=vals, idx=idx), k_hat
-        return Codes(self.n, dense=soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend)), k_hat
+            return Codes(self.n, vals=vals, idx=idx, soft_pre=pre), k_hat
+        z = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend)
+        return Codes(self.n, dense=z, soft_pre=pre), k_hat
 
 
 class TopKSAE(SparseAutoencoder):

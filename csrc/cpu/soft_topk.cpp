@@ -459,7 +459,11 @@ double solve_newton(const T* z, int64_t m, int64_t m_padded, int64_t ntop, doubl
     const bool step_ok = tn > lo && tn < hi;  // false for NaN (S or g underflowed)
     if (!step_ok) tn = 0.5 * (lo + hi);
     if (tn == t || !(hi - lo > step_tol)) break;
-    const bool exact = upper ? std::max(t, tn) <= zmin : ntop == 0 && std::min(t, tn) >= zmax;
+    // Strict '>' for the lower form: at t == zmax the tied top elements sit at u = 0, where
+    // eval_g takes the u >= 0 side of the kink of f, so G2 (Halley's curvature) belongs to
+    // t < zmax and the step is not exact. (t0 = L is such a data value.) At t == zmin the
+    // upper form's u >= 0 side is the right one, so '<=' stays.
+    const bool exact = upper ? std::max(t, tn) <= zmin : ntop == 0 && std::min(t, tn) > zmax;
     const double step = std::fabs(tn - t);
     t = tn;
     if (step_ok && (exact || step <= std::max(step_tol, accept_tol))) break;
@@ -716,11 +720,12 @@ void bwd_row(const T* grad, const T* x, double t, T* dx, double* dk, double* ds,
     c_over_s = C / S;
   } else {
     // f (nearly) underflowed everywhere: ratios from f * e^{min|u|}, which are scale-free.
-    // Rare, so a plain float64 loop over the real elements (u as in the main pass).
-    auto u_at = [&](int64_t i) {
-      const CT y = static_cast<CT>(x[i]) * sgn;
-      return static_cast<double>(((y - ue.piv) - ue.off) * ue.inv_s);
-    };
+    // Rare, so a plain float64 loop over the real elements. u is formed in float64 even for
+    // float32 rows: here every |u| is large (t sits in a wide gap), and the weights
+    // e^{min|u| - |u|} need u to an absolute accuracy << 1, which float32 (ulp(u) ~ eps32 |u|,
+    // and y - piv is not exact far from t) does not give once |u| reaches ~1e5.
+    const double sgn_d = largest ? 1.0 : -1.0;
+    auto u_at = [&](int64_t i) { return (static_cast<double>(x[i]) * sgn_d - t) / s; };
     double umin = std::numeric_limits<double>::infinity();
     for (int64_t i = 0; i < n; ++i) umin = std::min(umin, std::fabs(u_at(i)));
     double rS = 0.0, rA = 0.0, rC = 0.0;
