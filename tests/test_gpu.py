@@ -208,7 +208,8 @@ def test_gradients_match_float64(backend, r, n, alpha, largest, gate, dtype):
     want = grads("reference", x.double(), k, alpha, w, largest, gate)
     # float32 flushes terms below its range to 0 (design.md: dx uses the true, underflowed f)
     rtol, floor = (1e-3, 1e-30) if dtype == torch.float32 else (1e-8, 1e-300)
-    for name, a, b, scale in zip(("x", "k", "alpha"), got, want, grad_scales(x, k, alpha, w, largest, gate), strict=False):
+    scales = grad_scales(x, k, alpha, w, largest, gate)
+    for name, a, b, scale in zip(("x", "k", "alpha"), got, want, scales, strict=True):
         assert max_err(a, b) <= rtol * scale + floor, name
 
 
@@ -222,7 +223,7 @@ def test_half_gradients_no_worse_than_reference(backend, dtype, gate):
     exact = grads("reference", x.double(), k, 0.05, w, True, gate)
     got = grads(backend, x, k, 0.05, w, True, gate)
     ref = grads("reference", x, k, 0.05, w, True, gate)  # same precision, float64 inside
-    for name, a, b, e in zip(("x", "k", "alpha"), got, ref, exact, strict=False):
+    for name, a, b, e in zip(("x", "k", "alpha"), got, ref, exact, strict=True):
         assert max_err(a, e) <= 3 * max_err(b, e) + 1e-3 * amax(e), name
 
 
@@ -284,14 +285,14 @@ def test_sparse_decode_matches_dense(backend, B, K, n, d, pattern, dtype, determ
     want = dense_grads(vals, idx, W, b, go)
     if dtype in (torch.float32, torch.float64):
         tol = 1e-5 if dtype == torch.float32 else 1e-12
-        for name, a, e in zip(("out", "vals", "W", "b"), (out, vals.grad, W.grad, b.grad), want, strict=False):
+        for name, a, e in zip(("out", "vals", "W", "b"), (out, vals.grad, W.grad, b.grad), want, strict=True):
             assert max_err(a, e) <= tol * max(1.0, amax(e)), name
     else:  # flash-attention habit: no worse than a few times the reference run in this dtype
         v2, W2, b2 = (t.detach().clone().requires_grad_(True) for t in (vals, W, b))
         ref = softsae.sparse_decode(v2, idx, W2, b2, backend="reference")
         ref.backward(go)
         for name, a, r_, e in zip(("out", "vals", "W", "b"), (out, vals.grad, W.grad, b.grad),
-                                  (ref, v2.grad, W2.grad, b2.grad), want, strict=False):
+                                  (ref, v2.grad, W2.grad, b2.grad), want, strict=True):
             assert max_err(a, e) <= 3 * max_err(r_, e) + 1e-3 * max(1.0, amax(e)), name
 
 
