@@ -1,0 +1,90 @@
+"""Training throughput: tokens/s of one full training step (forward, losses, backward, Adam,
+decoder projection) per architecture and ops backend, fast backends vs the reference.
+
+    python benchmarks/bench_train_throughput.py                          # CPU, d=384, n=4096, B=1024
+    python benchmarks/bench_train_throughput.py --device cuda --n 16384 65536 --batch-size 4096
+
+Rows: SoftSAE in the soft phase (dense gate + GEMM decode, and sparse gate + sparse_decode),
+SoftSAE in the hard phase (per-row top-k + sparse_decode), TopK, BatchTopK. Columns: median ms
+per step and tokens/s for every backend available on the device, and the speed-up of the
+fastest non-reference backend over the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import environment, markdown_table, median_ms  # noqa: E402
+
+import softsae  # noqa: E402
+from softsae.losses import DeadLatentTracker  # noqa: E402
+from softsae.trainer import TrainConfig, new_model, train_step  # noqa: E402
+
+VARIANTS = [  # (label, arch, hard phase, decode_mode)
+    ("SoftSAE soft, dense decode", "softsae", False, "dense"),
+    ("SoftSAE soft, sparse gate+decode", "softsae", False, "sparse"),
+    ("SoftSAE hard", "softsae", True, "auto"),
+    ("TopK", "topk", False, "auto"),
+    ("BatchTopK", "batchtopk", False, "auto"),
+]
+
+
+def step_ms(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, repeat) -> float:
+    c = TrainConfig(arch=arch, dict_size=n, k=k, steps=10, batch_size=B, backend=backend, alpha=alpha,
+                    decode_mode=decode_mode, warmup_steps=0, hard_topk_steps=10 if hard else 0,
+                    dead_feature_threshold=B * 1000, device=str(device)).resolved(d)
+    torch.manual_seed(0)
+    model = new_model(c, d).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+    tracker = DeadLatentTracker(n, c.dead_feature_threshold, device)
+    tracker.tokens_since_fired[: n // 10] = B * 1000  # 10% dead latents: the auxk path runs
+    x = torch.randn(B, d, device=device)
+    return median_ms(lambda: train_step(model, opt, tracker, x, 5, c), device, warmup=2, repeat=repeat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--n", type=int, nargs="+", default=[4096])
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--alpha", type=float, default=1e-2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--markdown", type=Path, default=None)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    backends = a.backends or [b for b in softsae.available_backends(device) if b != "triton" or device.type == "cuda"]
+    headers = ["n", "variant"] + [f"{b} ms" for b in backends] + [f"{b} tok/s" for b in backends]
+    fast = [b for b in backends if b != "reference"]
+    if "reference" in backends and fast:
+        headers.append("best fast / reference")
+    rows = []
+    for n in a.n:
+        for label, arch, hard, mode in VARIANTS:
+            ms = {b: step_ms(device, b, arch, hard, mode, a.d, n, a.batch_size, a.k, a.alpha, a.repeat)
+                  for b in backends}
+            row = [n, label] + [ms[b] for b in backends] + [a.batch_size / ms[b] * 1e3 for b in backends]
+            if "reference" in backends and fast:
+                row.append(f"{ms['reference'] / min(ms[b] for b in fast):.2f}x")
+            rows.append(row)
+            print(" | ".join(str(v) if not isinstance(v, float) else f"{v:.4g}" for v in row), flush=True)
+    table = markdown_table(headers, rows)
+    env = (f"{environment(device)}; d={a.d}, B={a.batch_size}, K={a.k}, alpha={a.alpha:g}, "
+           f"float32, 10% dead latents (auxk on)")
+    print()
+    print(table)
+    print()
+    print(env)
+    if a.markdown:
+        a.markdown.write_text(table + "\n\n" + env + "\n")
+
+
+if __name__ == "__main__":
+    main()

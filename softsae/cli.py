@@ -1,0 +1,212 @@
+"""Command line: ``softsae train|eval|demo|activations`` (also ``python -m softsae ...``).
+
+Any problem with the input (bad data file, NaN activations, dict size smaller than k, missing
+model) prints one message to stderr and exits with code 2; files are written atomically and a
+failed ``train`` leaves no half-written output directory behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from softsae.data import DataError
+
+USER_ERRORS = (DataError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an SAE on an activation file",
+                       description="Train SoftSAE / TopK / BatchTopK on activations; save, evaluate, log metrics.")
+    p.add_argument("--data", required=True, help="activations (.npy, .safetensors[:KEY], .pt[:KEY]), shape (N, d)")
+    p.add_argument("--arch", choices=("softsae", "topk", "batchtopk"), default="softsae")
+    p.add_argument("--dict-size", type=int, required=True, help="number of latents n")
+    p.add_argument("--k", type=float, required=True, help="K: latents per input (SoftSAE: target mean budget)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(dict_size / 2^14)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto", help="ops backend: auto | reference | cpu | triton | cuda")
+    p.add_argument("--k-max", type=float, default=None, help="SoftSAE k-head range (default 2k)")
+    p.add_argument("--alpha", type=float, default=None, help="soft top-k scale (default 1e-2, normalised units)")
+    p.add_argument("--alpha-start", type=float, default=None)
+    p.add_argument("--alpha-anneal-steps", type=int, default=None)
+    p.add_argument("--k-anneal-steps", type=int, default=None)
+    p.add_argument("--hard-steps", type=int, default=None, help="final hard top-k steps (default steps/5)")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--decay-start", type=int, default=None)
+    p.add_argument("--w-k", type=float, default=None, help="k-loss weight")
+    p.add_argument("--auxk-alpha", type=float, default=None)
+    p.add_argument("--dead-threshold", type=int, default=None, help="tokens without firing to count as dead")
+    p.add_argument("--normalize", choices=("none", "scale", "center_scale"), default="scale")
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-rows", type=int, default=100_000, help="rows of --data evaluated after training")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained SAE", description="FVU, MSE, cosine, L0, dead latents, k_hat.")
+    p.add_argument("--model", required=True, help="model directory (or a reference-format state dict file)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="SoftSAE vs TopK at equal mean L0 on synthetic data (minutes on CPU)")
+    p.add_argument("--out", default="softsae_demo")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_activations(sub) -> None:
+    p = sub.add_parser("activations", help="extract per-token hidden states of a transformer to .npy")
+    p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument("--model", default=None, help="local Hugging Face model directory (default: packaged MiniLM)")
+    p.add_argument("--layer", default=None, help="module name (default encoder.layer.3)")
+    p.add_argument("--text", default=None, help="UTF-8 text file, one document per blank-line-separated "
+                   "paragraph (default: CPython docs topics)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--keep-special", action="store_true", help="keep [CLS]/[SEP]-style tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softsae", description="Adaptive sparse autoencoders (SoftSAE).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    _add_activations(sub)
+    return parser
+
+
+_TRAIN_OPTS = {"lr": "lr", "k_max": "k_max", "alpha": "alpha", "alpha_start": "alpha_start",
+               "alpha_anneal_steps": "alpha_anneal_steps", "k_anneal_steps": "k_anneal_steps",
+               "hard_steps": "hard_topk_steps", "warmup_steps": "warmup_steps", "decay_start": "decay_start",
+               "w_k": "w_k", "auxk_alpha": "auxk_alpha", "dead_threshold": "dead_feature_threshold"}
+
+
+def cmd_train(a) -> int:
+    from softsae.checkpoint import atomic_write_json
+    from softsae.data import load_activations
+    from softsae.metrics import evaluate, format_report
+    from softsae.trainer import STATE_FILE, TrainConfig, train
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (a.resume or a.overwrite):
+        raise FileExistsError(f"--out {out} is not empty; pass --resume to continue a run there or --overwrite")
+    if a.resume and not (out / STATE_FILE).exists():
+        print(f"softsae: no {STATE_FILE} in {out}; starting a new run", file=sys.stderr)
+    extra = {dst: getattr(a, src) for src, dst in _TRAIN_OPTS.items() if getattr(a, src) is not None}
+    cfg = TrainConfig(arch=a.arch, dict_size=a.dict_size, k=a.k, steps=a.steps, batch_size=a.batch_size,
+                      seed=a.seed, device=a.device, backend=a.backend, normalize=a.normalize,
+                      checkpoint_every=a.checkpoint_every, log_every=a.log_every, progress=not a.no_progress, **extra)
+    source = load_activations(a.data)  # validates shape, dtype and finiteness before anything is written
+    resolved = cfg.resolved(source.d)
+    _check_backend(resolved.backend, resolved.device)
+    created = not out.exists()
+    try:
+        result = train(source, cfg, out_dir=out, resume=a.resume)
+        report = evaluate(result.model, load_activations(a.data, check_finite=False), max_rows=a.eval_rows)
+        atomic_write_json(out / "eval.json", report)
+    except BaseException:
+        if created and out.exists() and not (out / STATE_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(format_report(report))
+    print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl, eval.json)")
+    return 0
+
+
+def _check_backend(backend: str, device: str) -> None:
+    import torch
+
+    from softsae import _backends
+
+    _backends.resolve(backend, torch.device(device), arg="--backend")
+
+
+def cmd_eval(a) -> int:
+    from softsae.checkpoint import load_sae
+    from softsae.metrics import evaluate, format_report
+
+    model = load_sae(a.model, device=a.device, backend=a.backend)
+    report = evaluate(model, a.data, batch_size=a.batch_size, max_rows=a.max_rows)
+    print(json.dumps(report, indent=2) if a.json else format_report(report))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from softsae.demo import DemoConfig, format_table, run_synthetic_comparison
+
+    c = DemoConfig(seed=a.seed, backend=a.backend, device=a.device, progress=not a.no_progress)
+    if a.steps is not None:
+        c.steps = a.steps
+    if a.samples is not None:
+        c.n_samples = a.samples
+    res = run_synthetic_comparison(c, a.out)
+    print()
+    print(format_table(res["rows"]))
+    print()
+    print(f"Spearman(k_hat, true count) = {res['spearman_khat_truth']:.3f}; "
+          f"SoftSAE FVU {res['softsae_fvu']:.4f} vs TopK {res['topk_fvu_at_softsae_l0']:.4f} "
+          f"at mean L0 {res['softsae_mean_l0']:.2f}")
+    print(f"plots: {', '.join(res['plots'])}")
+    return 0
+
+
+def cmd_activations(a) -> int:
+    from softsae.activations import DEFAULT_LAYER, extract_activations
+
+    texts = None
+    if a.text is not None:
+        path = Path(a.text)
+        if not path.is_file():
+            raise FileNotFoundError(f"--text {path}: no such file")
+        texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if not str(a.out).endswith(".npy"):
+        raise ValueError(f"--out must be a .npy path, got {a.out}")
+    n = extract_activations(a.model, a.layer or DEFAULT_LAYER, texts, out=a.out, max_tokens=a.max_tokens,
+                            seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
+                            keep_special=a.keep_special, progress=True)
+    print(f"wrote {n} token activations to {a.out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "activations": cmd_activations}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        print(f"softsae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softsae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
