@@ -85,6 +85,13 @@ def _extensions():
     class OptionalBuildExt(base):
         """Build each extension; an optional one that fails is reported and skipped."""
 
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            # An in-place (editable) rebuild would overwrite a .so that running processes have
+            # mapped, which crashes them; unlinking first gives the new build a new inode.
+            if isinstance(outfile, str) and outfile.endswith(".so") and os.path.isfile(outfile):
+                os.remove(outfile)
+            return super().copy_file(infile, outfile, *args, **kwargs)
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)

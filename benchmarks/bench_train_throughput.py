@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[4096])
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--alpha", type=float, default=1e-2)
+    ap.add_argument("--alpha", type=float, default=3e-3)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--backends", nargs="+", default=None)
     ap.add_argument("--markdown", type=Path, default=None)

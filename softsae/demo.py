@@ -75,9 +75,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_synthetic_comparison(c: DemoConfig, out_dir: str | Path, log=print, save_models: bool = True,
-                             prefix: str = "") -> dict[str, Any]:
+                             prefix: str = "", batchtopk: bool = False) -> dict[str, Any]:
     """Run the whole comparison; write results.json, PNG plots (names start with ``prefix``) and,
-    with ``save_models``, the trained models into ``out_dir``."""
+    with ``save_models``, the trained models into ``out_dir``. ``batchtopk`` adds a BatchTopK
+    model at K = round(SoftSAE's mean L0)."""
     from softsae.plots import plot_k_vs_truth, plot_l0_histograms
 
     out = Path(out_dir)
@@ -110,13 +111,20 @@ def run_synthetic_comparison(c: DemoConfig, out_dir: str | Path, log=print, save
     m_lo, m_hi = lo["l0"]["mean"], hi["l0"]["mean"]
     w = 0.0 if m_hi == m_lo else min(1.0, max(0.0, (m - m_lo) / (m_hi - m_lo)))
     fvu_topk = (1 - w) * lo["fvu"] + w * hi["fvu"]
+    extra_l0 = {}
+    if batchtopk:
+        kb = max(1, round(m))
+        model = train(x_tr, _train_cfg(c, "batchtopk", kb)).model
+        rep = evaluate(model, x_te, return_per_row=True)
+        rows.append(_row(f"BatchTopK K={kb}", kb, rep, counts_te, model.W_dec, data.dictionary))
+        extra_l0[f"BatchTopK K={kb}"] = rep["per_row"]["l0"]
     rows.append({"model": "TopK interpolated to SoftSAE's L0", "k": "-", "mean_l0": m, "fvu": fvu_topk,
                  "spearman_l0_truth": None, "dict_recovery": None, "dead_fraction": None})
 
     khat = rep_soft["per_row"]["k_hat"]
     rho_khat = spearman(khat, counts_te)
     hist = plot_l0_histograms({"SoftSAE": rep_soft["per_row"]["l0"],
-                               **{f"TopK K={kk}": r["per_row"]["l0"] for kk, r in topk_reps.items()}},
+                               **{f"TopK K={kk}": r["per_row"]["l0"] for kk, r in topk_reps.items()}, **extra_l0},
                               out / f"{prefix}l0_histograms.png", truth=counts_te,
                               title="L0 per input (held-out synthetic data)")
     series = {"SoftSAE k_hat": khat, "SoftSAE L0 (hard top-floor(k_hat))": rep_soft["per_row"]["l0"]}

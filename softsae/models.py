@@ -302,7 +302,7 @@ class BatchTopKSAE(SparseAutoencoder):
 
     arch = "batchtopk"
 
-    def __init__(self, d: int, n: int, k: int, threshold_beta: float = 0.999, backend: str = "auto",
+    def __init__(self, d: int, n: int, k: int, threshold_beta: float = 0.99, backend: str = "auto",
                  decode_mode: str = "auto") -> None:
         super().__init__(d, n, int(k), backend, decode_mode)
         if int(k) != k or k < 1:
