@@ -65,7 +65,10 @@ def _extensions():
         notes.append("cpu extension skipped (SOFTSAE_CPU_EXT=0)")
 
     cuda_home = cpp_extension.CUDA_HOME
-    cuda_ok = cuda_home is not None and torch.version.cuda is not None
+    # torch may guess a CUDA_HOME (e.g. /usr/local from an nvcc on PATH) that has no headers.
+    cuda_ok = (cuda_home is not None and torch.version.cuda is not None
+               and os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h"))
+               and os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")))
     if cuda_mode == "1" and not cuda_ok:
         raise SystemExit("SOFTSAE_CUDA_EXT=1 but no CUDA toolkit (CUDA_HOME) or torch is a CPU build")
     if cuda_mode != "0" and cuda_ok and os.path.exists(os.path.join(ROOT, "csrc/bindings/cuda.cpp")):
@@ -99,8 +102,18 @@ def _extensions():
             except Exception as err:  # noqa: BLE001 - a compiler failure may raise anything
                 if ext.name in required:
                     raise
+                self._failed = getattr(self, "_failed", set()) | {ext.name}
                 print(f"softsae: WARNING: could not build {ext.name} ({err}); "
                       "that backend will be unavailable.", file=sys.stderr)
+
+        def copy_extensions_to_source(self):
+            # Editable installs copy each built .so into the tree; skip the ones that failed.
+            failed = getattr(self, "_failed", set())
+            built, self.extensions = self.extensions, [e for e in self.extensions if e.name not in failed]
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = built
 
     return exts, {"build_ext": OptionalBuildExt}, required, notes
 
