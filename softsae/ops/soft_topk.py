@@ -172,8 +172,6 @@ def _rows_k(k, x_moved: Tensor) -> Tensor:
                              f"(x without dim) or {(*batch_shape, 1)}; got {tuple(k.shape)}")
     else:
         kk = torch.full((rows,), float(k), dtype=torch.float64, device=x_moved.device)
-    if n == 1:
-        return kk.clamp(K_EPS, 1 - K_EPS)
     return kk.clamp(K_EPS, n - K_EPS)
 
 
