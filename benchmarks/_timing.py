@@ -39,6 +39,15 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def report(title: str, headers: list[str], rows: list[list[object]], markdown=None) -> None:
+    """Print the title and table; also write them to ``markdown`` (a Path) when given."""
+    table = markdown_table(headers, rows)
+    print(title)
+    print(table)
+    if markdown:
+        markdown.write_text(f"{title}\n\n{table}\n")
+
+
 def environment(device: torch.device) -> str:
     """One line naming the machine and versions, for RESULTS.md."""
     if device.type == "cuda":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, markdown_table, median_ms  # noqa: E402
+from _timing import environment, median_ms, report  # noqa: E402
 
 import softsae  # noqa: E402
 from softsae.ops.soft_topk_ref import _solve_threshold, laplace_cdf  # noqa: E402
@@ -84,11 +84,7 @@ def main() -> None:
     headers, rows = run(device, args.B, args.n, backends, args.repeat, args.alpha)
     title = (f"Soft Top-K, B={args.B}, alpha={args.alpha}, k~U[20,220], float32 — {environment(device)}; "
              f"medians of {args.repeat}")
-    table = markdown_table(headers, rows)
-    print(title)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(f"{title}\n\n{table}\n")
+    report(title, headers, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, markdown_table, median_ms  # noqa: E402
+from _timing import environment, median_ms, report  # noqa: E402
 
 import softsae  # noqa: E402
 from softsae.ops.sparse_decode_ref import densify  # noqa: E402
@@ -100,11 +100,7 @@ def main() -> None:
     torch.manual_seed(0)
     headers, rows = run(device, args.B, grid, backends, args.repeat)
     title = f"Sparse decode fwd+bwd, B={args.B}, float32 — {environment(device)}; medians of {args.repeat}"
-    table = markdown_table(headers, rows)
-    print(title)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(f"{title}\n\n{table}\n")
+    report(title, headers, rows, args.markdown)
 
 
 if __name__ == "__main__":
