@@ -16,6 +16,16 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, title: str, path: str | Path) -> Path:
+    """Title, legend, save as PNG and close: the common end of every plot here."""
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_l0_histograms(l0_by_name: dict[str, np.ndarray], path: str | Path, title: str = "L0 per input",
                        truth: np.ndarray | None = None) -> Path:
     """Overlaid histograms of per-input L0 for each model (and the true factor count, if given)."""
@@ -30,12 +40,7 @@ def plot_l0_histograms(l0_by_name: dict[str, np.ndarray], path: str | Path, titl
         ax.hist(l0, bins=bins, histtype="step", linewidth=2, label=f"{name} (mean {np.mean(l0):.2f})")
     ax.set_xlabel("L0 (active latents per input)")
     ax.set_ylabel("inputs")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_k_vs_truth(true_counts: np.ndarray, series: dict[str, np.ndarray], path: str | Path,
@@ -55,9 +60,4 @@ def plot_k_vs_truth(true_counts: np.ndarray, series: dict[str, np.ndarray], path
     ax.plot(levels, levels, "k--", linewidth=1, label="y = x")
     ax.set_xlabel("true number of active factors")
     ax.set_ylabel("per-input value (mean, 10-90% band)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, title, path)
