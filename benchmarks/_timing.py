@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -37,6 +39,15 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """--device, --B, --backends, --repeat, --markdown: the options every table script takes."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--B", type=int, default=4096)
+    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--markdown", type=Path, default=None)
 
 
 def report(title: str, headers: list[str], rows: list[list[object]], markdown=None) -> None:

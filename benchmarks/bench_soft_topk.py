@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, median_ms, report  # noqa: E402
+from _timing import add_common_args, environment, median_ms, report  # noqa: E402
 
 import softsae  # noqa: E402
 from softsae.ops.soft_topk_ref import _solve_threshold, laplace_cdf  # noqa: E402
@@ -70,13 +70,9 @@ def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--B", type=int, default=4096)
+    add_common_args(ap)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--alpha", type=float, default=1e-4)
-    ap.add_argument("--backends", nargs="+", default=None)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
     backends = args.backends or softsae.available_backends(device)

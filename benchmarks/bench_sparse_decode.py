@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, median_ms, report  # noqa: E402
+from _timing import add_common_args, environment, median_ms, report  # noqa: E402
 
 import softsae  # noqa: E402
 from softsae.ops.sparse_decode_ref import densify  # noqa: E402
@@ -85,13 +85,9 @@ def _rows_for(device, B, n, d, k_mean, backends, repeat) -> list[list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--B", type=int, default=4096)
+    add_common_args(ap)
     ap.add_argument("--full", action="store_true",
                     help="d in {512, 2304}, n in {16384, 65536}, k in {32, 64, 128, 220}")
-    ap.add_argument("--backends", nargs="+", default=None)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
     backends = args.backends or softsae.available_backends(device)
