@@ -1,6 +1,6 @@
 // CPU Soft Top-K (LapSum) kernels: plain C++17 on raw pointers, no torch or Python.
 //
-// Math: ../../../shared/spec/soft_topk.md; calling convention: docs/design.md.
+// Math: docs/math.md (section 1); calling convention: docs/design.md.
 // Per row, with y = x (largest) or -x, u = (y - t) / s and the Laplace CDF F:
 //     p_i = F(u_i),   sum_i p_i = k,   out = p (or x * p when gate).
 // The threshold t is always float64. All functions work on the rows

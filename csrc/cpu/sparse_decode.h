@@ -1,6 +1,6 @@
 // CPU sparse decoder gather: plain C++17 on raw pointers, no torch or Python.
 //
-// Math: ../../../shared/spec/sparse_decode.md; calling convention: docs/design.md.
+// Math: docs/math.md (section 2); calling convention: docs/design.md.
 // Padded layout: vals (B, K), idx (B, K) int64 with idx = -1 marking padding (its value is
 // ignored, its dval is 0); W (n, d). All arrays contiguous, T = float or double; indices
 // must already lie in [-1, n). Duplicate indices in a row are summed.
