@@ -16,6 +16,12 @@ Behaviour at the edges (documented and tested):
 - A row holding NaN or +-inf gives NaN weights (and NaN gradients) for that row only.
 - Empty tensors return empty results; ``n = 1`` gives ``p = k``.
 - Only ``t`` (one float64 per row) is saved for backward, besides the input.
+- ``s = max(|alpha|, S_MIN)`` with ``S_MIN = 1e-30`` (so a float32 ``1/s`` stays finite), computed
+  on x's device and handed to every backend as a ``(1,)`` float64 tensor; every kernel clamps
+  the same way. A CUDA alpha is never read back to the host (no validation of its value);
+  the gradient w.r.t. alpha stays on alpha's device.
+- Nothing here synchronises the host with a CUDA device, except ``sparse=True`` without
+  ``max_count`` (the output width is data-dependent; pass ``max_count`` to avoid it).
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from softsae import _backends
 from softsae.ops.soft_topk_ref import soft_topk_bwd_ref, soft_topk_fwd_ref
 
 K_EPS = 1e-6
+S_MIN = 1e-30  # smallest scale s = |alpha| any backend sees; 1 / S_MIN = 1e30 < float32 max
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-FwdFn = Callable[[Tensor, Tensor, float, bool, bool], tuple[Tensor, Tensor]]
-BwdFn = Callable[[Tensor, Tensor, Tensor, float, bool, bool], tuple[Tensor, Tensor, Tensor]]
+# Backend signatures; s is a (1,) float64 tensor on x's device (see docs/design.md).
+FwdFn = Callable[[Tensor, Tensor, Tensor, bool, bool], tuple[Tensor, Tensor]]
+BwdFn = Callable[[Tensor, Tensor, Tensor, Tensor, bool, bool], tuple[Tensor, Tensor, Tensor]]
 
 
 def _upcast_half(fwd: FwdFn, bwd: BwdFn) -> tuple[FwdFn, BwdFn]:
@@ -54,13 +62,25 @@ def _upcast_half(fwd: FwdFn, bwd: BwdFn) -> tuple[FwdFn, BwdFn]:
     return fwd_any, bwd_any
 
 
+def _float_s(fwd: Callable, bwd: Callable) -> tuple[FwdFn, BwdFn]:
+    """Adapt kernels taking ``s`` as a Python float (the CPU extension; CPU tensors, no sync)."""
+
+    def fwd_f(x, k, s, largest, gate):
+        return fwd(x, k, float(s), largest, gate)
+
+    def bwd_f(grad, x, t, s, largest, gate):
+        return bwd(grad, x, t, float(s), largest, gate)
+
+    return fwd_f, bwd_f
+
+
 def _kernels(backend: str) -> tuple[FwdFn, BwdFn]:
     """(fwd, bwd) for a concrete backend name, per the contract in docs/design.md."""
     if backend == "reference":
         return soft_topk_fwd_ref, soft_topk_bwd_ref
     if backend == "cpu":
         ext = _backends.cpu_ext()
-        return _upcast_half(ext.soft_topk_fwd, ext.soft_topk_bwd)
+        return _upcast_half(*_float_s(ext.soft_topk_fwd, ext.soft_topk_bwd))
     if backend == "cuda":
         ext = _backends.cuda_ext()
         return ext.soft_topk_fwd, ext.soft_topk_bwd
@@ -72,13 +92,30 @@ def _kernels(backend: str) -> tuple[FwdFn, BwdFn]:
 
 
 # ----------------------------------------------------------------------------- custom ops
-# alpha travels as a 0-d float64 tensor so that autograd can return its gradient.
+# alpha travels as a 0-d float64 tensor on x's device so that autograd can return its gradient
+# and nothing is read back to the host.
+
+
+def scale_of(alpha: Tensor) -> Tensor:
+    """s = max(|alpha|, S_MIN) as a (1,) float64 tensor on alpha's device (device-side, no sync)."""
+    return alpha.detach().to(torch.float64).abs().clamp_min(S_MIN).reshape(1)
+
+
+def _fwd_impl(x: Tensor, k: Tensor, alpha: Tensor, largest: bool, gate: bool, backend: str) -> tuple[Tensor, Tensor]:
+    fwd, _ = _kernels(backend)
+    return fwd(x, k, scale_of(alpha), largest, gate)
+
+
+def _bwd_impl(
+    grad: Tensor, x: Tensor, t: Tensor, alpha: Tensor, largest: bool, gate: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    _, bwd = _kernels(backend)
+    return bwd(grad.contiguous(), x, t, scale_of(alpha), largest, gate)
 
 
 @torch.library.custom_op("softsae::soft_topk_fwd", mutates_args=())
 def _fwd_op(x: Tensor, k: Tensor, alpha: Tensor, largest: bool, gate: bool, backend: str) -> tuple[Tensor, Tensor]:
-    fwd, _ = _kernels(backend)
-    return fwd(x, k, abs(float(alpha)), largest, gate)
+    return _fwd_impl(x, k, alpha, largest, gate, backend)
 
 
 @_fwd_op.register_fake
@@ -90,8 +127,7 @@ def _(x, k, alpha, largest, gate, backend):
 def _bwd_op(
     grad: Tensor, x: Tensor, t: Tensor, alpha: Tensor, largest: bool, gate: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, bwd = _kernels(backend)
-    return bwd(grad.contiguous(), x, t, abs(float(alpha)), largest, gate)
+    return _bwd_impl(grad, x, t, alpha, largest, gate, backend)
 
 
 @_bwd_op.register_fake
@@ -109,7 +145,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_t):
     x, t, alpha = ctx.saved_tensors
     dx, dk, ds = _bwd_op(grad_out, x, t, alpha, ctx.largest, ctx.gate, ctx.backend)
-    dalpha = (torch.sign(alpha) * ds.sum().to(alpha.device)) if ctx.needs_input_grad[2] else None
+    # ds is on x's device, as is alpha (the caller moved it there; autograd moves dalpha back).
+    dalpha = (torch.sign(alpha) * ds.sum()) if ctx.needs_input_grad[2] else None
     return dx, dk if ctx.needs_input_grad[1] else None, dalpha, None, None, None
 
 
@@ -120,7 +157,11 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(x: Tensor, k, alpha, dim: int, largest: bool) -> tuple[int, Tensor]:
-    """Validate arguments; return (normalised dim, alpha as a 0-d float64 CPU tensor)."""
+    """Validate arguments; return (normalised dim, alpha as a 0-d float64 tensor on x's device).
+
+    alpha's value is checked (finite, non-zero) only when it is a Python number or a CPU
+    tensor: a CUDA alpha is never read back (a zero alpha then acts as s = S_MIN).
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -137,15 +178,15 @@ def _check_inputs(x: Tensor, k, alpha, dim: int, largest: bool) -> tuple[int, Te
         if alpha.numel() != 1 or not alpha.is_floating_point():
             raise ValueError(f"alpha must be a float or a 1-element float tensor, got shape "
                              f"{tuple(alpha.shape)} and dtype {alpha.dtype}")
-        alpha_t = alpha.reshape(()).to(device="cpu", dtype=torch.float64)
+        if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_alpha_value(float(alpha.detach()))
+        alpha_t = alpha.reshape(()).to(device=x.device, dtype=torch.float64)
     elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        alpha_t = torch.tensor(float(alpha), dtype=torch.float64)
+        _check_alpha_value(float(alpha))
+        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (graph-capturable).
+        alpha_t = torch.full((), float(alpha), dtype=torch.float64, device=x.device)
     else:
         raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
-    if not torch.compiler.is_compiling():
-        a = float(alpha_t.detach())
-        if a == 0.0 or not math.isfinite(a):
-            raise ValueError(f"alpha must be finite and non-zero, got {a}")
     if isinstance(k, Tensor):
         if not (k.is_floating_point() or k.dtype in (torch.int32, torch.int64, torch.int16, torch.int8,
                                                       torch.uint8)):
@@ -155,6 +196,11 @@ def _check_inputs(x: Tensor, k, alpha, dim: int, largest: bool) -> tuple[int, Te
     elif not isinstance(k, (int, float)) or isinstance(k, bool):
         raise TypeError(f"k must be a tensor or a number, got {type(k).__name__}")
     return dim % x.dim(), alpha_t
+
+
+def _check_alpha_value(a: float) -> None:
+    if a == 0.0 or not math.isfinite(a):
+        raise ValueError(f"alpha must be finite and non-zero, got {a}")
 
 
 def _rows_k(k, x_moved: Tensor) -> Tensor:
@@ -205,13 +251,16 @@ def soft_topk(x: Tensor, k, alpha, dim: int = -1, largest: bool = True, backend:
 
 
 def soft_topk_gate(
-    x: Tensor, k, alpha, dim: int = -1, largest: bool = True, backend: str = "auto", sparse: bool = False
+    x: Tensor, k, alpha, dim: int = -1, largest: bool = True, backend: str = "auto", sparse: bool = False,
+    max_count: int | None = None,
 ):
     """Fused gate ``x * soft_topk(x, k, alpha)`` (same shape and dtype as ``x``).
 
     With ``sparse=True`` (``dim`` must be the last axis) returns ``(vals, idx)`` of shape
     ``(*x.shape[:-1], K_max)``: every non-zero of the dense gate output, in increasing index
-    order, padded with ``idx = -1`` / ``vals = 0``; ``K_max`` is the largest per-row count.
+    order, padded with ``idx = -1`` / ``vals = 0``; ``K_max`` is the largest per-row count,
+    which costs a host-device sync on CUDA, or ``max_count`` when given (no sync; rows with
+    more non-zeros keep their ``max_count`` lowest indices, so give ``n`` to be exact).
     The set is exact (an entry is listed iff it is non-zero in the dense result), because in
     floating point most soft weights underflow to exactly 0 at small alpha. ``vals`` is
     differentiable. The sparse form is extracted from the dense result (not yet fused).
@@ -221,14 +270,24 @@ def soft_topk_gate(
         return z
     if dim % x.dim() != x.dim() - 1:
         raise ValueError(f"sparse=True needs dim=-1 (the rows on the last axis), got dim={dim}")
-    return nonzero_per_row(z)
+    return nonzero_per_row(z, max_count)
 
 
-def nonzero_per_row(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Padded (vals, idx) of the non-zeros of each row of z (..., n), increasing index order."""
+def nonzero_per_row(z: Tensor, max_count: int | None = None) -> tuple[Tensor, Tensor]:
+    """Padded (vals, idx) of the non-zeros of each row of z (..., n), increasing index order.
+
+    The width is the largest per-row count (read back from the device: a sync on CUDA), or
+    ``max_count`` (clipped to n) when given: static, no sync; a row with more non-zeros then
+    keeps its ``max_count`` lowest-index ones.
+    """
     n = z.shape[-1]
     nz = z != 0
-    k_max = int(nz.sum(dim=-1).max()) if z.numel() else 0
+    if max_count is not None:
+        if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 0:
+            raise ValueError(f"max_count must be an int >= 0 or None, got {max_count!r}")
+        k_max = min(max_count, n)
+    else:
+        k_max = int(nz.sum(dim=-1).max()) if z.numel() else 0
     if k_max == 0:
         shape = (*z.shape[:-1], 0)
         return z.new_zeros(shape), torch.zeros(shape, dtype=torch.int64, device=z.device)

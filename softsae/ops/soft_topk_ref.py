@@ -1,7 +1,8 @@
 """Reference Soft Top-K (LapSum): pure PyTorch, float64, exact. The oracle for every backend.
 
 Conventions (see docs/design.md): ``x`` is a contiguous ``(R, n)`` tensor, ``k`` a float64
-``(R,)`` tensor already clamped into ``(0, n)``, ``s = |alpha| > 0`` a Python float.
+``(R,)`` tensor already clamped into ``(0, n)``, ``s = |alpha| > 0`` a Python float or a
+1-element float64 tensor on x's device (used as a tensor: nothing is read back to the host).
 With ``y = x`` (largest) or ``-x``, ``u = (y - t) / s`` and the Laplace CDF ``F``:
 
     p = F(u),  sum(p) = k  per row.
@@ -27,9 +28,18 @@ def laplace_cdf(u: Tensor) -> Tensor:
     return torch.where(u < 0, e, 1.0 - e)
 
 
-def _solve_threshold(y: Tensor, k: Tensor, s: float) -> Tensor:
+Scale = float | Tensor
+
+
+def _scale(s: Scale) -> Scale:
+    """s as a 0-d tensor (if it is a tensor) so that it broadcasts against (R,) and (R, n)."""
+    return s.reshape(()) if isinstance(s, Tensor) else s
+
+
+def _solve_threshold(y: Tensor, k: Tensor, s: Scale) -> Tensor:
     """Per-row t with sum_i F((y_i - t)/s) = k. y (R, n) float64 finite, k (R,) -> t (R,)."""
     n = y.shape[-1]
+    s = _scale(s)
     ys = torch.sort(y, dim=-1, descending=True).values / s  # y_(1) >= ... >= y_(n), in units of s
     neg_inf = torch.full_like(ys[:, :1], -math.inf)
     # log A_m = log sum_{i<=m} e^{-ys_i}, m = 0..n;  log B_m = log sum_{i>m} e^{ys_i}, m = 0..n
@@ -50,12 +60,13 @@ def _solve_threshold(y: Tensor, k: Tensor, s: float) -> Tensor:
     return t_over_s * s
 
 
-def soft_topk_fwd_ref(x: Tensor, k: Tensor, s: float, largest: bool, gate: bool) -> tuple[Tensor, Tensor]:
+def soft_topk_fwd_ref(x: Tensor, k: Tensor, s: Scale, largest: bool, gate: bool) -> tuple[Tensor, Tensor]:
     """x (R, n) any float dtype, k (R,) float64 in (0, n), s > 0.
 
     Returns ``out`` (R, n) in x.dtype (p, or x * p when ``gate``) and ``t`` (R,) float64.
     Rows holding a NaN or an infinity give NaN output and NaN t.
     """
+    s = _scale(s)
     y = x.to(torch.float64)
     y = y if largest else -y
     finite = torch.isfinite(y).all(dim=-1)
@@ -67,7 +78,7 @@ def soft_topk_fwd_ref(x: Tensor, k: Tensor, s: float, largest: bool, gate: bool)
 
 
 def soft_topk_bwd_ref(
-    grad: Tensor, x: Tensor, t: Tensor, s: float, largest: bool, gate: bool
+    grad: Tensor, x: Tensor, t: Tensor, s: Scale, largest: bool, gate: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Implicit-function-theorem gradients. grad, x (R, n); t (R,) float64.
 
@@ -75,6 +86,7 @@ def soft_topk_bwd_ref(
     The ratios A/S and C/S are formed with f rescaled by e^{min|u|}, so they stay exact when
     every f underflows (t in a wide gap between values).
     """
+    s = _scale(s)
     sign = 1.0 if largest else -1.0
     x64, go = x.to(torch.float64), grad.to(torch.float64)
     u = (sign * x64 - t[:, None]) / s

@@ -9,10 +9,16 @@ backward computes ``dvals`` as gathered dot products and ``dW_dec`` by grouping 
 latent (a counting sort), so the default path is deterministic and atomic-free.
 ``deterministic=False`` lets GPU backends use atomics instead. The math is in
 ../shared/spec/sparse_decode.md, the backend contract in docs/design.md.
+
+Index range checking reads ``idx.min()``/``idx.max()`` back to the host, so it runs by
+default only for CPU tensors; on CUDA it is off (no host-device sync, CUDA-graph safe) unless
+``validate=True`` or the environment variable ``SOFTSAE_CHECK_INDICES=1``. Out-of-range
+indices on an unchecked CUDA call are undefined behaviour of the kernels.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -117,7 +123,18 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public API
 
 
-def _check(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> None:
+def _should_validate(validate: bool | None, device: torch.device) -> bool:
+    """Range-check idx? Explicit flag, else env SOFTSAE_CHECK_INDICES=1, else only on CPU."""
+    if torch.compiler.is_compiling():
+        return False
+    if validate is not None:
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be a bool or None, got {type(validate).__name__}")
+        return validate
+    return device.type == "cpu" or os.environ.get("SOFTSAE_CHECK_INDICES", "0") == "1"
+
+
+def _check(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None, validate: bool | None = None) -> None:
     for name, t in (("vals", vals), ("idx", idx), ("W_dec", W_dec)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -143,7 +160,7 @@ def _check(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> No
         devices.add(b_dec.device)
     if len(devices) != 1:
         raise ValueError(f"vals, idx, W_dec and b_dec must be on one device, got {sorted(map(str, devices))}")
-    if idx.numel() and not torch.compiler.is_compiling():
+    if idx.numel() and _should_validate(validate, W_dec.device):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= W_dec.shape[0]:
             raise ValueError(f"idx must lie in [-1, {W_dec.shape[0]}) (-1 = padding); found values in [{lo}, {hi}]")
@@ -151,15 +168,16 @@ def _check(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> No
 
 def sparse_decode(
     vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None,
-    backend: str = "auto", deterministic: bool = True,
+    backend: str = "auto", deterministic: bool = True, validate: bool | None = None,
 ) -> Tensor:
     """Decode padded sparse codes. vals (B, K) float, idx (B, K) int (-1 = pad), W_dec (n, d).
 
     Returns (B, d) in W_dec's dtype (float16/bfloat16 accumulate in float32). Gradients flow
     to vals, W_dec and b_dec. ``deterministic=True`` (default) gives bit-identical dW_dec on
-    every run; False allows atomics on GPU backends.
+    every run; False allows atomics on GPU backends. ``validate`` range-checks idx (a host
+    sync on CUDA): None = on for CPU tensors, on CUDA only if ``SOFTSAE_CHECK_INDICES=1``.
     """
-    _check(vals, idx, W_dec, b_dec)
+    _check(vals, idx, W_dec, b_dec, validate)
     name = _backends.resolve(backend, W_dec.device)
     idx64 = idx.to(torch.int64).contiguous()
     return _fwd_op(vals.contiguous(), idx64, W_dec.contiguous(), b_dec, name, bool(deterministic))

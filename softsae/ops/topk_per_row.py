@@ -6,6 +6,10 @@ Row b keeps its ``k[b]`` largest entries. Exact, with a fixed tie rule: among eq
 lower index wins. Output order per row: values descending, ties by increasing index; then
 padding (``idx = -1``, ``vals = 0``) up to ``K_max = max(k)``. ``vals`` is differentiable
 w.r.t. z (a gather).
+
+Host-device syncs on CUDA: ``max(k)`` of a tensor k must be read back to size the output,
+unless a static ``k_max`` is given (then K_max = k_max and nothing is read back). The NaN
+check reads back too, so on CUDA it runs only when ``check_nan=True``.
 """
 
 from __future__ import annotations
@@ -14,8 +18,13 @@ import torch
 from torch import Tensor
 
 
-def topk_per_row(z: Tensor, k) -> tuple[Tensor, Tensor]:
+def topk_per_row(z: Tensor, k, k_max: int | None = None, check_nan: bool | None = None) -> tuple[Tensor, Tensor]:
     """z (B, n) float; k an int or a (B,) tensor (floored, clamped to [0, n]).
+
+    Args:
+        k_max: static output width (clipped to n); rows asking for more keep their k_max
+            largest. None: max(k) (a host read-back when k is a tensor on CUDA).
+        check_nan: raise on NaN in z. None: only for CPU tensors (a read-back on CUDA).
 
     Returns vals (B, K_max) in z.dtype and idx (B, K_max) int64.
     """
@@ -31,10 +40,21 @@ def topk_per_row(z: Tensor, k) -> tuple[Tensor, Tensor]:
         kk = torch.full((B,), int(k), dtype=torch.int64, device=z.device)
     else:
         raise TypeError(f"k must be an int or a tensor, got {type(k).__name__}")
-    kk = kk.clamp(0, n)
-    if torch.isnan(z).any():
+    if k_max is not None:
+        if not isinstance(k_max, int) or isinstance(k_max, bool) or k_max < 0:
+            raise ValueError(f"k_max must be an int >= 0 or None, got {k_max!r}")
+        k_max = min(k_max, n)
+        kk = kk.clamp(0, k_max)
+    else:
+        kk = kk.clamp(0, n)
+        if not isinstance(k, Tensor):
+            k_max = min(max(int(k), 0), n) if B else 0  # static, no read-back
+        else:
+            k_max = int(kk.max()) if B else 0
+    if check_nan is None:
+        check_nan = z.device.type == "cpu" and not torch.compiler.is_compiling()
+    if check_nan and torch.isnan(z).any():
         raise ValueError("z contains NaN; top-k of a NaN row is undefined")
-    k_max = int(kk.max()) if B else 0
     if k_max == 0:
         return z.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.int64, device=z.device)
 
