@@ -33,11 +33,26 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default="auto", help="ops backend: auto | reference | cpu | triton | cuda")
     p.add_argument("--k-max", type=float, default=None, help="SoftSAE k-head range (default 2k)")
-    p.add_argument("--alpha", type=float, default=None, help="soft top-k scale (default 3e-3, normalised units)")
-    p.add_argument("--alpha-start", type=float, default=None)
-    p.add_argument("--alpha-anneal-steps", type=int, default=None)
-    p.add_argument("--k-anneal-steps", type=int, default=None)
-    p.add_argument("--hard-steps", type=int, default=None, help="final hard top-k steps (default steps/5)")
+    p.add_argument("--alpha", type=float, default=None, help="final soft top-k scale (normalised units; see "
+                   "softsae.trainer for the default and the evidence)")
+    p.add_argument("--alpha-start", type=float, default=None, help="alpha at step 0 when annealing (default 1)")
+    p.add_argument("--alpha-anneal-frac", type=float, default=None, help="fraction of steps to anneal alpha over")
+    p.add_argument("--alpha-anneal-steps", type=int, default=None, help="absolute override of --alpha-anneal-frac")
+    p.add_argument("--alpha-schedule", choices=("linear", "log"), default=None, help="shape of the alpha anneal")
+    p.add_argument("--alpha-relative", action=argparse.BooleanOptionalAction, default=None,
+                   help="Laplace scale = alpha x the row's largest pre-activation")
+    p.add_argument("--k-anneal-frac", type=float, default=None,
+                   help="fraction of steps over which K goes max(d, K) -> K (all archs)")
+    p.add_argument("--k-anneal-steps", type=int, default=None, help="absolute override of --k-anneal-frac")
+    p.add_argument("--hard-frac", type=float, default=None, help="SoftSAE: final hard top-k fraction of the steps")
+    p.add_argument("--hard-steps", type=int, default=None, help="absolute override of --hard-frac")
+    p.add_argument("--hard-encoder-grad", action=argparse.BooleanOptionalAction, default=None,
+                   help="SoftSAE: train the encoder in the hard phase (--no-hard-encoder-grad: decoder only)")
+    p.add_argument("--st-frac", type=float, default=None,
+                   help="SoftSAE: straight-through fraction (hard forward, soft gradient) before the hard phase")
+    p.add_argument("--st-steps", type=int, default=None, help="absolute override of --st-frac")
+    p.add_argument("--k-round", choices=("floor", "round"), default=None,
+                   help="SoftSAE: hard budget = floor or round of k_hat")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--decay-start", type=int, default=None)
     p.add_argument("--w-k", type=float, default=None, help="k-loss weight")
@@ -61,6 +76,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="SoftSAE: FVU of the same dictionary with soft gate / floor / round / uniform top-K / "
+                   "one threshold at equal L0, L0 histogram, k_hat vs a difficulty proxy")
+    p.add_argument("--diag-rows", type=int, default=20_000, help="rows held in memory for --diagnostics")
+    p.add_argument("--counts", default=None, help="optional .npy of true per-row counts (synthetic data) "
+                   "for --diagnostics")
 
 
 def _add_demo(sub) -> None:
@@ -75,17 +96,28 @@ def _add_demo(sub) -> None:
 
 
 def _add_activations(sub) -> None:
-    p = sub.add_parser("activations", help="extract per-token hidden states of a transformer to .npy")
-    p.add_argument("--out", required=True, help="output .npy file")
+    p = sub.add_parser("activations", help="extract per-token hidden states of a transformer to .npy (resumable)",
+                       description="Per-token activations of a local Hugging Face model over an offline corpus "
+                       "(default: the packaged MiniLM over the text that ships with Python: pydoc topics, stdlib "
+                       "docstrings and comments, docs). Resumable: rerun the same command to continue. With "
+                       "--heldout-frac > 0 writes OUT.train.npy and OUT.heldout.npy (split by document), else OUT; "
+                       "plus OUT.meta.json.")
+    p.add_argument("--out", required=True, help="output .npy path (with a held-out split: its stem)")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: packaged MiniLM)")
     p.add_argument("--layer", default=None, help="module name (default encoder.layer.3)")
     p.add_argument("--text", default=None, help="UTF-8 text file, one document per blank-line-separated "
-                   "paragraph (default: CPython docs topics)")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=128)
+                   "paragraph (default: the Python docs corpus, softsae.corpus)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
+    p.add_argument("--heldout-frac", type=float, default=0.0,
+                   help="fraction of documents (by a hash of their id) written to OUT.heldout.npy (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window; longer paragraphs continue")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-docs", type=int, default=256, help="documents per resumable shard")
+    p.add_argument("--keep-shards", action="store_true", help="keep OUT.shards/ after assembling")
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep-special", action="store_true", help="keep [CLS]/[SEP]-style tokens")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _TRAIN_OPTS = {"lr": "lr", "k_max": "k_max", "alpha": "alpha", "alpha_start": "alpha_start",
-               "alpha_anneal_steps": "alpha_anneal_steps", "k_anneal_steps": "k_anneal_steps",
-               "hard_steps": "hard_topk_steps", "warmup_steps": "warmup_steps", "decay_start": "decay_start",
+               "alpha_anneal_frac": "alpha_anneal_frac", "alpha_anneal_steps": "alpha_anneal_steps",
+               "alpha_schedule": "alpha_schedule", "alpha_relative": "alpha_relative",
+               "k_anneal_frac": "k_anneal_frac", "k_anneal_steps": "k_anneal_steps",
+               "hard_frac": "hard_frac", "hard_steps": "hard_topk_steps", "hard_encoder_grad": "hard_encoder_grad",
+               "st_frac": "st_frac", "st_steps": "st_steps", "k_round": "k_round",
+               "warmup_steps": "warmup_steps", "decay_start": "decay_start",
                "w_k": "w_k", "auxk_alpha": "auxk_alpha", "dead_threshold": "dead_feature_threshold"}
 
 
@@ -152,7 +188,23 @@ def cmd_eval(a) -> int:
 
     model = load_sae(a.model, device=a.device, backend=a.backend)
     report = evaluate(model, a.data, batch_size=a.batch_size, max_rows=a.max_rows)
-    print(json.dumps(report, indent=2) if a.json else format_report(report))
+    if a.diagnostics:
+        import numpy as np
+
+        from softsae.metrics import format_diagnostics, softsae_diagnostics
+
+        counts = None
+        if a.counts is not None:
+            if not Path(a.counts).is_file():
+                raise FileNotFoundError(f"--counts {a.counts}: no such file")
+            counts = np.load(a.counts)
+        report["diagnostics"] = softsae_diagnostics(model, a.data, max_rows=a.diag_rows, counts=counts)
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+        if a.diagnostics:
+            print(format_diagnostics(report["diagnostics"]))
     return 0
 
 
@@ -185,20 +237,26 @@ def cmd_demo(a) -> int:
 
 
 def cmd_activations(a) -> int:
-    from softsae.activations import DEFAULT_LAYER, extract_activations
+    from softsae.activations import DEFAULT_LAYER, extract_corpus
+    from softsae.corpus import Document
 
-    texts = None
+    docs = None
     if a.text is not None:
         path = Path(a.text)
         if not path.is_file():
             raise FileNotFoundError(f"--text {path}: no such file")
-        texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        docs = [Document(f"text/{i}", "text", p) for i, p in enumerate(paras)]
     if not str(a.out).endswith(".npy"):
         raise ValueError(f"--out must be a .npy path, got {a.out}")
-    n = extract_activations(a.model, a.layer or DEFAULT_LAYER, texts, out=a.out, max_tokens=a.max_tokens,
-                            seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
-                            keep_special=a.keep_special, progress=True)
-    print(f"wrote {n} token activations to {a.out}")
+    meta = extract_corpus(a.out, docs, model_path=a.model, layer=a.layer or DEFAULT_LAYER,
+                          heldout_frac=a.heldout_frac, dtype=a.dtype, max_tokens=a.max_tokens, seq_len=a.seq_len,
+                          batch_size=a.batch_size, shard_docs=a.shard_docs, device=a.device,
+                          keep_special=a.keep_special, progress=not a.no_progress, keep_shards=a.keep_shards)
+    rate = f" ({meta['tokens_per_s']:.0f} tokens/s)" if meta.get("tokens_per_s") else ""
+    for split, out in meta["paths"].items():
+        print(f"{split}: {meta['rows'][split]} token activations (d={meta['d']}, {meta['dtype']}) -> {out}")
+    print(f"extracted {meta['new_rows']} new tokens in {meta['seconds']:.0f} s{rate}")
     return 0
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ from torch import Tensor
 
 from softsae.data import load_activations
 from softsae.models import SparseAutoencoder
+from softsae.ops.soft_topk import soft_topk
+from softsae.ops.topk_per_row import topk_per_row
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -125,6 +128,133 @@ def evaluate(model: SparseAutoencoder, data, batch_size: int = 4096, max_rows: i
     return report
 
 
+def _decode_fvu(model: SparseAutoencoder, x_n: Tensor, z: Tensor, den: float) -> float:
+    """FVU of dense codes z (N, n) against normalised x_n (N, d) with total variance ``den``."""
+    x_hat = torch.nn.functional.linear(z, model.W_dec.t(), model.b_dec)
+    return float((x_n - x_hat).double().pow(2).sum()) / den
+
+
+def _topk_dense(pre: Tensor, k) -> Tensor:
+    """Dense (N, n) codes keeping the top ``k`` (int or (N,) tensor) entries of each row of pre."""
+    vals, idx = topk_per_row(pre, k)
+    z = pre.new_zeros(pre.shape[0], pre.shape[1] + 1)
+    z.scatter_(1, torch.where(idx >= 0, idx, pre.shape[1]), vals)
+    return z[:, :-1]
+
+
+def _difficulty(model: SparseAutoencoder, x_n: Tensor, pre: Tensor, target: float, j_max: int,
+                chunk: int = 1024) -> np.ndarray:
+    """Per row: the fewest top latents (by pre-activation) whose decode reaches relative error
+    ||x - x_hat||^2 / mean_row ||x - mean(x)||^2 <= ``target``; j_max + 1 when none does. (N,) int."""
+    var_row = float((x_n - x_n.mean(0)).double().pow(2).sum(-1).mean())
+    out = []
+    for s in range(0, x_n.shape[0], chunk):
+        xc, pc = x_n[s:s + chunk], pre[s:s + chunk]
+        vals, idx = torch.topk(pc, j_max, dim=-1)
+        steps = vals[..., None] * model.W_dec[idx]  # (b, J, d)
+        x_hat = model.b_dec + steps.cumsum(1)
+        err = (xc[:, None, :] - x_hat).pow(2).sum(-1) / var_row  # (b, J)
+        ok = err <= target
+        first = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full_like(ok[:, 0], j_max + 1,
+                                                                                 dtype=torch.int64))
+        out.append(first.cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def softsae_diagnostics(model: SparseAutoencoder, data, max_rows: int | None = 20_000,
+                        error_target: float | None = None, counts: np.ndarray | None = None) -> dict[str, Any]:
+    """Separate dictionary quality from allocation quality for a trained SoftSAE.
+
+    On the same dictionary (W_dec, b_dec, encoder) and the same rows, FVU with: (a) the soft gate
+    at the final alpha, (b) top floor(k_hat) per row, (c) top round(k_hat), (d) a uniform top-K
+    at (b)'s mean L0 (interpolated between floor and ceil), (e) one threshold for all rows on
+    the pre-activations at (b)'s mean L0. (b) < (d) means the per-row allocation helps; (e) is an
+    allocation baseline that needs no k head. Also: the L0 histogram of (b), and Spearman of
+    k_hat with a per-input difficulty proxy (the fewest top latents of this dictionary that reach
+    per-row relative error ``error_target``, default (b)'s FVU) and, given ``counts`` (N,), with
+    the true counts. ``max_rows`` rows are held in memory at once.
+    """
+    from softsae.models import SoftSAE
+
+    if not isinstance(model, SoftSAE):
+        raise ValueError(f"softsae_diagnostics needs a SoftSAE model, got arch {model.arch!r}")
+    source = load_activations(data)
+    if source.d != model.d:
+        raise ValueError(f"model expects d={model.d} but the activations have d={source.d}")
+    was_training = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        x = torch.cat([b.to(dev) for b in source.iter_batches(4096, max_rows)]).float()
+        x_n = model.normalize(x)
+        pre = model.pre_acts(x_n)
+        k_hat = model.k_hat_norm(x_n)
+        den = float((x_n - x_n.mean(0)).double().pow(2).sum())
+        N = x.shape[0]
+        k_floor, k_round = torch.floor(k_hat).clamp(1, model.n), torch.floor(k_hat + 0.5).clamp(1, model.n)
+        p = soft_topk(pre, k_hat, model.alpha, backend=model.backend)
+        soft_l0 = (p >= 0.5).sum(-1).double().mean()
+        res: dict[str, Any] = {
+            "n_rows": N, "alpha": model.alpha, "k_round": model.k_round,
+            "soft": {"fvu": _decode_fvu(model, x_n, pre * p, den), "mean_l0": float(soft_l0)},
+            "floor": {"fvu": _decode_fvu(model, x_n, _topk_dense(pre, k_floor), den),
+                      "mean_l0": float(k_floor.double().mean())},
+            "round": {"fvu": _decode_fvu(model, x_n, _topk_dense(pre, k_round), den),
+                      "mean_l0": float(k_round.double().mean())},
+        }
+        m = res["floor"]["mean_l0"]
+        lo, hi = max(1, math.floor(m)), min(model.n, max(1, math.ceil(m)))
+        f_lo = _decode_fvu(model, x_n, _topk_dense(pre, lo), den)
+        f_hi = _decode_fvu(model, x_n, _topk_dense(pre, hi), den) if hi != lo else f_lo
+        w = 0.0 if hi == lo else (m - lo) / (hi - lo)
+        res["uniform_topk"] = {"fvu": (1 - w) * f_lo + w * f_hi, "mean_l0": m}
+        total = int(round(m * N))
+        flat = pre.reshape(-1)
+        thr = torch.topk(flat, min(total + 1, flat.numel())).values[-1] if total > 0 else flat.max()
+        z_thr = torch.where(pre > thr, pre, torch.zeros_like(pre))
+        res["batch_threshold"] = {"fvu": _decode_fvu(model, x_n, z_thr, den),
+                                  "mean_l0": float((z_thr > 0).sum(-1).double().mean()), "threshold": float(thr)}
+        l0 = k_floor.to(torch.int64).cpu().numpy()
+        res["l0_hist"] = np.bincount(l0).tolist()
+        target = res["floor"]["fvu"] if error_target is None else float(error_target)
+        j_max = int(min(model.n, max(4 * model.k_max, 8)))
+        diff = _difficulty(model, x_n, pre, target, j_max)
+        kh = k_hat.cpu().numpy()
+        res["difficulty"] = {"error_target": target, "j_max": j_max, "summary": summarize(diff),
+                             "spearman_khat": spearman(kh, diff),
+                             "frac_unreached": float((diff > j_max).mean())}
+        if counts is not None:
+            counts = np.asarray(counts)[:N]
+            res["truth"] = {"spearman_khat": spearman(kh, counts), "spearman_l0": spearman(l0, counts),
+                            "spearman_difficulty": spearman(diff, counts)}
+    finally:
+        model.train(was_training)
+    return res
+
+
+def format_diagnostics(r: dict[str, Any]) -> str:
+    """Human-readable lines for a ``softsae_diagnostics`` report."""
+    lines = [f"SoftSAE diagnostics on {r['n_rows']} rows (same dictionary; FVU at mean L0):"]
+    for key, label in (("soft", "(a) soft gate, final alpha"), ("floor", "(b) top floor(k_hat)"),
+                       ("round", "(c) top round(k_hat)"), ("uniform_topk", "(d) uniform top-K"),
+                       ("batch_threshold", "(e) one threshold for all rows")):
+        lines.append(f"  {label:<32} FVU {r[key]['fvu']:.5f}  mean L0 {r[key]['mean_l0']:.2f}")
+    dif = r["difficulty"]
+    lines.append(f"  Spearman(k_hat, difficulty) {dif['spearman_khat']:.3f}  (difficulty = fewest top latents to "
+                 f"reach per-row error {dif['error_target']:.4g}; median {dif['summary']['p50']:.0f}, "
+                 f"{100 * dif['frac_unreached']:.1f}% unreached within {dif['j_max']})")
+    if "truth" in r:
+        t = r["truth"]
+        lines.append(f"  Spearman with the true counts: k_hat {t['spearman_khat']:.3f}, L0 {t['spearman_l0']:.3f}, "
+                     f"difficulty {t['spearman_difficulty']:.3f}")
+    hist = r["l0_hist"]
+    nz = [(i, c) for i, c in enumerate(hist) if c]
+    more = " ..." if len(nz) > 40 else ""
+    lines.append("  L0 histogram (floor): " + " ".join(f"{i}:{c}" for i, c in nz[:40]) + more)
+    return "\n".join(lines)
+
+
 def format_report(r: dict[str, Any]) -> str:
     """Human-readable lines for an ``evaluate`` report."""
     l0 = r["l0"]
@@ -144,4 +274,5 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "spearman", "rankdata", "dictionary_recovery", "summarize", "format_report"]
+__all__ = ["evaluate", "spearman", "rankdata", "dictionary_recovery", "summarize", "format_report",
+           "softsae_diagnostics", "format_diagnostics"]

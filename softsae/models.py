@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softsae.ops.soft_topk import soft_topk_gate
+from softsae.ops.soft_topk import soft_topk, soft_topk_gate
 from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.topk_per_row import topk_per_row
 
 ARCHS = ("softsae", "topk", "batchtopk")
 DECODE_MODES = ("auto", "sparse", "dense")
+K_ROUNDS = ("floor", "round")  # SoftSAE: integer budget of the hard selection
 
 
 @dataclass
@@ -82,8 +83,7 @@ class Codes:
         if self.dense is not None:
             return act.any(0)
         out = torch.zeros(self.n + 1, dtype=torch.bool, device=act.device)
-        out[torch.where(act, self.idx, self.n).reshape(-1)] = True
-        return out[: self.n]
+        return out.scatter_(0, torch.where(act, self.idx, self.n).reshape(-1), True)[: self.n]
 
     def to_dense(self) -> Tensor:
         """The dense (B, n) code matrix (differentiable w.r.t. vals)."""
@@ -176,7 +176,11 @@ class SparseAutoencoder(nn.Module):
         return F.linear(codes.dense, self.W_dec.t(), self.b_dec)
 
     def _hard_codes(self, pre: Tensor, k: Tensor | int) -> Codes:
-        vals_sel, idx = topk_per_row(pre, k)
+        # A model with a k_max attribute (SoftSAE: k <= k_max) passes a static width, so that a
+        # per-row k tensor needs no host read-back of max(k) on CUDA.
+        k_cap = getattr(self, "k_max", None)
+        width = min(self.n, math.ceil(k_cap)) if isinstance(k, Tensor) and k_cap is not None else None
+        vals_sel, idx = topk_per_row(pre, k, k_max=width)
         codes = Codes(self.n, vals=vals_sel, idx=idx)
         return codes if self._use_sparse(True) else Codes(self.n, dense=codes.to_dense())
 
@@ -244,14 +248,21 @@ class SoftSAE(SparseAutoencoder):
     arch = "softsae"
 
     def __init__(self, d: int, n: int, k: float, k_max: float | None = None, alpha: float = 1e-4,
-                 backend: str = "auto", decode_mode: str = "auto") -> None:
+                 backend: str = "auto", decode_mode: str = "auto", k_round: str = "floor",
+                 alpha_relative: bool = False) -> None:
         super().__init__(d, n, k, backend, decode_mode)
         self.k_max = float(min(2 * k if k_max is None else k_max, n))
         if self.k_max < k:
             raise ValueError(f"k_max ({self.k_max}) must be >= k ({k})")
         if not (alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+        if k_round not in K_ROUNDS:
+            raise ValueError(f"k_round must be one of {K_ROUNDS}, got {k_round!r}")
         self.alpha = float(alpha)
+        self.k_round = k_round
+        self.alpha_relative = bool(alpha_relative)
+        self.straight_through = False  # trainer flag: hard forward, soft-gate backward
+        self.hard_encoder_grad = True  # trainer flag: False selects on detached pre in the hard phase
         self.k_estimator = nn.Sequential(nn.Linear(d, n), nn.ReLU(), nn.Linear(n, 1))
         with torch.no_grad():
             self.k_estimator[0].weight.copy_(self.W_enc)
@@ -260,7 +271,8 @@ class SoftSAE(SparseAutoencoder):
             self.k_estimator[2].bias.zero_()
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "k_max": self.k_max, "alpha": self.alpha}
+        return {**super().config(), "k_max": self.k_max, "alpha": self.alpha, "k_round": self.k_round,
+                "alpha_relative": self.alpha_relative}
 
     def k_hat_norm(self, x_n: Tensor) -> Tensor:
         """Predicted budget (B,) in [1, n] for normalised x_n (B, d)."""
@@ -268,18 +280,36 @@ class SoftSAE(SparseAutoencoder):
         return (self.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.n))
 
     def predict_k(self, x: Tensor) -> Tensor:
-        """Predicted budget k_hat (B,) for unnormalised x (B, d); the hard L0 is floor(k_hat)."""
+        """Predicted budget k_hat (B,) for unnormalised x (B, d); the hard L0 is ``hard_k(k_hat)``."""
         return self.k_hat_norm(self.normalize(x))
+
+    def hard_k(self, k_hat: Tensor) -> Tensor:
+        """Integer-valued hard budget (B,) float: floor(k_hat) or round(k_hat) (``k_round``), in [1, n]."""
+        k = k_hat.detach()
+        k = torch.floor(k + 0.5) if self.k_round == "round" else torch.floor(k)
+        return k.clamp(1.0, float(self.n))
+
+    def _soft_dense(self, pre: Tensor, k_hat: Tensor) -> Tensor:
+        """Dense soft-gated codes (B, n); with ``alpha_relative`` the Laplace scale of row b is
+        alpha * max_i pre[b, i] (the row's largest activation, detached), else alpha."""
+        if not self.alpha_relative:
+            return soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend)
+        scale = pre.detach().amax(-1, keepdim=True).clamp_min(1e-12)
+        return pre * soft_topk(pre / scale, k_hat, self.alpha, backend=self.backend)
 
     def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, Tensor]:
         k_hat = self.k_hat_norm(x_n)
         if self.is_hard:
-            return self._hard_codes(pre, k_hat.detach()), k_hat
-        if self._use_sparse(False):
+            src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
+            return self._hard_codes(src, self.hard_k(k_hat)), k_hat
+        if self.straight_through:  # forward = hard top-hard_k(k_hat); gradient = the soft gate's
+            z_soft = self._soft_dense(pre, k_hat)
+            z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
+            return Codes(self.n, dense=z_soft + (z_hard - z_soft).detach()), k_hat
+        if self._use_sparse(False) and not self.alpha_relative:
             vals, idx = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend, sparse=True)
             return Codes(self.n, vals=vals, idx=idx, soft_pre=pre), k_hat
-        z = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend)
-        return Codes(self.n, dense=z, soft_pre=pre), k_hat
+        return Codes(self.n, dense=self._soft_dense(pre, k_hat), soft_pre=pre), k_hat
 
 
 class TopKSAE(SparseAutoencoder):
@@ -291,9 +321,11 @@ class TopKSAE(SparseAutoencoder):
         super().__init__(d, n, int(k), backend, decode_mode)
         if int(k) != k or k < 1:
             raise ValueError(f"TopK needs an integer k >= 1, got {k}")
+        self.k_train: int | None = None  # trainer's annealed K (training only; eval uses k)
 
     def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, None]:
-        return self._hard_codes(pre, self.k), None
+        k = self.k_train if (self.training and self.k_train is not None) else self.k
+        return self._hard_codes(pre, k), None
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -316,23 +348,25 @@ class BatchTopKSAE(SparseAutoencoder):
     def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, None]:
         B = pre.shape[0]
         if not self.training:
-            if self.threshold < 0:
-                return self._hard_codes(pre, self.k), None  # untrained threshold: per-row top-k
-            return self._hard_codes(pre, (pre > self.threshold).sum(-1)), None
+            # untrained threshold (< 0): per-row top-k. The output width is data-dependent here
+            # (one host read-back on CUDA at inference); training below has none.
+            above = (pre > self.threshold).sum(-1)
+            return self._hard_codes(pre, torch.where(self.threshold < 0, self.k, above)), None
         flat = pre.detach().reshape(-1)
         top = torch.topk(flat, min(self.k * B, flat.numel()), sorted=False)
         keep = top.values > 0
-        counts = torch.bincount(top.indices[keep] // self.n, minlength=B)
-        if keep.any():
-            self._update_threshold(top.values[keep].min())
-        return self._hard_codes(pre, counts), None
+        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=pre.device).scatter_(0, top.indices, keep)
+        self._update_threshold(torch.where(keep, top.values, float("inf")).min(), keep.any())
+        if self._use_sparse(True):  # padded width = the batch's largest row count: one read-back on CUDA
+            return self._hard_codes(pre, mask.view(B, self.n).sum(-1)), None
+        return Codes(self.n, dense=pre * mask.view(B, self.n)), None  # no host sync
 
     @torch.no_grad()
-    def _update_threshold(self, batch_min: Tensor) -> None:
-        if self.threshold < 0:
-            self.threshold.copy_(batch_min)
-        else:
-            self.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * batch_min)
+    def _update_threshold(self, batch_min: Tensor, valid: Tensor | bool = True) -> None:
+        """EMA of the smallest kept activation, on the device (no host sync); skipped unless ``valid``."""
+        ema = self.threshold * self.threshold_beta + (1 - self.threshold_beta) * batch_min
+        new = torch.where(self.threshold < 0, batch_min, ema)
+        self.threshold.copy_(torch.where(torch.as_tensor(valid, device=new.device), new, self.threshold))
 
 
 MODEL_CLASSES: dict[str, type[SparseAutoencoder]] = {"softsae": SoftSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE}

@@ -59,11 +59,20 @@ class TrainConfig:
     lr: float | None = None  # default 2e-4 / sqrt(dict_size / 2**14)
     warmup_steps: int | None = None  # default min(1000, steps // 10)
     decay_start: int | None = None  # default int(0.8 * steps)
-    k_anneal_steps: int = 0  # K target goes d -> k over these steps (0: off)
+    k_anneal_frac: float = 0.0  # K target goes max(d, K) -> K over this fraction of the steps (all archs)
+    k_anneal_steps: int | None = None  # absolute override of k_anneal_frac (0: off)
     alpha: float = 3e-3  # final soft top-k scale, in normalised units (see module doc)
     alpha_start: float = 1.0
-    alpha_anneal_steps: int = 0  # log-linear alpha_start -> alpha (0: alpha fixed)
-    hard_topk_steps: int | None = None  # SoftSAE hard phase at the end, default steps // 5
+    alpha_anneal_frac: float = 0.0  # alpha_start -> alpha over this fraction of the steps (0: alpha fixed)
+    alpha_anneal_steps: int | None = None  # absolute override of alpha_anneal_frac
+    alpha_schedule: str = "log"  # "linear" (the authors') | "log" (log-linear)
+    alpha_relative: bool = False  # Laplace scale = alpha * the row's largest pre-activation
+    hard_frac: float = 0.2  # SoftSAE hard top-k phase: the last hard_frac of the steps
+    hard_topk_steps: int | None = None  # absolute override of hard_frac
+    hard_encoder_grad: bool = True  # False: the hard phase selects without gradient (the authors' choice)
+    st_frac: float = 0.0  # straight-through phase (hard forward, soft backward) just before the hard phase
+    st_steps: int | None = None  # absolute override of st_frac
+    k_round: str = "floor"  # SoftSAE hard budget: "floor" | "round" of k_hat
     w_k: float = 1.0  # weight of the k-loss
     k_loss_beta: float = 5.0
     auxk_alpha: float = 1 / 32
@@ -102,8 +111,31 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {c.lr}")
         c.warmup_steps = c.warmup_steps if c.warmup_steps is not None else min(1000, c.steps // 10)
         c.decay_start = c.decay_start if c.decay_start is not None else int(0.8 * c.steps)
-        c.hard_topk_steps = (c.hard_topk_steps if c.hard_topk_steps is not None else c.steps // 5) \
-            if c.arch == "softsae" else 0
+        for name in ("k_anneal_frac", "alpha_anneal_frac", "hard_frac", "st_frac"):
+            v = getattr(c, name)
+            if not (0.0 <= v <= 1.0):
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        if c.alpha_schedule not in ("linear", "log"):
+            raise ValueError(f"alpha_schedule must be 'linear' or 'log', got {c.alpha_schedule!r}")
+        if c.k_round not in ("floor", "round"):
+            raise ValueError(f"k_round must be 'floor' or 'round', got {c.k_round!r}")
+        if not (c.alpha > 0 and c.alpha_start > 0):
+            raise ValueError(f"alpha and alpha_start must be > 0, got {c.alpha}, {c.alpha_start}")
+
+        def steps_of(override: int | None, frac: float, name: str) -> int:
+            n = int(round(frac * c.steps)) if override is None else int(override)
+            if not 0 <= n <= c.steps:
+                raise ValueError(f"{name} must lie in [0, steps={c.steps}], got {n}")
+            return n
+
+        c.k_anneal_steps = steps_of(c.k_anneal_steps, c.k_anneal_frac, "k_anneal_steps")
+        c.alpha_anneal_steps = steps_of(c.alpha_anneal_steps, c.alpha_anneal_frac, "alpha_anneal_steps")
+        soft = c.arch == "softsae"
+        c.hard_topk_steps = steps_of(c.hard_topk_steps, c.hard_frac, "hard_topk_steps") if soft else 0
+        c.st_steps = steps_of(c.st_steps, c.st_frac, "st_steps") if soft else 0
+        if c.hard_topk_steps + c.st_steps > c.steps:
+            raise ValueError(f"hard_topk_steps ({c.hard_topk_steps}) + st_steps ({c.st_steps}) "
+                             f"exceed steps ({c.steps})")
         c.k_aux = c.k_aux if c.k_aux is not None else max(1, d // 2)
         if c.dead_feature_threshold is None:
             c.dead_feature_threshold = min(10_000_000, max(c.batch_size, c.steps * c.batch_size // 10))
@@ -132,7 +164,7 @@ def lr_at(step: int, c: TrainConfig) -> float:
 
 
 def k_target_at(step: int, c: TrainConfig, d: int) -> float:
-    """SoftSAE budget target: linear from max(d, K) down to K over ``k_anneal_steps``."""
+    """Budget target (SoftSAE k-loss target; TopK's K): linear from max(d, K) to K over ``k_anneal_steps``."""
     if c.k_anneal_steps <= 0:
         return float(c.k)
     frac = min(1.0, step / c.k_anneal_steps)
@@ -140,15 +172,23 @@ def k_target_at(step: int, c: TrainConfig, d: int) -> float:
 
 
 def alpha_at(step: int, c: TrainConfig) -> float:
-    """Soft top-k scale: log-linear from ``alpha_start`` to ``alpha`` over ``alpha_anneal_steps``."""
+    """Soft top-k scale: ``alpha_start`` -> ``alpha`` over ``alpha_anneal_steps``, linearly or log-linearly."""
     if c.alpha_anneal_steps <= 0:
         return c.alpha
     frac = min(1.0, step / c.alpha_anneal_steps)
+    if c.alpha_schedule == "linear":
+        return c.alpha_start + (c.alpha - c.alpha_start) * frac
     return math.exp(math.log(c.alpha_start) + (math.log(c.alpha) - math.log(c.alpha_start)) * frac)
 
 
 def is_hard_phase(step: int, c: TrainConfig) -> bool:
+    """SoftSAE's final hard top-k phase (the last ``hard_topk_steps`` steps)."""
     return c.arch == "softsae" and step >= c.steps - c.hard_topk_steps
+
+
+def is_st_phase(step: int, c: TrainConfig) -> bool:
+    """SoftSAE's straight-through phase: the ``st_steps`` steps just before the hard phase."""
+    return c.arch == "softsae" and c.steps - c.hard_topk_steps - c.st_steps <= step < c.steps - c.hard_topk_steps
 
 
 # ----------------------------------------------------------------------------- init helpers
@@ -169,7 +209,7 @@ def new_model(c: TrainConfig, d: int) -> SparseAutoencoder:
     """A freshly initialised SAE for resolved config ``c``."""
     if c.arch == "softsae":
         return SoftSAE(d, c.dict_size, c.k, k_max=c.k_max, alpha=c.alpha, backend=c.backend,
-                       decode_mode=c.decode_mode)
+                       decode_mode=c.decode_mode, k_round=c.k_round, alpha_relative=c.alpha_relative)
     if c.arch == "topk":
         return TopKSAE(d, c.dict_size, int(c.k), backend=c.backend, decode_mode=c.decode_mode)
     return BatchTopKSAE(d, c.dict_size, int(c.k), threshold_beta=c.threshold_beta, backend=c.backend,
@@ -188,6 +228,10 @@ def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: De
     model.hard = hard
     if isinstance(model, SoftSAE):
         model.alpha = alpha_at(step, c)
+        model.straight_through = is_st_phase(step, c)
+        model.hard_encoder_grad = c.hard_encoder_grad
+    elif isinstance(model, TopKSAE):
+        model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None
     x_n = model.normalize(x)
     use_amp = c.amp == "bf16" or (c.amp == "auto" and x.device.type == "cuda")
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -346,6 +390,10 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         if metrics_f is not None:
             metrics_f.close()
     model.hard = False
+    if isinstance(model, SoftSAE):
+        model.straight_through, model.hard_encoder_grad = False, True
+    elif isinstance(model, TopKSAE):
+        model.k_train = None
     model.eval()
     if out is not None:
         save_sae(model, out, extra={"train_config": dataclasses.asdict(c)})

@@ -228,3 +228,73 @@ def test_dictionary_recovery():
     learned = torch.cat([T * 3.0, F.normalize(torch.randn(5, D), dim=1)])
     rec = dictionary_recovery(learned, T.numpy())
     assert rec["mean_max_cos"] == pytest.approx(1.0) and rec["frac_above_0.9"] == 1.0
+
+
+def test_softsae_k_round_and_validation():
+    m = SoftSAE(D, N, 4, backend="reference", k_round="round").eval()
+    k_hat = torch.tensor([1.2, 2.5, 3.49, 3.5, 7.99])
+    assert torch.equal(m.hard_k(k_hat), torch.tensor([1.0, 3.0, 3.0, 4.0, 8.0]))
+    m.k_round = "floor"
+    assert torch.equal(m.hard_k(k_hat), torch.tensor([1.0, 2.0, 3.0, 3.0, 7.0]))
+    with pytest.raises(ValueError, match="k_round"):
+        SoftSAE(D, N, 4, k_round="ceil")
+    r = build_model(SoftSAE(D, N, 4, k_round="round", alpha_relative=True).config())
+    assert r.k_round == "round" and r.alpha_relative
+
+
+def test_softsae_round_mode_selects_round_k_hat():
+    m = SoftSAE(D, N, 4, backend="reference", k_round="round").eval()
+    with torch.no_grad():
+        m.k_estimator[2].weight.normal_(0, 0.3)
+    out = m.forward_train(m.normalize(_x()))
+    assert torch.equal(out.codes.l0(), torch.floor(out.k_hat + 0.5).long())
+
+
+def test_softsae_alpha_relative_scales_per_row():
+    m = SoftSAE(D, N, 4, alpha=0.05, backend="reference", alpha_relative=True, decode_mode="sparse").train()
+    x_n = m.normalize(_x())
+    out = m.forward_train(x_n)
+    pre = _pre(m, _x()).detach()
+    s = pre.amax(-1, keepdim=True)
+    p = soft_topk(pre / s, out.k_hat, 0.05, backend="reference")
+    assert not out.codes.is_sparse  # the relative scale uses the dense path
+    assert torch.allclose(out.codes.to_dense(), pre * p, atol=1e-6)
+    # equivalent to an absolute alpha of 0.05 * max for a single row
+    p0 = soft_topk(pre[:1], out.k_hat[:1], 0.05 * float(s[0]), backend="reference")
+    assert torch.allclose(p[:1], p0, atol=1e-5)
+
+
+def test_softsae_straight_through_hard_forward_soft_backward():
+    m = SoftSAE(D, N, 4, alpha=0.05, backend="reference").train()
+    with torch.no_grad():
+        m.k_estimator[2].weight.normal_(0, 0.3)
+    m.straight_through = True
+    x_n = m.normalize(_x())
+    out = m.forward_train(x_n)
+    m.eval()
+    hard = m.forward_train(x_n)
+    m.train()
+    assert torch.allclose(out.codes.to_dense(), hard.codes.to_dense(), atol=1e-6)  # forward = hard selection
+    assert torch.equal(out.codes.l0(), hard.codes.l0())
+    out.x_hat.pow(2).sum().backward()
+    g = m.k_estimator[2].weight.grad  # the hard top-k alone gives the k head no gradient
+    assert g is not None and g.abs().sum() > 0
+
+
+def test_softsae_hard_phase_without_encoder_gradient():
+    x = _x()
+    for enc_grad in (True, False):
+        m = SoftSAE(D, N, 4, alpha=0.05, backend="reference").train()
+        m.hard, m.hard_encoder_grad = True, enc_grad
+        m.forward_train(m.normalize(x)).x_hat.pow(2).sum().backward()
+        assert (m.W_enc.grad is not None and m.W_enc.grad.abs().sum() > 0) == enc_grad
+        assert m.W_dec.grad.abs().sum() > 0
+
+
+def test_topk_k_train_used_only_in_training():
+    m = TopKSAE(D, N, 3, backend="reference").train()
+    m.k_train = 7
+    x_n = m.normalize(_x())
+    assert torch.all(m.forward_train(x_n).codes.l0() <= 7) and m.forward_train(x_n).codes.l0().max() > 3
+    m.eval()
+    assert torch.all(m.forward_train(x_n).codes.l0() <= 3)

@@ -19,6 +19,7 @@ from softsae.trainer import (
     alpha_at,
     geometric_median,
     is_hard_phase,
+    is_st_phase,
     k_target_at,
     lr_at,
     new_model,
@@ -214,3 +215,53 @@ def test_bf16_autocast_step_runs(synth, arch):
                     backend="reference", hard_topk_steps=4, checkpoint_every=0, log_every=1)
     res = train(synth.x, c)
     assert math.isfinite(res.last["loss"]) and res.model.W_dec.dtype == torch.float32
+
+
+def test_fractional_schedules_and_phases():
+    c = TrainConfig(dict_size=64, k=4, steps=200, k_anneal_frac=0.1, alpha=1e-4, alpha_start=1.0,
+                    alpha_anneal_frac=0.25, alpha_schedule="linear", hard_frac=0.05, st_frac=0.1).resolved(d=16)
+    assert (c.k_anneal_steps, c.alpha_anneal_steps, c.hard_topk_steps, c.st_steps) == (20, 50, 10, 20)
+    assert alpha_at(25, c) == pytest.approx(0.5 * (1 + 1e-4)) and alpha_at(50, c) == pytest.approx(1e-4)
+    assert k_target_at(0, c, 16) == 16 and k_target_at(10, c, 16) == 10 and k_target_at(20, c, 16) == 4
+    phases = [(is_st_phase(s, c), is_hard_phase(s, c)) for s in (169, 170, 189, 190, 199)]
+    assert phases == [(False, False), (True, False), (True, False), (False, True), (False, True)]
+    # absolute overrides win over fractions; baselines get no SoftSAE phases
+    c2 = TrainConfig(steps=200, hard_frac=0.5, hard_topk_steps=7, st_steps=3).resolved(16)
+    assert (c2.hard_topk_steps, c2.st_steps) == (7, 3)
+    c3 = TrainConfig(arch="topk", k=4, steps=200, st_frac=0.3, k_anneal_frac=0.1).resolved(16)
+    assert (c3.hard_topk_steps, c3.st_steps, c3.k_anneal_steps) == (0, 0, 20)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"hard_frac": 1.5}, "hard_frac"), ({"st_frac": -0.1}, "st_frac"), ({"alpha_schedule": "cos"}, "alpha_schedule"),
+    ({"k_round": "ceil"}, "k_round"), ({"hard_frac": 0.7, "st_frac": 0.5}, "exceed steps"),
+    ({"hard_topk_steps": 500}, "hard_topk_steps"), ({"alpha": 0.0}, "alpha"),
+])
+def test_new_knobs_reject_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(steps=100, **kw).resolved(8)
+
+
+def test_topk_k_annealing_and_softsae_phases_in_a_run(synth):
+    c = TrainConfig(arch="topk", dict_size=48, k=3, steps=20, batch_size=64, backend="reference", k_anneal_frac=0.5,
+                    log_every=1, checkpoint_every=0, progress=False)
+    seen = []
+    orig = trainer_mod.train_step
+
+    def spy(model, opt, tracker, x, step, cfg):
+        terms = orig(model, opt, tracker, x, step, cfg)
+        seen.append((model.k_train, float(terms["l0"])))
+        return terms
+
+    trainer_mod.train_step = spy
+    try:
+        res = train(synth.x, c)
+    finally:
+        trainer_mod.train_step = orig
+    assert seen[0][0] == D and seen[0][1] == pytest.approx(D, abs=0.5)  # starts at d
+    assert [k for k, _ in seen[10:]] == [3] * 10 and res.model.k_train is None
+    c = TrainConfig(arch="softsae", dict_size=48, k=3, steps=20, batch_size=64, backend="reference", alpha=0.05,
+                    st_frac=0.25, hard_frac=0.25, hard_encoder_grad=False, k_round="round", log_every=1,
+                    checkpoint_every=0, progress=False)
+    res = train(synth.x, c)
+    assert res.model.k_round == "round" and not res.model.straight_through and res.model.hard_encoder_grad
