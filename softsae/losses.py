@@ -41,18 +41,25 @@ def auxk_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
         k_aux: latents per row (clipped to the number of dead latents); d // 2 in the recipe.
 
     Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` (both batch means), 0 when nothing is dead.
+
+    No host-device sync on CUDA: the top ``min(k_aux, n)`` of the dead-masked activations are
+    taken with a static width and the non-dead picks padded out (idx -1), which selects the
+    same latents as taking ``min(k_aux, n_dead)``. (On CPU, where reading the dead count is
+    free, nothing-dead returns early.)
     """
     e = residual.detach()
-    n_dead = int(dead.sum())
-    if n_dead == 0 or k_aux <= 0:
+    if k_aux <= 0 or (not dead.is_cuda and not bool(dead.any())):
         return pre.sum() * 0.0
-    kk = min(int(k_aux), n_dead)
+    kk = min(int(k_aux), dead.shape[0])
     masked = pre.masked_fill(~dead[None, :], float("-inf"))
     vals, idx = torch.topk(masked, kk, dim=-1, sorted=False)
+    valid = dead[idx]
+    vals, idx = torch.where(valid, vals, 0.0), torch.where(valid, idx, -1)
     e_hat = sparse_decode(vals, idx, W_dec, None, backend=backend)
     num = (e - e_hat).pow(2).sum(-1).mean()
     den = (e - e.mean(0)).pow(2).sum(-1).mean()
-    return torch.nan_to_num(num / den, nan=0.0, posinf=0.0, neginf=0.0)
+    loss = torch.nan_to_num(num / den, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.where(dead.any(), loss, 0.0)
 
 
 class DeadLatentTracker:
@@ -65,7 +72,7 @@ class DeadLatentTracker:
     def update(self, fired: Tensor, n_tokens: int) -> None:
         """fired: (n,) bool, latents that were non-zero for some of the ``n_tokens`` rows."""
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)  # not fired-indexing: no host sync on CUDA
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.threshold
