@@ -1,4 +1,4 @@
-"""Command line: ``softsae train|eval|demo|activations`` (also ``python -m softsae ...``).
+"""Command line: ``softsae train|eval|demo|activations|export|info`` (also ``python -m softsae ...``).
 
 Any problem with the input (bad data file, NaN activations, dict size smaller than k, missing
 model) prints one message to stderr and exits with code 2; files are written atomically and a
@@ -120,6 +120,25 @@ def _add_activations(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a softsae model in SAELens, dictionary_learning or sparsify format",
+                       description="Convert a model directory (softsae or any format load_sae reads) to another "
+                       "library's on-disk format. Input normalisation is folded into the weights (see "
+                       "softsae.interop). sparsify holds TopK only; a BatchTopK SAE needs an estimated threshold.")
+    p.add_argument("--model", required=True, help="model directory (or file) that softsae.load_sae reads")
+    p.add_argument("--format", required=True, choices=("saelens", "dictionary_learning", "sparsify"))
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
+    p.add_argument("--model-name", default=None, help="language model the SAE was trained on (metadata)")
+    p.add_argument("--hook-name", default=None, help="hook/submodule the activations came from (metadata)")
+    p.add_argument("--layer", type=int, default=None, help="layer index (dictionary_learning metadata)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="version, backends and why each is (un)available, build and CPU facts")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softsae", description="Adaptive sparse autoencoders (SoftSAE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_demo(sub)
     _add_activations(sub)
+    _add_export(sub)
+    _add_info(sub)
     return parser
 
 
@@ -260,7 +281,34 @@ def cmd_activations(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "activations": cmd_activations}
+def cmd_export(a) -> int:
+    from softsae.checkpoint import load_sae
+    from softsae.interop import export_sae
+
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not a.force:
+        raise FileExistsError(f"--out {out}: directory is not empty (use --force to write into it)")
+    model = load_sae(a.model)
+    meta = {"saelens": {"model_name": a.model_name, "hook_name": a.hook_name},
+            "dictionary_learning": {"lm_name": a.model_name, "layer": a.layer, "submodule_name": a.hook_name},
+            "sparsify": {}}[a.format]
+    export_sae(model, out, a.format, **meta)
+    print(f"wrote {model.arch} SAE (d={model.d}, n={model.n}) in {a.format} format to {out}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from softsae.info import collect, format_text
+
+    info = collect()
+    print(json.dumps(info, indent=2) if a.json else format_text(info))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "activations": cmd_activations,
+            "export": cmd_export, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
