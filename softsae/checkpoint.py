@@ -94,13 +94,26 @@ def save_sae(model: SparseAutoencoder, directory: str | Path, extra: dict[str, A
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> SparseAutoencoder:
-    """Load a model saved by ``save_sae`` (a directory or its model.safetensors), or a reference-format
-    state dict (``.pt``/``.safetensors`` file); returns it in eval mode on ``device``, running its ops
-    on ``backend`` (the backend it was trained with is not assumed to exist here)."""
+    """Load a model saved by ``save_sae`` (a directory or its model.safetensors), a reference-format
+    state dict (``.pt``/``.safetensors`` file), or a directory written by SAELens, dictionary_learning
+    or sparsify (detected by its files, see ``softsae.interop``); returns it in eval mode on ``device``,
+    running its ops on ``backend`` (the backend it was trained with is not assumed to exist here)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory or file")
     weights = path / WEIGHTS if path.is_dir() else path
+    if path.is_dir() and not weights.exists():
+        from softsae.interop import detect_format, read_foreign  # (interop imports this module)
+
+        fmt = detect_format(path)
+        if fmt is None:
+            raise FileNotFoundError(
+                f"{path}: no {WEIGHTS} in this directory (not a saved softsae model), nor the files of an "
+                "SAELens (cfg.json + sae_weights.safetensors), sparsify (cfg.json + sae.safetensors) or "
+                "dictionary_learning (ae.pt) SAE")
+        model = read_foreign(path, fmt, backend=backend)
+        model.backend = backend
+        return model.to(device).eval()
     if not weights.exists():
         raise FileNotFoundError(f"{path}: no {WEIGHTS} in this directory (not a saved softsae model)")
     state, config = _read_weights(weights)
