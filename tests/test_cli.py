@@ -116,3 +116,41 @@ def test_demo_tiny(tmp_path, capsys):
     for name in ("l0_histograms.png", "k_vs_true_count.png", "results.json"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
     assert (tmp_path / "demo" / "softsae" / "model.safetensors").exists()
+
+
+def test_recipe_flags_reach_the_config_and_eval_diagnostics(tmp_path, capsys, acts):
+    out = tmp_path / "run"
+    code, _, err = _main(capsys, "train", "--data", str(acts), "--dict-size", "48", "--k", "3", "--steps", "40",
+                         "--batch-size", "64", "--out", str(out), "--no-progress", "--backend", "reference",
+                         "--alpha", "0.02", "--alpha-anneal-frac", "0.5", "--alpha-schedule", "linear",
+                         "--k-anneal-frac", "0.25", "--hard-frac", "0.1", "--st-frac", "0.2",
+                         "--no-hard-encoder-grad", "--k-round", "round", "--alpha-relative")
+    assert code == 0, err
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert (cfg["alpha_anneal_steps"], cfg["k_anneal_steps"], cfg["hard_topk_steps"], cfg["st_steps"]) == (20, 10, 4, 8)
+    assert cfg["alpha_schedule"] == "linear" and cfg["k_round"] == "round" and cfg["alpha_relative"]
+    assert cfg["hard_encoder_grad"] is False
+    counts = tmp_path / "counts.npy"
+    np.save(counts, make_synthetic(n_samples=2000, d=16, n_true=32, k_min=1, k_max=6, seed=2).counts)
+    code, text, err = _main(capsys, "eval", "--model", str(out), "--data", str(acts), "--diagnostics",
+                            "--counts", str(counts))
+    assert code == 0, err
+    for label in ("(a) soft gate", "(b) top floor", "(c) top round", "(d) uniform top-K", "(e) one threshold",
+                  "difficulty", "true counts", "L0 histogram"):
+        assert label in text
+    code, text, err = _main(capsys, "eval", "--model", str(out), "--data", str(acts), "--diagnostics", "--json")
+    rep = json.loads(text)["diagnostics"]
+    assert rep["floor"]["fvu"] > 0 and "truth" not in rep
+    code, _, err = _main(capsys, "train", "--data", str(acts), "--dict-size", "48", "--k", "3", "--steps", "10",
+                         "--out", str(tmp_path / "bad"), "--hard-frac", "2")
+    assert code == 2 and "hard_frac" in err
+
+
+def test_eval_diagnostics_refuses_topk(tmp_path, capsys, acts):
+    out = tmp_path / "run"
+    code, _, err = _main(capsys, "train", "--data", str(acts), "--arch", "topk", "--dict-size", "16", "--k", "2",
+                         "--steps", "4", "--batch-size", "32", "--out", str(out), "--no-progress",
+                         "--backend", "reference")
+    assert code == 0, err
+    code, _, err = _main(capsys, "eval", "--model", str(out), "--data", str(acts), "--diagnostics")
+    assert code == 2 and "needs a SoftSAE" in err

@@ -298,3 +298,32 @@ def test_topk_k_train_used_only_in_training():
     assert torch.all(m.forward_train(x_n).codes.l0() <= 7) and m.forward_train(x_n).codes.l0().max() > 3
     m.eval()
     assert torch.all(m.forward_train(x_n).codes.l0() <= 3)
+
+
+def test_softsae_diagnostics_agree_with_direct_computations():
+    from softsae.metrics import evaluate, softsae_diagnostics
+
+    m = SoftSAE(D, N, 4, alpha=0.05, backend="reference").eval()
+    with torch.no_grad():
+        m.k_estimator[2].weight.normal_(0, 0.3)
+        m.b_enc.normal_(0, 0.2)
+    x = _x(200)
+    r = softsae_diagnostics(m, x.numpy(), counts=torch.randint(1, 8, (200,)).numpy())
+    assert r["floor"]["fvu"] == pytest.approx(evaluate(m, x.numpy())["fvu"], rel=1e-5)
+    x_n = m.normalize(x)
+    pre, k_hat = _pre(m, x).detach(), m.k_hat_norm(x_n).detach()
+    W_dec, b_dec = m.W_dec.detach(), m.b_dec.detach()
+    den = float((x_n - x_n.mean(0)).pow(2).sum())
+    z = pre * soft_topk(pre, k_hat, 0.05, backend="reference")
+    assert r["soft"]["fvu"] == pytest.approx(float((x_n - z @ W_dec - b_dec).pow(2).sum()) / den, rel=1e-4)
+    assert r["round"]["mean_l0"] == pytest.approx(float(torch.floor(k_hat + 0.5).mean()))
+    assert r["batch_threshold"]["mean_l0"] == pytest.approx(r["floor"]["mean_l0"], abs=0.01)
+    assert r["uniform_topk"]["mean_l0"] == r["floor"]["mean_l0"] and sum(r["l0_hist"]) == 200
+    assert -1 <= r["difficulty"]["spearman_khat"] <= 1 and "spearman_l0" in r["truth"]
+    # a constant budget: the floor selection *is* the uniform top-K
+    with torch.no_grad():
+        m.k_estimator[2].weight.zero_()
+    r = softsae_diagnostics(m, x.numpy())
+    assert r["floor"]["fvu"] == pytest.approx(r["uniform_topk"]["fvu"], rel=1e-6)
+    with pytest.raises(ValueError, match="needs a SoftSAE"):
+        softsae_diagnostics(TopKSAE(D, N, 3), x.numpy())
