@@ -1,10 +1,12 @@
-"""Triton Soft Top-K (LapSum) forward and backward, one program per row.
+"""Triton Soft Top-K (LapSum) forward and backward.
 
 Contract: docs/design.md ("Calling convention shared by all soft_topk backends"); math:
 shared/spec/soft_topk.md. ``x (R, n)`` contiguous, float16/bfloat16/float32 (computed in
 float32) or float64 (computed in float64); ``k (R,)`` float64 in ``(0, n)``; ``t (R,)`` float64.
 
-Forward, per row; [brackets] mark the passes over the row in global memory:
+Forward: a persistent launch (launch_config.program_count programs, each looping over rows
+p, p + P, ...; scratch per program, not per row); per row, [brackets] mark the passes over
+the row in global memory:
 
 1. [read] row max / min and ``M``, the elementwise max of the BLOCK-wide chunks: BLOCK
    *distinct* row entries (folded to <= 1024). NaN/inf in the row surface in max/min.
@@ -12,7 +14,7 @@ Forward, per row; [brackets] mark the passes over the row in global memory:
    counts. At least floor(k)+2 row entries are >= L, so t >= L - s F^-1(k/m) (design.md,
    "Threshold search"): with the top-k spread over many chunks, L sits just below the k-th
    largest value and the candidate set is about k entries.
-3. [read] compaction: entries in [lower bound - 40 s, t_hi + 40 s) are appended to a per-row
+3. [read] compaction: entries in [lower bound - 40 s, t_hi + 40 s) are appended to the program's
    scratch (order fixed by block prefix sums); entries above count as exactly 1, and those
    equal to the row minimum (post-ReLU zeros) are kept as one weighted group.
 4. (scratch, L1/L2 sized) bracketed search for t (held as float64). Each iteration
@@ -24,9 +26,9 @@ Forward, per row; [brackets] mark the passes over the row in global memory:
    row instead (correct, slow: only for large k or large s).
 5. [read + write] output p or x * p.
 
-Rows with n <= _COMPACT_MIN skip 2-3 and search on the row itself (L1/L2 resident).
+Rows with n <= launch_config.COMPACT_MIN skip 2-3 and search on the row itself (L1/L2 resident).
 
-Backward, per row: [read x, grad where needed] S, A, C with the online min|u| rescaling,
+Backward, one program per row: [read x, grad where needed] S, A, C with the online min|u| rescaling,
 then [read x, grad where needed, write dx] dx and ds. grad is loaded only where f > 0 (or
 p > 0 when gated); everywhere else its coefficient is exactly 0, so at small s the backward
 reads about k entries of grad.
@@ -34,20 +36,23 @@ reads about k entries of grad.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
+from .launch_config import MAX_ITERS, NP, program_count, soft_topk_config
+
 __all__ = [
+    "S_MIN",
     "launch_soft_topk_bwd",
     "launch_soft_topk_fwd",
     "soft_topk_bwd_kernel",
     "soft_topk_fwd_kernel",
 ]
 
-_NP = 8  # thresholds evaluated per search iteration
-_COMPACT_MIN = 2048  # rows longer than this get the candidate compaction
-_MAX_ITERS = 64  # search iterations; the bracket shrinks >= 7x per iteration (typically 2-6 run)
+S_MIN = 1e-30  # s is clamped to >= S_MIN in-kernel (float64), so float32 1/s stays finite
 
 
 @triton.jit
@@ -161,26 +166,43 @@ def _safe_log(v):
 
 @triton.jit
 def soft_topk_fwd_kernel(
-    x_ptr, k_ptr, s_ptr, out_ptr, t_ptr, cand_ptr, n, cap,
+    x_ptr, k_ptr, s_ptr, out_ptr, t_ptr, cand_ptr, R, n, cap,
+    LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr,
+    BLOCK: tl.constexpr, MB: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
+    COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr, S_MIN: tl.constexpr,
+):
+    """Persistent: program p handles rows p, p + P, p + 2P, ... (P = number of programs).
+
+    x_ptr: (R, n) fp16/bf16/fp32/fp64; k_ptr: (R,) fp64; s_ptr: (1,) float (s > 0, read
+    as fp64 and clamped to >= S_MIN; NaN stays NaN); out_ptr: (R, n) dtype of x; t_ptr: (R,)
+    fp64; cand_ptr: (P, cap) CDT scratch, one row per program (COMPACT).
+    CDT: compute dtype (fp32, or fp64 for fp64 input). BLOCK: chunk of the row passes;
+    MB: width M is folded to; CB: chunk of the search evaluations (NP x CB tiles).
+    """
+    s_raw = tl.load(s_ptr).to(tl.float64)
+    s = tl.where(s_raw < S_MIN, S_MIN, s_raw)
+    # n may arrive as the constant 1 (launch-time specialisation): make it a tensor once.
+    nf = (tl.zeros([], tl.float64) + n).to(tl.float64)
+    crow = cand_ptr + tl.program_id(0).to(tl.int64) * cap
+    for row in range(tl.program_id(0), R, tl.num_programs(0)):
+        _soft_topk_fwd_row(x_ptr, k_ptr, out_ptr, t_ptr, crow, row, n, nf, cap, s,
+                           LARGEST, GATE, CDT, BLOCK, MB, CB, NP, COMPACT, MAX_ITERS)
+
+
+@triton.jit
+def _soft_topk_fwd_row(
+    x_ptr, k_ptr, out_ptr, t_ptr, crow, row, n, nf, cap, s,
     LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr,
     BLOCK: tl.constexpr, MB: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
     COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):
-    """One program per row.
-
-    x_ptr: (R, n) fp16/bf16/fp32/fp64; k_ptr: (R,) fp64; s_ptr: (1,) fp64 (s > 0);
-    out_ptr: (R, n) dtype of x; t_ptr: (R,) fp64; cand_ptr: (R, cap) CDT scratch (COMPACT).
-    CDT: compute dtype (fp32, or fp64 for fp64 input). BLOCK: chunk of the row passes;
-    MB: width M is folded to; CB: chunk of the search evaluations (NP x CB tiles).
-    """
+    """One row of the forward; crow: this program's scratch (cap entries of CDT)."""
     INF: tl.constexpr = float("inf")
     LN2: tl.constexpr = 0.6931471805599453
-    row = tl.program_id(0)
-    base = row.to(tl.int64) * n
+    row = tl.zeros([], tl.int64) + row  # a tensor (the interpreter's loop counter is an int)
+    base = row * n
     xrow = x_ptr + base
-    s = tl.load(s_ptr)
     k = tl.load(k_ptr + row)
-    nf = n.to(tl.float64)
     inv_s = (1.0 / s).to(CDT)
     offs = tl.arange(0, BLOCK)
 
@@ -245,8 +267,9 @@ def soft_topk_fwd_kernel(
         cut = (lo - 40.0 * s).to(CDT)
         hi1 = (t_hi + 40.0 * s).to(CDT)
 
-        # ---- pass 2: compaction into the per-row scratch (block prefix sums: deterministic).
-        crow = cand_ptr + row.to(tl.int64) * cap
+        # ---- pass 2: compaction into the program's scratch (block prefix sums: deterministic).
+        # The previous row's search may still be reading it in other threads.
+        tl.debug_barrier()
         one_v = tl.zeros([BLOCK], dtype=tl.int32)
         min_v = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, n, BLOCK):
@@ -372,18 +395,20 @@ def soft_topk_fwd_kernel(
 def soft_topk_bwd_kernel(
     grad_ptr, x_ptr, t_ptr, s_ptr, dx_ptr, dk_ptr, ds_ptr, n,
     LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+    S_MIN: tl.constexpr,
 ):
     """One program per row.
 
-    grad_ptr, x_ptr: (R, n) same dtype; t_ptr: (R,) fp64; s_ptr: (1,) fp64;
-    dx_ptr: (R, n) dtype of x; dk_ptr, ds_ptr: (R,) fp64.
+    grad_ptr, x_ptr: (R, n) same dtype; t_ptr: (R,) fp64; s_ptr: (1,) float (read as fp64,
+    clamped to >= S_MIN); dx_ptr: (R, n) dtype of x; dk_ptr, ds_ptr: (R,) fp64.
     """
     INF: tl.constexpr = float("inf")
     row = tl.program_id(0)
     base = row.to(tl.int64) * n
     xrow = x_ptr + base
     grow = grad_ptr + base
-    s = tl.load(s_ptr)
+    s_raw = tl.load(s_ptr).to(tl.float64)
+    s = tl.where(s_raw < S_MIN, S_MIN, s_raw)
     t = tl.load(t_ptr + row)
     inv_s = (1.0 / s).to(CDT)
     piv = t.to(CDT)
@@ -464,27 +489,39 @@ def soft_topk_bwd_kernel(
 # --------------------------------------------------------------------------------- launchers
 
 
-def _np2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 def _compute_dtype(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _warps(block: int) -> int:
-    # BLOCK 4096 fp32 with 16 warps: 8 elements (two 16-byte loads) per thread per chunk.
-    return 4 if block <= 1024 else (8 if block <= 2048 else 16)
+def scale_tensor(s: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """s as a (1,) tensor on ``device`` for the kernels' s_ptr: a Python float is copied there; a
+    0-d / (1,) floating tensor is used as is (no host sync; the kernels read it as float64)."""
+    if isinstance(s, torch.Tensor):
+        if s.numel() != 1 or not s.is_floating_point():
+            raise ValueError(f"s: expected a float or a 1-element floating tensor, got {tuple(s.shape)} {s.dtype}")
+        if s.device != device:
+            raise ValueError(f"s: tensor on {s.device}, expected x's device {device}")
+        return s.reshape(1)
+    return torch.full((1,), float(s), dtype=torch.float64, device=device)
+
+
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it x's device for the launch."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def launch_soft_topk_fwd(
-    x: torch.Tensor, k: torch.Tensor, s: float, largest: bool, gate: bool,
+    x: torch.Tensor, k: torch.Tensor, s: float | torch.Tensor, largest: bool, gate: bool,
     *, block: int | None = None, compact: bool | None = None, cap: int | None = None,
+    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (R, n) contiguous fp16/bf16/fp32/fp64, k (R,) fp64 in (0, n), s > 0.
+    """x (R, n) contiguous fp16/bf16/fp32/fp64, k (R,) fp64 in (0, n), s > 0 (a float, or a
+    0-d / (1,) floating tensor on x's device).
 
     Returns out (R, n) in x.dtype (p, or x * p when ``gate``) and t (R,) fp64. The keyword
-    arguments override the tuning choices (tests use them to reach every code path).
+    arguments override the tuning choices (tests use them to reach every code path). The
+    launch is persistent: ``programs`` (default launch_config.program_count) programs loop over
+    the rows, each with ``cap`` scratch entries when compacting: (programs, cap) extra memory.
     """
     x = x.contiguous()
     R, n = x.shape
@@ -493,32 +530,30 @@ def launch_soft_topk_fwd(
     if R == 0 or n == 0:
         return out, t
     k = k.to(device=x.device, dtype=torch.float64).contiguous()
-    s_t = torch.full((1,), float(s), dtype=torch.float64, device=x.device)
-    cdt = _compute_dtype(x)
+    s_t = scale_tensor(s, x.device)
+    cfg = soft_topk_config(n, x.dtype, block=block, compact=compact, cap=cap)
     wide = x.dtype == torch.float64
-    if block is None:
-        block = min(_np2(n), 2048 if wide else 4096)
-    if compact is None:
-        compact = n > _COMPACT_MIN
-    if cap is None:
-        cap = 2048
-    cb = min(block, 256 if wide else 512)
-    mb = min(block, 1024)
-    cand = torch.empty((R, cap) if compact else (1,), dtype=torch.float64 if wide else torch.float32,
-                       device=x.device)
-    soft_topk_fwd_kernel[(R,)](
-        x, k, s_t, out, t, cand, n, cap,
-        LARGEST=bool(largest), GATE=bool(gate), CDT=cdt, BLOCK=block, MB=mb, CB=cb, NP=_NP,
-        COMPACT=bool(compact), MAX_ITERS=_MAX_ITERS, num_warps=_warps(block),
-    )
+    with _on_device(x):
+        # Scratch only bounds the programs when it exists; without it, one program per row.
+        P = R if not cfg.compact else (programs or program_count(R, x.device, cfg.num_warps))
+        P = max(1, min(R, programs or P))
+        cand = torch.empty((P, cfg.cap) if cfg.compact else (1,), dtype=torch.float64 if wide else torch.float32,
+                           device=x.device)
+        soft_topk_fwd_kernel[(P,)](
+            x, k, s_t, out, t, cand, R, n, cfg.cap,
+            LARGEST=bool(largest), GATE=bool(gate), CDT=_compute_dtype(x), BLOCK=cfg.block, MB=cfg.mb,
+            CB=cfg.cb, NP=NP, COMPACT=cfg.compact, MAX_ITERS=MAX_ITERS, S_MIN=S_MIN,
+            num_warps=cfg.num_warps,
+        )
     return out, t
 
 
 def launch_soft_topk_bwd(
-    grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, s: float, largest: bool, gate: bool,
+    grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, s: float | torch.Tensor, largest: bool, gate: bool,
     *, block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad, x (R, n) contiguous, same dtype; t (R,) fp64 from the forward; s > 0.
+    """grad, x (R, n) contiguous, same dtype; t (R,) fp64 from the forward; s > 0 (a float,
+    or a 0-d / (1,) floating tensor on x's device).
 
     Returns dx (R, n) in x.dtype, dk (R,) fp64, ds (R,) fp64 (per row, w.r.t. s).
     """
@@ -531,13 +566,12 @@ def launch_soft_topk_bwd(
         return dx, dk, ds
     grad = grad.to(x.dtype).contiguous()
     t = t.to(device=x.device, dtype=torch.float64).contiguous()
-    s_t = torch.full((1,), float(s), dtype=torch.float64, device=x.device)
-    wide = x.dtype == torch.float64
-    if block is None:
-        block = min(_np2(n), 2048 if wide else 4096)
-    soft_topk_bwd_kernel[(R,)](
-        grad, x, t, s_t, dx, dk, ds, n,
-        LARGEST=bool(largest), GATE=bool(gate), CDT=_compute_dtype(x), BLOCK=block,
-        num_warps=_warps(block),
-    )
+    s_t = scale_tensor(s, x.device)
+    cfg = soft_topk_config(n, x.dtype, block=block)
+    with _on_device(x):
+        soft_topk_bwd_kernel[(R,)](
+            grad, x, t, s_t, dx, dk, ds, n,
+            LARGEST=bool(largest), GATE=bool(gate), CDT=_compute_dtype(x), BLOCK=cfg.block, S_MIN=S_MIN,
+            num_warps=cfg.num_warps,
+        )
     return dx, dk, ds

@@ -13,9 +13,13 @@ The result is bitwise reproducible run to run. ``deterministic=False`` uses atom
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
+
+from .launch_config import SparseDecodeConfig, sparse_decode_config
 
 __all__ = [
     "launch_sparse_decode_bwd",
@@ -118,8 +122,9 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _bd(d: int) -> int:
-    return max(16, min(256, triton.next_power_of_2(d)))
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def launch_sparse_decode_fwd(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor,
@@ -136,11 +141,12 @@ def launch_sparse_decode_fwd(vals: torch.Tensor, idx: torch.Tensor, W: torch.Ten
             out += b.to(W.dtype)
         return out
     vals, idx, W = vals.contiguous(), idx.to(torch.int64).contiguous(), W.contiguous()
-    bd = _bd(d)
+    cfg = sparse_decode_config(d, W.dtype)
     bias = b.contiguous() if b is not None else W
-    sparse_decode_fwd_kernel[(B, triton.cdiv(d, bd))](
-        vals, idx, W, bias, out, K, d, HAS_BIAS=b is not None, ACC=_acc(W.dtype),
-        BK=16, BD=bd, num_warps=4)
+    with _on_device(W):
+        sparse_decode_fwd_kernel[(B, triton.cdiv(d, cfg.bd))](
+            vals, idx, W, bias, out, K, d, HAS_BIAS=b is not None, ACC=_acc(W.dtype),
+            BK=cfg.bk, BD=cfg.bd, num_warps=cfg.num_warps)
     return out
 
 
@@ -158,27 +164,38 @@ def launch_sparse_decode_bwd(grad: torch.Tensor, vals: torch.Tensor, idx: torch.
     dW = W.new_empty(0)
     grad, vals, idx, W = grad.contiguous(), vals.contiguous(), idx.to(torch.int64).contiguous(), W.contiguous()
     acc = _acc(W.dtype)
-    bd = _bd(d)
-    if need_vals:
-        dvals = torch.zeros((B, K), dtype=vals.dtype, device=vals.device)
-        if B > 0 and K > 0 and d > 0:
-            sparse_decode_dvals_kernel[(B, triton.cdiv(K, 16))](
-                grad, idx, W, dvals, K, d, ACC=acc, BK=16, BD=bd, num_warps=4)
-    if need_W:
-        if B == 0 or K == 0 or n == 0 or d == 0:
-            dW = torch.zeros((n, d), dtype=W.dtype, device=W.device)
-        elif deterministic:
-            flat = idx.reshape(-1)
-            key = torch.where(flat >= 0, flat, n)  # padding sorts last, outside every segment
-            skey, perm = torch.sort(key, stable=True)
-            seg = torch.searchsorted(skey, torch.arange(n + 1, device=skey.device, dtype=skey.dtype))
-            dW = torch.empty((n, d), dtype=W.dtype, device=W.device)
-            sparse_decode_dw_kernel[(n, triton.cdiv(d, bd))](
-                grad, vals, perm, seg, dW, K, d, ACC=acc, BP=16, BD=bd, num_warps=4)
-        else:
-            acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-            dw_acc = torch.zeros((n, d), dtype=acc_dtype, device=W.device)
-            sparse_decode_dw_atomic_kernel[(B, triton.cdiv(d, bd))](
-                grad, vals, idx, dw_acc, K, d, ACC=acc, BK=16, BD=bd, num_warps=4)
-            dW = dw_acc if dw_acc.dtype == W.dtype else dw_acc.to(W.dtype)
+    cfg = sparse_decode_config(max(d, 1), W.dtype)
+    with _on_device(W):
+        if need_vals:
+            dvals = torch.zeros((B, K), dtype=vals.dtype, device=vals.device)
+            if B > 0 and K > 0 and d > 0:
+                sparse_decode_dvals_kernel[(B, triton.cdiv(K, cfg.bk))](
+                    grad, idx, W, dvals, K, d, ACC=acc, BK=cfg.bk, BD=cfg.bd, num_warps=cfg.num_warps)
+        if need_W:
+            dW = _dw(grad, vals, idx, W, acc, cfg, deterministic)
     return dvals, dW
+
+
+def _dw(grad: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor, acc: tl.dtype,
+        cfg: SparseDecodeConfig,
+        deterministic: bool) -> torch.Tensor:
+    """dW (n, d) in W.dtype: sorted segment sums (deterministic) or atomics."""
+    B, K = idx.shape
+    n, d = W.shape
+    if B == 0 or K == 0 or n == 0 or d == 0:
+        return torch.zeros((n, d), dtype=W.dtype, device=W.device)
+    if deterministic:
+        flat = idx.reshape(-1)
+        key = torch.where(flat >= 0, flat, n)  # padding sorts last, outside every segment
+        skey, perm = torch.sort(key, stable=True)
+        seg = torch.searchsorted(skey, torch.arange(n + 1, device=skey.device, dtype=skey.dtype))
+        dW = torch.empty((n, d), dtype=W.dtype, device=W.device)
+        sparse_decode_dw_kernel[(n, triton.cdiv(d, cfg.bd))](
+            grad, vals, perm, seg, dW, K, d, ACC=acc, BP=cfg.bk, BD=cfg.bd, num_warps=cfg.num_warps)
+    else:
+        acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+        dw_acc = torch.zeros((n, d), dtype=acc_dtype, device=W.device)
+        sparse_decode_dw_atomic_kernel[(B, triton.cdiv(d, cfg.bd))](
+            grad, vals, idx, dw_acc, K, d, ACC=acc, BK=cfg.bk, BD=cfg.bd, num_warps=cfg.num_warps)
+        dW = dw_acc if dw_acc.dtype == W.dtype else dw_acc.to(W.dtype)
+    return dW
