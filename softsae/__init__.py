@@ -26,9 +26,14 @@ __all__ = [
 # --- SAE models, trainer and tools (softsae/models.py and friends) ---
 from softsae.checkpoint import load_sae as load_sae  # noqa: E402
 from softsae.checkpoint import save_sae as save_sae  # noqa: E402
+from softsae.interop import export_sae as export_sae  # noqa: E402
+from softsae.interop._hook import install as _install_saelens_hook  # noqa: E402
 from softsae.models import BatchTopKSAE as BatchTopKSAE  # noqa: E402
 from softsae.models import SoftSAE as SoftSAE  # noqa: E402
 from softsae.models import TopKSAE as TopKSAE  # noqa: E402
 from softsae.synthetic import make_synthetic as make_synthetic  # noqa: E402
 from softsae.trainer import TrainConfig as TrainConfig  # noqa: E402
 from softsae.trainer import train as train  # noqa: E402
+
+# SAELens' "softsae" architecture (softsae/interop): registered when, and only if, sae_lens is imported
+_install_saelens_hook()

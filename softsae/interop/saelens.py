@@ -26,6 +26,7 @@ only once ``sae_lens`` is imported: see ``softsae.interop._hook``) needs it.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,10 @@ def read(path: str | Path, backend: str = "auto") -> SparseAutoencoder:
             raise ValueError(f"{path}: a JumpReLU SAE with per-latent (or negative) thresholds has no softsae "
                              "equivalent; only the BatchTopK inference form (one threshold >= 0) is supported")
         k = mine.get("k", cfg.get("k"))
-        if k is None:
-            raise ValueError(f"{path}: JumpReLU config records no k (metadata.softsae.k or k); cannot build BatchTopK")
+        if k is None:  # SAELens keeps no k for a saved BatchTopK; softsae trains with it, infers by the threshold
+            warnings.warn(f"{path}: no k recorded (metadata.softsae.k or k); the BatchTopK model gets k=1, which "
+                          "affects only further training, not inference", stacklevel=2)
+            k = 1
         p.threshold = float(thr[0])
         return build("batchtopk", unfold(p, scale, "latents"), int(k), scale, backend=backend)
     if arch == ARCHITECTURE:

@@ -8,8 +8,8 @@
 
 sparsify records no input normalisation; softsae's ``(x - shift) / scale`` is folded in with the
 decoder rows kept (unit norm, as ``normalize_decoder`` expects): ``b_enc * scale``,
-``b_dec * scale + shift``, latents scale times softsae's. The scale is written to cfg.json as
-``softsae_norm_scale``, an extra field sparsify's loader drops, so reading back restores softsae's weights.
+``b_dec * scale + shift``, latents scale times softsae's. The scale is written to the safetensors
+metadata as ``softsae_norm_scale`` (sparsify ignores it), so reading back restores softsae's weights.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def write(model: SparseAutoencoder, out: str | Path) -> Path:
           "b_dec": p.b_dec}
     cfg = {"activation": "topk", "expansion_factor": max(1, model.n // model.d), "normalize_decoder": True,
            "num_latents": model.n, "k": int(model.k), "multi_topk": False, "skip_connection": False,
-           "transcode": False, "d_in": model.d, "softsae_norm_scale": float(model.norm_scale)}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+           "transcode": False, "d_in": model.d}
+    meta = {"format": "pt", "softsae_norm_scale": repr(float(model.norm_scale))}
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata=meta))
     atomic_write_json(out / CFG, cfg)
     return out
 
@@ -59,9 +60,10 @@ def read(path: str | Path, backend: str = "auto") -> SparseAutoencoder:
             raise ValueError(f"{path}: sparsify {key}={cfg[key]!r} has no softsae equivalent (need {key}={ok!r})")
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         sd = {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
+        meta = f.metadata() or {}
     need = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"]
     if [k for k in need if k not in sd]:
         raise ValueError(f"{path / WEIGHTS}: lacks {[k for k in need if k not in sd]} (has {sorted(sd)})")
     p = Params(sd["encoder.weight"], sd["encoder.bias"], sd["W_dec"], sd["b_dec"])
-    scale = float(cfg.get("softsae_norm_scale", 1.0))
+    scale = float(meta.get("softsae_norm_scale", 1.0))
     return build("topk", unfold(p, scale, "decoder"), int(cfg["k"]), scale, backend=backend)
