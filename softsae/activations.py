@@ -9,19 +9,44 @@ over the CPython documentation topics of ``pydoc_data.topics``. ``layer`` names 
 (``model.named_modules()``); its output (the first element of a tuple output) is recorded for every
 non-padding token (special tokens such as [CLS]/[SEP] are dropped unless ``keep_special``).
 Rows are streamed to disk, and the .npy appears atomically when complete.
+
+At scale, resumable, split held-out by document (``softsae activations`` uses this):
+
+    info = extract_corpus("runs/minilm.npy", heldout_frac=0.1, dtype="float16", max_tokens=1_000_000)
+
+runs over ``softsae.corpus.python_docs_corpus()`` (pydoc topics, stdlib docstrings and comments,
+docs shipped with Python) or any list of ``Document``. Every paragraph is tokenised into windows
+of ``seq_len`` tokens (long paragraphs continue in further windows, nothing is cut). Layout:
+
+    <stem>.shards/manifest.json            settings; a rerun with other settings is refused
+    <stem>.shards/shard_00000.{npy,json}   activations of documents [0, shard_docs), rows per document
+    <stem>.train.npy, <stem>.heldout.npy   (N, d) in ``dtype``, rows in document order; loadable by
+                                           ``softsae train --data`` (with heldout_frac = 0: ``<out>``)
+    <stem>.meta.json                       settings, documents (id, rows) of each split, tokens, seconds
+
+Each shard is written atomically and its .json last, so an interrupted run resumes at the first
+missing shard; the split outputs are assembled from the shards at the end (and the shards are
+then deleted unless ``keep_shards``). A document goes to the held-out split by a hash of its id
+(``softsae.corpus.is_heldout``). With ``max_tokens`` extraction stops after the shard that reaches
+it and the outputs keep the first ``max_tokens`` rows of the document stream.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from softsae.checkpoint import atomic_write
+from softsae.checkpoint import atomic_write, atomic_write_json
+from softsae.corpus import Document, is_heldout, python_docs_corpus
 
 DEFAULT_LAYER = "encoder.layer.3"  # output of the 4th of 6 blocks of MiniLM-L6 (residual stream)
 
@@ -165,3 +190,279 @@ def _raw_to_npy(raw_path: Path, out: Path, n: int, d: int, chunk_rows: int = 655
         del dst
 
     atomic_write(out, write)
+
+
+# ----------------------------------------------------------------------------- corpus extraction, resumable
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the layers after the hooked one are not needed."""
+
+
+class LayerCapture:
+    """Run a model up to ``layer`` and return that layer's output (batch, tokens, d); later layers are skipped."""
+
+    def __init__(self, model: torch.nn.Module, layer: str) -> None:
+        self.model, self.layer = model, layer
+        self.module = _find_module(model, layer)
+
+    @torch.no_grad()
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod, _inp, output):
+            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+            raise _StopForward
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            self.model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"layer {self.layer!r} produced no output during the forward pass")
+        return captured[0]
+
+
+def tokenize_windows(tok, texts: Sequence[str], seq_len: int) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """(input_ids, special_tokens_mask) of every window of every text, in order, and the index of the
+    text each window comes from: a text longer than ``seq_len`` tokens (special tokens included)
+    continues in further windows, so no token is lost."""
+    if seq_len < 3:
+        raise ValueError(f"seq_len must be >= 3 (room for [CLS] x [SEP]), got {seq_len}")
+    if not texts:
+        return [], []
+    enc = tok(list(texts), truncation=True, max_length=seq_len, return_overflowing_tokens=True, stride=0,
+              return_special_tokens_mask=True, padding=False)
+    return list(zip(enc["input_ids"], enc["special_tokens_mask"], strict=True)), list(enc["overflow_to_sample_mapping"])
+
+
+def run_windows(capture: LayerCapture, windows: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                batch_size: int, device: str, keep_special: bool) -> list[np.ndarray]:
+    """Layer outputs (float32, (kept tokens, d)) of each window, in the input order.
+
+    Windows are batched by length (little padding); padding and, unless ``keep_special``, special
+    tokens are dropped.
+    """
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i][0]))
+    out: list[np.ndarray | None] = [None] * len(windows)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(windows[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(idx), width), dtype=torch.long)
+        keep = torch.zeros((len(idx), width), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            w_ids, w_special = windows[i]
+            ids[r, :len(w_ids)] = torch.tensor(w_ids)
+            att[r, :len(w_ids)] = 1
+            keep[r, :len(w_ids)] = True if keep_special else ~torch.tensor(w_special, dtype=torch.bool)
+        hs = capture(input_ids=ids.to(device), attention_mask=att.to(device),
+                     token_type_ids=torch.zeros_like(ids).to(device))
+        if hs.dim() != 3 or hs.shape[:2] != ids.shape:
+            raise ValueError(f"layer {capture.layer!r} output has shape {tuple(hs.shape)}, expected (batch, tokens, d)")
+        hs = hs.float().cpu()
+        for r, i in enumerate(idx):
+            out[i] = hs[r][keep[r]].numpy()
+    return out  # type: ignore[return-value]
+
+
+def _split_paths(out: Path, heldout_frac: float) -> dict[str, Path]:
+    if out.suffix != ".npy":
+        raise ValueError(f"out must be a .npy path, got {out}")
+    if heldout_frac == 0:
+        return {"train": out}
+    return {"train": out.with_suffix(".train.npy"), "heldout": out.with_suffix(".heldout.npy")}
+
+
+def output_paths(out: str | Path, heldout_frac: float) -> dict[str, Path]:
+    """Where ``extract_corpus`` writes: {"train": ..., ["heldout": ...], "meta": ..., "shards": ...}."""
+    out = Path(out)
+    paths = _split_paths(out, heldout_frac)
+    paths["meta"] = out.with_suffix(".meta.json")
+    paths["shards"] = out.with_suffix(".shards")
+    return paths
+
+
+def _docs_fingerprint(docs: Sequence[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode("utf-8") + b"\0" + hashlib.sha256(d.text.encode("utf-8")).digest())
+    return h.hexdigest()
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare name
+            np.save(f, arr, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def _write_shard(shard_dir: Path, index: int, acts: np.ndarray, docs: list[dict]) -> None:
+    """Shard ``index``: the activations, then (last, marking it complete) its document list."""
+    _write_npy(shard_dir / f"shard_{index:05d}.npy", acts)
+    atomic_write_json(shard_dir / f"shard_{index:05d}.json", {"rows": int(len(acts)), "docs": docs})
+
+
+def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        big = float(np.abs(a).max()) if a.size else 0.0
+        if big > np.finfo(np.float16).max:
+            raise ValueError(f"dtype float16: an activation of magnitude {big:.3g} does not fit; use float32")
+    return a.astype(dtype, copy=False)
+
+
+def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, model_path: str | Path | None = None,
+                   layer: str = DEFAULT_LAYER, heldout_frac: float = 0.1, dtype: str = "float32",
+                   max_tokens: int | None = None, seq_len: int = 128, batch_size: int = 32, shard_docs: int = 256,
+                   device: str = "cpu", keep_special: bool = False, progress: bool = False,
+                   keep_shards: bool = False) -> dict:
+    """Extract ``layer`` activations of every token of ``docs`` (default: the Python docs corpus).
+
+    Resumable (see the module doc for the layout). Returns the meta dict also written to
+    ``<stem>.meta.json``: ``paths`` (split -> .npy), ``rows`` (split -> N), ``d``, ``dtype``,
+    ``documents`` (split -> [[id, rows], ...]), ``tokens_per_s`` and ``seconds`` of this call's
+    extraction. If the outputs already exist with the same settings, nothing is recomputed.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if not 0.0 <= heldout_frac < 1.0:
+        raise ValueError(f"heldout_frac must lie in [0, 1), got {heldout_frac}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if shard_docs < 1 or batch_size < 1:
+        raise ValueError(f"shard_docs and batch_size must be >= 1, got {shard_docs} and {batch_size}")
+    docs = list(python_docs_corpus() if docs is None else docs)
+    if not docs:
+        raise ValueError("docs: no documents to extract")
+    paths = output_paths(out, heldout_frac)
+    model_dir = Path(model_path) if model_path is not None else packaged_model_path()
+    settings = {"model": str(model_dir.resolve()), "layer": layer, "seq_len": seq_len, "keep_special": keep_special,
+                "dtype": dtype, "heldout_frac": heldout_frac, "shard_docs": shard_docs, "max_tokens": max_tokens,
+                "n_docs": len(docs), "docs_sha256": _docs_fingerprint(docs)}
+    if paths["meta"].exists() and all(paths[s].exists() for s in _split_paths(Path(out), heldout_frac)):
+        meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
+        if meta.get("settings") == settings:
+            return meta
+
+    shard_dir = paths["shards"]
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    manifest = shard_dir / "manifest.json"
+    if manifest.exists():
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if k != "max_tokens" and saved.get(k) != v}
+        if diff:
+            raise ValueError(f"{shard_dir} holds shards of a run with other settings (saved vs requested: {diff}); "
+                             "delete it or use another --out")
+    atomic_write_json(manifest, settings)
+
+    n_shards = -(-len(docs) // shard_docs)
+    done_rows, first_todo = 0, n_shards
+    for i in range(n_shards):
+        f = shard_dir / f"shard_{i:05d}.json"
+        if not f.exists():
+            first_todo = i
+            break
+        done_rows += json.loads(f.read_text(encoding="utf-8"))["rows"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_tokens, initial=min(done_rows, max_tokens or done_rows), desc="activations",
+                   unit="tok", unit_scale=True, dynamic_ncols=True)
+    seconds, new_rows, d = 0.0, 0, None
+    try:
+        if first_todo < n_shards and (max_tokens is None or done_rows < max_tokens):
+            tok, model = _load(model_dir, device)
+            capture = LayerCapture(model, layer)
+            for i in range(first_todo, n_shards):
+                if max_tokens is not None and done_rows >= max_tokens:
+                    break
+                if (shard_dir / f"shard_{i:05d}.json").exists():
+                    done_rows += json.loads((shard_dir / f"shard_{i:05d}.json").read_text(encoding="utf-8"))["rows"]
+                    continue
+                t0 = time.perf_counter()
+                chunk = docs[i * shard_docs:(i + 1) * shard_docs]
+                texts, owner = [], []
+                for j, doc in enumerate(chunk):
+                    ps = doc.paragraphs()
+                    texts.extend(ps)
+                    owner.extend([j] * len(ps))
+                windows, src = tokenize_windows(tok, texts, seq_len)
+                win_owner = [owner[m] for m in src]
+                rows = run_windows(capture, windows, tok.pad_token_id or 0, batch_size, device, keep_special)
+                per_doc = [0] * len(chunk)
+                for j, r in zip(win_owner, rows, strict=True):
+                    per_doc[j] += len(r)
+                d = rows[0].shape[1] if rows else (d or 0)
+                acts = np.concatenate(rows) if rows else np.zeros((0, d), dtype=np.float32)
+                listing = [[doc.id, n, is_heldout(doc.id, heldout_frac)] for doc, n in zip(chunk, per_doc, strict=True)]
+                _write_shard(shard_dir, i, _cast(acts, dtype), listing)
+                seconds += time.perf_counter() - t0
+                done_rows += len(acts)
+                new_rows += len(acts)
+                if bar is not None:
+                    bar.update(len(acts) if max_tokens is None else max(0, min(len(acts), max_tokens - bar.n)))
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = _assemble(paths, shard_dir, settings, max_tokens)
+    meta.update(seconds=round(seconds, 3), new_rows=new_rows,
+                tokens_per_s=round(new_rows / seconds, 1) if seconds > 0 else None)
+    atomic_write_json(paths["meta"], meta)
+    if not keep_shards:
+        shutil.rmtree(shard_dir)
+    return meta
+
+
+def _assemble(paths: dict[str, Path], shard_dir: Path, settings: dict, max_tokens: int | None) -> dict:
+    """Concatenate the finished shards (in order, up to ``max_tokens`` rows) into the split .npy files."""
+    shard_files = []
+    for i in range(10**6):
+        f = shard_dir / f"shard_{i:05d}.json"
+        if not f.exists():
+            break
+        shard_files.append((shard_dir / f"shard_{i:05d}.npy", json.loads(f.read_text(encoding="utf-8"))))
+    splits = [s for s in ("train", "heldout") if s in paths]
+    plan: list[tuple[Path, list[tuple[str, int, int]]]] = []  # per shard: (split, start, stop) row runs
+    documents: dict[str, list] = {s: [] for s in splits}
+    counts = dict.fromkeys(splits, 0)
+    budget = max_tokens if max_tokens is not None else float("inf")
+    taken = 0
+    for npy, info in shard_files:
+        runs, pos = [], 0
+        for doc_id, n, held in info["docs"]:
+            n_take = int(min(n, budget - taken))
+            split = "heldout" if held and "heldout" in paths else "train"
+            if n_take > 0:
+                runs.append((split, pos, pos + n_take))
+                documents[split].append([doc_id, n_take])
+                counts[split] += n_take
+                taken += n_take
+            pos += n
+        plan.append((npy, runs))
+    empty = [s for s in splits if counts[s] == 0]
+    if empty:
+        raise ValueError(f"no tokens for split(s) {empty} (too few documents or tokens; lower heldout_frac "
+                         "or raise max_tokens)")
+    first = next(np.load(npy, mmap_mode="r") for npy, info in shard_files if info["rows"] > 0)
+    d, dtype = first.shape[1], first.dtype
+    for split in splits:
+        def write(tmp: str, split: str = split) -> None:
+            dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(counts[split], d))
+            at = 0
+            for npy, runs in plan:
+                src = np.load(npy, mmap_mode="r")
+                for s, a, b in runs:
+                    if s == split:
+                        dst[at:at + b - a] = src[a:b]
+                        at += b - a
+            dst.flush()
+            del dst
+
+        atomic_write(paths[split], write)
+    return {"settings": settings, "paths": {s: str(paths[s]) for s in splits}, "rows": counts, "d": int(d),
+            "dtype": str(dtype), "documents": documents}
