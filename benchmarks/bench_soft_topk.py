@@ -3,11 +3,15 @@
     python benchmarks/bench_soft_topk.py                        # CPU, B=4096, n in {4096, 16384}
     python benchmarks/bench_soft_topk.py --device cuda --n 4096 16384 65536
     python benchmarks/bench_soft_topk.py --markdown out.md      # also write the table
+    python benchmarks/bench_soft_topk.py --device cuda --quick --dtypes float32 bfloat16 --json st.json
 
-Setting (issue #2): B = 4096 rows, alpha = 1e-4, k uniform in [20, 220], float32.
+Setting (issue #2): B = 4096 rows, alpha = 1e-4, k uniform in [20, 220], float32 (--dtypes).
 Columns: median ms of forward, backward and forward+backward; GB/s = bytes that must move
 (fwd: read x, write p; bwd: read grad and x, write dx) / time; ratios in the same run:
 fwd+bwd vs. torch.topk(x, 220) forward and vs. the sort-based PyTorch implementation.
+--json writes one record per (n, dtype, backend, pass) with p20/p50/p80 ms, the byte model
+(fwd 2 B n e, bwd 3 B n e, fwd+bwd 5 B n e; e = element size; k, t and ds are O(B)) and
+the peak CUDA memory of one call. --quick skips the baselines.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import add_common_args, environment, median_ms, report  # noqa: E402
+from _timing import (  # noqa: E402
+    add_common_args,
+    environment,
+    median_ms,
+    peak_memory,
+    percentiles_ms,
+    report,
+    write_json,
+)
 
 import softsae  # noqa: E402
 from softsae.ops.soft_topk_ref import _solve_threshold, laplace_cdf  # noqa: E402
@@ -31,41 +43,68 @@ def sort_based_soft_topk(x: torch.Tensor, k: torch.Tensor, alpha: float) -> torc
     return laplace_cdf((x - t[:, None]) / alpha)
 
 
-def run(device: torch.device, B: int, ns: list[int], backends: list[str], repeat: int, alpha: float):
-    rows = []
-    for n in ns:
-        rows += _rows_for(device, B, n, backends, repeat, alpha)
-    headers = ["n", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd GB/s",
-               "topk-fwd / this", "sort-based / this"]
-    return headers, rows
+def run(device: torch.device, B: int, ns: list[int], backends: list[str], repeat: int, alpha: float,
+        dtypes: tuple[torch.dtype, ...] = (torch.float32,), quick: bool = False):
+    """(headers, table rows, JSON records) for every n, dtype and backend."""
+    rows, records = [], []
+    for dtype in dtypes:
+        for n in ns:
+            r, rec = _rows_for(device, B, n, backends, repeat, alpha, dtype, quick)
+            rows += r
+            records += rec
+    headers = ["n", "dtype", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd GB/s",
+               "topk-fwd / this", "sort-based / this", "fwd+bwd extra MiB"]
+    return headers, rows, records
 
 
-def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat: int, alpha: float) -> list[list]:
-    rows = []
-    x = torch.randn(B, n, device=device)
+def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat: int, alpha: float,
+              dtype: torch.dtype = torch.float32, quick: bool = False) -> tuple[list[list], list[dict]]:
+    rows, records = [], []
+    dname = str(dtype).removeprefix("torch.")
+    x = torch.randn(B, n, device=device).to(dtype)
     k = torch.empty(B, device=device).uniform_(20, 220)
-    g = torch.randn(B, n, device=device)
+    g = torch.randn(B, n, device=device).to(dtype)
     esize = x.element_size()
-    topk_ms = median_ms(lambda: torch.topk(x, 220, dim=-1), device, repeat=repeat)
-    xs = x.clone().requires_grad_()
-    # ~50x slower than the kernels: one untimed warmup-free run is enough for the ratio.
-    sort_ms = median_ms(lambda: sort_based_soft_topk(xs, k, alpha).backward(g), device, warmup=0, repeat=1)
-    rows.append([n, "torch.topk(x, 220) fwd", topk_ms, "", "", "", 1.0, ""])
-    rows.append([n, "sort-based PyTorch", "", "", sort_ms, "", topk_ms / sort_ms, 1.0])
+    topk_ms = sort_ms = None
+    if not quick:
+        topk_ms = median_ms(lambda: torch.topk(x, 220, dim=-1), device, repeat=repeat)
+        xs = x.float().clone().requires_grad_()
+        # ~50x slower than the kernels: one untimed warmup-free run is enough for the ratio.
+        sort_ms = median_ms(lambda: sort_based_soft_topk(xs, k, alpha).backward(g.float()), device,
+                            warmup=0, repeat=1)
+        rows.append([n, dname, "torch.topk(x, 220) fwd", topk_ms, "", "", "", 1.0, "", ""])
+        rows.append([n, dname, "sort-based PyTorch", "", "", sort_ms, "", topk_ms / sort_ms, 1.0, ""])
     for name in backends:
         if name == "reference" and B * n > 4096 * 16384:
             continue  # float64 sort of > 1 GB per tensor: minutes, and not the point
         xr = x.clone().requires_grad_()
-        fwd_ms = median_ms(lambda xr=xr, name=name: softsae.soft_topk(xr.detach(), k, alpha, backend=name),
-                           device, repeat=repeat)
+
+        def fwd(xr=xr, name=name):
+            return softsae.soft_topk(xr.detach(), k, alpha, backend=name)
+
+        def both(xr=xr, name=name):
+            softsae.soft_topk(xr, k, alpha, backend=name).backward(g)
+
         out = softsae.soft_topk(xr, k, alpha, backend=name)
-        bwd_ms = median_ms(lambda out=out, xr=xr: torch.autograd.grad(out, xr, g, retain_graph=True),
-                           device, repeat=repeat)
-        both_ms = median_ms(lambda xr=xr, name=name: softsae.soft_topk(xr, k, alpha, backend=name).backward(g),
-                            device, repeat=repeat)
+
+        def bwd(out=out, xr=xr):
+            return torch.autograd.grad(out, xr, g, retain_graph=True)
+
+        stats = {}
+        for pass_, fn, nbytes in (("fwd", fwd, 2 * B * n * esize), ("bwd", bwd, 3 * B * n * esize),
+                                  ("fwd+bwd", both, 5 * B * n * esize)):
+            t = percentiles_ms(fn, device, repeat=repeat)
+            mem = peak_memory(fn, device)
+            stats[pass_] = (t, mem)
+            records.append({"op": "soft_topk", "backend": name, "B": B, "n": n, "dtype": dname, "pass": pass_,
+                            "alpha": alpha, "bytes": nbytes, **t, **mem})
+        both_ms = stats["fwd+bwd"][0]["p50_ms"]
+        extra = stats["fwd+bwd"][1]["extra_mem_bytes"]
         gbps = 5 * B * n * esize / (both_ms * 1e-3) / 1e9
-        rows.append([n, name, fwd_ms, bwd_ms, both_ms, gbps, topk_ms / both_ms, sort_ms / both_ms])
-    return rows
+        rows.append([n, dname, name, stats["fwd"][0]["p50_ms"], stats["bwd"][0]["p50_ms"], both_ms, gbps,
+                     topk_ms / both_ms if topk_ms else "", sort_ms / both_ms if sort_ms else "",
+                     extra / 2**20 if extra is not None else ""])
+    return rows, records
 
 
 def main() -> None:
@@ -73,14 +112,20 @@ def main() -> None:
     add_common_args(ap)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--alpha", type=float, default=1e-4)
+    ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16", "float64"])
     args = ap.parse_args()
     device = torch.device(args.device)
     backends = args.backends or softsae.available_backends(device)
+    dtypes = tuple(getattr(torch, d) for d in args.dtypes)
     torch.manual_seed(0)
-    headers, rows = run(device, args.B, args.n, backends, args.repeat, args.alpha)
-    title = (f"Soft Top-K, B={args.B}, alpha={args.alpha}, k~U[20,220], float32 — {environment(device)}; "
-             f"medians of {args.repeat}")
+    headers, rows, records = run(device, args.B, args.n, backends, args.repeat, args.alpha, dtypes, args.quick)
+    title = (f"Soft Top-K, B={args.B}, alpha={args.alpha}, k~U[20,220], {'/'.join(args.dtypes)} — "
+             f"{environment(device)}; medians of {args.repeat}")
     report(title, headers, rows, args.markdown)
+    if args.json:
+        write_json(args.json, "soft_topk", device, records, B=args.B, alpha=args.alpha, repeat=args.repeat,
+                   byte_model="fwd: read x + write p = 2 B n e; bwd: read grad, x + write dx = 3 B n e; "
+                              "fwd+bwd: 5 B n e (e = element size; O(B) k/t/ds ignored)")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
     python benchmarks/bench_sparse_decode.py                  # CPU: n=16384, d=512, mean k in {32, 64, 128, 220}
     python benchmarks/bench_sparse_decode.py --device cuda --full
     python benchmarks/bench_sparse_decode.py --markdown out.md
+    python benchmarks/bench_sparse_decode.py --device cuda --full --quick --json sd.json
 
 Setting (issue #3): B = 4096, per-row k uniform in [k/2, 3k/2] (padded to the row max), float32.
 Each implementation runs forward and backward (grads to the values/z, W_dec and b_dec).
 "dense" starts from the dense z (B, n) a user of a dense gate already holds.
 Effective GB/s counts the bytes the sparse op must move: the gathered W_dec rows (twice:
-forward and dvals), their dW writes, vals/idx and x_hat/grad.
+forward and dvals), their dW writes, vals/idx and x_hat/grad:
+``bytes = (3 nnz d + 2 B d) e + 12 nnz`` (e = element size, nnz = non-padding pairs).
+--json writes one record per (shape, backend) with p20/p50/p80 ms, those bytes and the peak
+CUDA memory of one call; --quick skips the dense and embedding_bag baselines and times the
+reference (the dense scatter + matmul) with the other backends.
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import add_common_args, environment, median_ms, report  # noqa: E402
+from _timing import (  # noqa: E402
+    add_common_args,
+    environment,
+    median_ms,
+    peak_memory,
+    percentiles_ms,
+    report,
+    write_json,
+)
 
 import softsae  # noqa: E402
 from softsae.ops.sparse_decode_ref import densify  # noqa: E402
@@ -39,16 +52,20 @@ def make_codes(B: int, n: int, k_mean: int, device: torch.device):
     return vals, idx
 
 
-def run(device, B, grid, backends, repeat):
-    rows = []
+def run(device, B, grid, backends, repeat, quick=False, with_reference=False):
+    """(headers, table rows, JSON records) for every (n, d, mean k) of ``grid``."""
+    rows, records = [], []
     for n, d, k_mean in grid:
-        rows += _rows_for(device, B, n, d, k_mean, backends, repeat)
-    headers = ["n", "d", "mean k", "implementation", "fwd+bwd ms", "eff. GB/s", "dense / this", "emb_bag / this"]
-    return headers, rows
+        r, rec = _rows_for(device, B, n, d, k_mean, backends, repeat, quick, with_reference or quick)
+        rows += r
+        records += rec
+    headers = ["n", "d", "mean k", "implementation", "fwd+bwd ms", "eff. GB/s", "dense / this", "emb_bag / this",
+               "extra MiB"]
+    return headers, rows, records
 
 
-def _rows_for(device, B, n, d, k_mean, backends, repeat) -> list[list]:
-    rows = []
+def _rows_for(device, B, n, d, k_mean, backends, repeat, quick=False, with_reference=False):
+    rows, records = [], []
     W = torch.randn(n, d, device=device, requires_grad=True)
     b = torch.zeros(d, device=device, requires_grad=True)
     vals, idx = make_codes(B, n, k_mean, device)
@@ -65,22 +82,33 @@ def _rows_for(device, B, n, d, k_mean, backends, repeat) -> list[list]:
         out = F.embedding_bag(flat_idx, W, per_sample_weights=vals * (idx >= 0), mode="sum") + b
         torch.autograd.backward(out, g)
 
-    dense_ms = median_ms(dense, device, repeat=repeat)
-    bag_ms = median_ms(bag, device, repeat=repeat)
     nnz = int((idx >= 0).sum())
     bytes_moved = (3 * nnz * d + 2 * B * d) * W.element_size() + nnz * 12
-    rows.append([n, d, k_mean, "dense z @ W", dense_ms, "", 1.0, ""])
-    rows.append([n, d, k_mean, "F.embedding_bag", bag_ms, bytes_moved / bag_ms / 1e6, dense_ms / bag_ms, 1.0])
+    dense_ms = bag_ms = None
+    if not quick:
+        dense_ms = median_ms(dense, device, repeat=repeat)
+        bag_ms = median_ms(bag, device, repeat=repeat)
+        rows.append([n, d, k_mean, "dense z @ W", dense_ms, "", 1.0, "", ""])
+        rows.append([n, d, k_mean, "F.embedding_bag", bag_ms, bytes_moved / bag_ms / 1e6, dense_ms / bag_ms, 1.0,
+                     ""])
     for name in backends:
-        if name == "reference":
+        if name == "reference" and not with_reference:
             continue  # the reference *is* the dense product plus a scatter
 
         def ours(name=name):
             torch.autograd.backward(softsae.sparse_decode(vals, idx, W, b, backend=name), g)
 
-        ms = median_ms(ours, device, repeat=repeat)
-        rows.append([n, d, k_mean, f"softsae {name}", ms, bytes_moved / ms / 1e6, dense_ms / ms, bag_ms / ms])
-    return rows
+        t = percentiles_ms(ours, device, repeat=repeat)
+        mem = peak_memory(ours, device)
+        ms = t["p50_ms"]
+        records.append({"op": "sparse_decode", "backend": name, "B": B, "n": n, "d": d, "k_mean": k_mean,
+                        "K": int(idx.shape[1]), "nnz": nnz, "dtype": "float32", "pass": "fwd+bwd",
+                        "bytes": bytes_moved, **t, **mem})
+        extra = mem["extra_mem_bytes"]
+        rows.append([n, d, k_mean, f"softsae {name}", ms, bytes_moved / ms / 1e6,
+                     dense_ms / ms if dense_ms else "", bag_ms / ms if bag_ms else "",
+                     extra / 2**20 if extra is not None else ""])
+    return rows, records
 
 
 def main() -> None:
@@ -94,9 +122,14 @@ def main() -> None:
     grid = (list(itertools.product([16384, 65536], [512, 2304], [32, 64, 128, 220])) if args.full
             else [(16384, 512, k) for k in (32, 64, 128, 220)])
     torch.manual_seed(0)
-    headers, rows = run(device, args.B, grid, backends, args.repeat)
+    headers, rows, records = run(device, args.B, grid, backends, args.repeat, args.quick,
+                                 with_reference=bool(args.backends and "reference" in args.backends))
     title = f"Sparse decode fwd+bwd, B={args.B}, float32 — {environment(device)}; medians of {args.repeat}"
     report(title, headers, rows, args.markdown)
+    if args.json:
+        write_json(args.json, "sparse_decode", device, records, B=args.B, repeat=args.repeat,
+                   byte_model="(3 nnz d + 2 B d) e + 12 nnz: W rows gathered twice (fwd, dvals) and written once "
+                              "(dW), x_hat and grad, vals + idx")
 
 
 if __name__ == "__main__":
