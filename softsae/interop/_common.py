@@ -58,14 +58,11 @@ def fold(model: SparseAutoencoder, convention: str) -> Params:
     b_dec_f = c * b_dec + s
     thr = float(model.threshold) if isinstance(model, BatchTopKSAE) else None
     k_est: dict[str, Tensor] = {}
-    if isinstance(model, SoftSAE):
+    if isinstance(model, SoftSAE):  # the head sees x_n - b_dec = (x - b_dec') / c in both conventions
         k_est = {k: _f32(v) for k, v in model.k_estimator.state_dict().items()}
-    if convention == "latents":
-        if k_est:
-            k_est["0.weight"] = k_est["0.weight"] / c
-        return Params(W_enc / c, b_enc, W_dec * c, b_dec_f, thr, k_est)
-    if k_est:  # the head sees x_n - b_dec = (x - b_dec') / c in both conventions
         k_est["0.weight"] = k_est["0.weight"] / c
+    if convention == "latents":
+        return Params(W_enc / c, b_enc, W_dec * c, b_dec_f, thr, k_est)
     return Params(W_enc, b_enc * c, W_dec, b_dec_f, None if thr is None else thr * c, k_est)
 
 
