@@ -324,3 +324,89 @@ def test_sparse_decode_empty_k_and_rows():
         dv, dw = launch_sparse_decode_bwd(torch.randn(2, 5), vals, idx, W, True, True, det)
         close(dv, torch.zeros(2, 4), torch.float32)
         close(dw, torch.zeros(6, 5), torch.float32)
+
+
+# ------------------------------------------- regressions found by the AOT compile gate (issue 7)
+# The interpreter does not specialise integer arguments; the compiler does (== 1 becomes a
+# constant, % 16 an alignment attribute). tests/test_compile_gate.py compiles these same
+# launches for sm_80 / sm_90; here they run through the interpreter for the numbers.
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("largest,gate", [(True, False), (False, True)])
+def test_n1_single_row_every_dtype(dtype, largest, gate):
+    """n == 1 and R == 1 (both specialised to constants by the compiler): fwd p = k, bwd finite."""
+    x = torch.tensor([[1.5]], dtype=dtype)
+    k = torch.tensor([0.25], dtype=torch.float64)
+    out, t = launch_soft_topk_fwd(x, k, 0.1, largest, gate)
+    want = k.to(dtype)[:, None] * (x if gate else 1)
+    assert torch.equal(out, want)
+    p64, t64 = soft_topk_fwd_ref(x.double(), k, 0.1, largest, False)
+    torch.testing.assert_close(t, t64, rtol=0, atol=1e-12)
+    dx, dk, ds = launch_soft_topk_bwd(torch.ones_like(x), x, t, 0.1, largest, gate)
+    rdx, rdk, rds = soft_topk_bwd_ref(torch.ones(1, 1, dtype=torch.float64), x.double(), t, 0.1, largest, gate)
+    tol = 1e-9 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(dx.double(), rdx, rtol=tol, atol=tol)
+    torch.testing.assert_close(dk, rdk, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", ["compact", "overflow"])
+def test_fwd_persistent_rows_share_scratch(path):
+    """More rows than programs: each program reuses its scratch row for rows p, p + P, ..."""
+    x, k = make_batch(150, torch.float32, seed=5)
+    x = torch.cat([x, x.flip(0) * 0.5])  # 16 rows, different candidate counts back to back
+    k = torch.cat([k, k.flip(0)])
+    out1, t1 = check_fwd(x, k, 1e-2, programs=1, **PATHS[path])
+    out3, t3 = check_fwd(x, k, 1e-2, programs=3, **PATHS[path])
+    assert torch.equal(out1, out3) and torch.equal(t1, t3)  # rows are independent of the schedule
+
+
+def test_s_as_device_tensor_matches_float():
+    """s given as a 0-d / (1,) float64 (or float32) tensor reads the same value in-kernel."""
+    x, k = make_batch(60, torch.float32, seed=6)
+    out, t = launch_soft_topk_fwd(x, k, 0.03, True, True)
+    for s_t in (torch.tensor(0.03, dtype=torch.float64), torch.tensor([0.03], dtype=torch.float64)):
+        o2, t2 = launch_soft_topk_fwd(x, k, s_t, True, True)
+        assert torch.equal(out, o2) and torch.equal(t, t2)
+        bw = launch_soft_topk_bwd(torch.ones_like(x), x, t, 0.03, True, True)
+        bw_t = launch_soft_topk_bwd(torch.ones_like(x), x, t, s_t, True, True)
+        assert all(torch.equal(a, b) for a, b in zip(bw, bw_t, strict=True))
+    s32 = torch.tensor(0.03, dtype=torch.float32)
+    o3, t3 = launch_soft_topk_fwd(x, k, s32, True, True)
+    o4, t4 = launch_soft_topk_fwd(x, k, float(s32), True, True)
+    assert torch.equal(o3, o4) and torch.equal(t3, t4)
+    with pytest.raises(ValueError, match="s:"):
+        launch_soft_topk_fwd(x, k, torch.tensor([0.1, 0.2]), True, False)
+    with pytest.raises(ValueError, match="s:"):
+        launch_soft_topk_fwd(x, k, torch.tensor(1), True, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_s_clamped_to_s_min_in_kernel(dtype):
+    """s below S_MIN = 1e-30 acts as S_MIN (float32 1/s stays finite); NaN s gives NaN."""
+    from softsae.kernels.soft_topk import S_MIN
+
+    assert S_MIN == 1e-30
+    x, k = make_batch(40, dtype, seed=7)
+    out_min, t_min = launch_soft_topk_fwd(x, k, S_MIN, True, False)
+    assert torch.isfinite(out_min).all() and torch.isfinite(t_min).all()
+    for tiny in (1e-300, torch.tensor(1e-40, dtype=torch.float64)):
+        out, t = launch_soft_topk_fwd(x, k, tiny, True, False)
+        assert torch.equal(out, out_min) and torch.equal(t, t_min)
+        dx, dk, ds = launch_soft_topk_bwd(torch.ones_like(x), x, t, tiny, True, False)
+        dx2, dk2, ds2 = launch_soft_topk_bwd(torch.ones_like(x), x, t, S_MIN, True, False)
+        assert torch.equal(dx, dx2) and torch.equal(dk, dk2) and torch.equal(ds, ds2)
+    out, t = launch_soft_topk_fwd(x, k, math.nan, True, False)
+    assert torch.isnan(t).all()
+
+
+@pytest.mark.parametrize("d", [129, 512])
+def test_sparse_decode_float64_narrow_tiles(d):
+    """float64 takes 128-column tiles (16 x 256 float64 tiles spilled on sm_90): several d-tiles."""
+    vals, idx, W, b, grad = decode_case(4, 20, 9, d, torch.float64, seed=2)
+    close(launch_sparse_decode_fwd(vals, idx, W, b), sparse_decode_fwd_ref(vals, idx, W, b), torch.float64)
+    rdv, rdw = sparse_decode_bwd_ref(grad, vals, idx, W, True, True, True)
+    for det in (True, False):
+        dv, dw = launch_sparse_decode_bwd(grad, vals, idx, W, True, True, det)
+        close(dv, rdv, torch.float64)
+        close(dw, rdw, torch.float64)
