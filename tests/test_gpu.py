@@ -314,3 +314,177 @@ def test_sparse_decode_without_bias_and_noncontiguous_inputs(backend):
     out = softsae.sparse_decode(vals.detach(), idx.int(), Wt, None, backend=backend)
     want = softsae.sparse_decode(vals.detach(), idx, W.detach(), None, backend="reference")
     assert max_err(out, want) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- devices, syncs, graphs
+
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@needs_2_gpus
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_second_gpu_while_first_is_current(backend):
+    """Tensors on cuda:1 while cuda:0 is current: every op runs on the tensors' device."""
+    torch.cuda.set_device(0)
+    x0 = rows(16, 777, "randn")
+    k0 = rand_k(16, 777)
+    w0 = torch.randn(16, 777, dtype=torch.float64, device=DEV)
+    want = grads(backend, x0, k0, 0.05, w0, True, True)
+    x1, k1, w1 = x0.to("cuda:1"), k0.to("cuda:1"), w0.to("cuda:1")
+    xg = x1.clone().requires_grad_(True)
+    a = torch.tensor(0.05, dtype=torch.float64, device="cuda:1", requires_grad=True)
+    out = softsae.soft_topk_gate(xg, k1, a, backend=backend)
+    (out.double() * w1).sum().backward()
+    assert out.device == torch.device("cuda:1") and a.grad.device == torch.device("cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert max_err(xg.grad.cpu(), want[0].cpu()) <= 1e-5 * max(1.0, amax(want[0]))
+    assert abs(a.grad.item() - want[2].item()) <= 1e-4 * max(1.0, abs(want[2].item()))
+    vals, idx, W, b = sparse_case(64, 8, 300, 96, torch.float32, "padded")
+    v1, i1, W1, b1 = (t.detach().to("cuda:1").requires_grad_(t.is_floating_point()) for t in (vals, idx, W, b))
+    o1 = softsae.sparse_decode(v1, i1, W1, b1, backend=backend)
+    o0 = softsae.sparse_decode(vals, idx, W, b, backend=backend)
+    assert o1.device == torch.device("cuda:1") and max_err(o1.cpu(), o0.cpu()) <= 1e-5
+    o1.sum().backward()
+    o0.sum().backward()
+    assert max_err(W1.grad.cpu(), W.grad.cpu()) <= 1e-5 * max(1.0, amax(W.grad))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_alpha_tensor_on_gpu_is_not_read_back_and_its_grad_stays(backend):
+    x = rows(8, 300, "randn").requires_grad_(True)
+    a = torch.tensor(-0.05, dtype=torch.float32, device=DEV, requires_grad=True)  # sign(alpha) < 0
+    softsae.soft_topk(x, 10.0, a, backend=backend).pow(2).sum().backward()
+    a_ref = torch.tensor(-0.05, dtype=torch.float64, requires_grad=True)
+    softsae.soft_topk(x.detach().double().cpu(), 10.0, a_ref, backend="reference").pow(2).sum().backward()
+    assert a.grad.device == a.device and a.grad.dtype == torch.float32
+    assert abs(a.grad.item() - a_ref.grad.item()) <= 1e-3 * max(1.0, abs(a_ref.grad.item()))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_alpha_is_clamped_like_every_backend(backend, dtype):
+    """s = max(|alpha|, 1e-30): float32 1/s stays finite, results equal those at alpha = 1e-30."""
+    x = rows(8, 500, "randn", dtype)
+    k = rand_k(8, 500)
+    at_min = softsae.soft_topk(x, k, 1e-30, backend=backend)
+    for alpha in (1e-35, 1e-300, torch.tensor(1e-40, device=DEV)):
+        p = softsae.soft_topk(x, k, alpha, backend=backend)
+        assert torch.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
+        assert torch.equal(p, at_min)
+
+
+def _graph_step(model, opt, tracker, x_n):
+    """One full SAE training step, written to be capturable (nothing reads back to the host)."""
+    from softsae.losses import auxk_loss, k_loss, reconstruction_loss
+
+    out = model.forward_train(x_n)
+    loss = reconstruction_loss(x_n, out.x_hat)
+    if out.k_hat is not None:
+        loss = loss + 0.1 * k_loss(out.k_hat, float(model.k))
+    loss = loss + auxk_loss(out.pre, x_n - out.x_hat, tracker.dead_mask(), model.W_dec, 8, model.backend) / 32
+    loss.backward()
+    model.project_decoder_grad()
+    opt.step()
+    model.normalize_decoder()
+    tracker.update(out.codes.fired(), x_n.shape[0])
+    return loss.detach()
+
+
+def _new_sae(arch: str, backend: str):
+    from softsae.models import BatchTopKSAE, SoftSAE, TopKSAE
+
+    torch.manual_seed(0)
+    d, n, k = 64, 512, 8
+    if arch == "softsae-soft":
+        return SoftSAE(d, n, k, alpha=0.05, backend=backend)
+    if arch == "softsae-hard":
+        m = SoftSAE(d, n, k, alpha=0.05, backend=backend)
+        m.hard = True
+        return m
+    if arch == "topk":
+        return TopKSAE(d, n, k, backend=backend)
+    return BatchTopKSAE(d, n, k, backend=backend, decode_mode="dense")  # sparse mode reads the widest row back
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("arch", ["softsae-soft", "softsae-hard", "topk", "batchtopk"])
+def test_cuda_graph_captures_a_full_training_step(backend, arch):
+    """Capture forward + backward + Adam(capturable=True) of each SAE, replay, compare to eager."""
+    import copy
+
+    from softsae.losses import DeadLatentTracker
+
+    eager = _new_sae(arch, backend).to(DEV)
+    graphed = copy.deepcopy(eager)
+    x_n = torch.randn(256, 64, device=DEV)
+    runs = {}
+    for name, model in (("eager", eager), ("graph", graphed)):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+        tracker = DeadLatentTracker(model.n, threshold=256, device=DEV)
+        warm, steps = 3, 4
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up on a side stream (Triton JIT, Adam state, cuBLAS)
+            for _ in range(warm):
+                opt.zero_grad(set_to_none=True)
+                _graph_step(model, opt, tracker, x_n)
+        torch.cuda.current_stream().wait_stream(side)
+        losses = []
+        if name == "eager":
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                losses.append(_graph_step(model, opt, tracker, x_n))
+        else:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.reset_peak_memory_stats()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_loss = _graph_step(model, opt, tracker, x_n)
+            for _ in range(steps):
+                graph.replay()
+                losses.append(static_loss.clone())
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            print(f"{arch}/{backend}: peak CUDA memory with the graph {peak:.1f} MiB")
+        runs[name] = (torch.stack(losses), tracker.tokens_since_fired.clone())
+    # Same math, but atomics in torch's scatter/index kernels may reorder float sums.
+    assert torch.allclose(runs["graph"][0], runs["eager"][0], rtol=1e-4, atol=1e-6)
+    assert torch.equal(runs["graph"][1], runs["eager"][1]) or arch == "softsae-soft"
+    for (pn, pe), pg in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        assert torch.allclose(pg, pe, rtol=1e-3, atol=1e-5), pn
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_peak_memory_within_the_documented_bounds(backend):
+    """docs/design.md "Extra memory per op": outputs + O(R) per row (+ the Triton per-program
+    scratch); sparse decode backward: dW + dvals + the (B K) sort of the pairs."""
+    R, n = 1024, 16384
+    x = torch.randn(R, n, device=DEV, requires_grad=True)
+    k = torch.full((R,), 64.0, dtype=torch.float64, device=DEV)
+    g = torch.randn(R, n, device=DEV)
+    e = x.element_size()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    p = softsae.soft_topk(x, k, 1e-3, backend=backend)
+    torch.cuda.synchronize()
+    fwd_extra = torch.cuda.max_memory_allocated() - base
+    assert fwd_extra <= R * n * e + 64 * R + 8 * 2**20, fwd_extra  # p, t, scratch (Triton: <= 8 MiB)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    p.backward(g)
+    torch.cuda.synchronize()
+    bwd_extra = torch.cuda.max_memory_allocated() - base
+    assert bwd_extra <= R * n * e + 64 * R + 2**20, bwd_extra  # dx (becomes x.grad), dk, ds
+    B, K, nl, d = 4096, 64, 16384, 512
+    vals, idx, W, b = sparse_case(B, K, nl, d, torch.float32, "random")
+    go = torch.randn(B, d, device=DEV)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    softsae.sparse_decode(vals, idx, W, b, backend=backend).backward(go)
+    torch.cuda.synchronize()
+    sd_extra = torch.cuda.max_memory_allocated() - base
+    # out (B d), dW (n d), dvals (B K), db; the stable sort of B K int64 keys + perm + seg (n + 1).
+    bound = (B * d + nl * d + B * K + d) * 4 + 6 * B * K * 8 + 2 * (nl + 1) * 8 + 8 * 2**20
+    assert sd_extra <= bound, (sd_extra, bound)

@@ -70,6 +70,20 @@ void check_scale(double s) {
   TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0, "s = |alpha| must be finite and > 0, got ", s);
 }
 
+// s as a tensor: one float64 on x's device, read by the kernel (its value is not checked here:
+// that would be a host sync; the kernel clamps it to >= 1e-30).
+void check_scale_tensor(const Tensor& s, const Tensor& x) {
+  check_cuda(s, "s", x);
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kDouble, "s must be float64, got ", s.scalar_type());
+  TORCH_CHECK(s.numel() == 1, "s must hold exactly one value, got shape ", s.sizes());
+}
+
+// A Python float s becomes a (1,) float64 tensor on x's device (a fill kernel, no copy).
+Tensor scale_tensor(double s, const Tensor& x) {
+  check_scale(s);
+  return at::full({1}, s, x.options().dtype(at::kDouble));
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "softsae._C_cuda.", what, ": CUDA error: ",
               cudaGetErrorString(err));
@@ -77,21 +91,23 @@ void check_launch(cudaError_t err, const char* what) {
 
 // ------------------------------------------------------------------------------ soft top-k
 
-std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, double s, bool largest,
-                                         bool gate) {
+std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, const Tensor& s,
+                                         bool largest, bool gate) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   check_matrix(x, "x", x);
   const sc::DType dt = dtype_of(x, "x");
   const int64_t R = x.size(0), n = x.size(1);
   check_rows_f64(k, "k", x, R);
-  check_scale(s);
+  check_scale_tensor(s, x);
   TORCH_CHECK(R <= INT_MAX && n <= INT_MAX, "soft_topk_fwd: R and n must be < 2^31, got ",
               x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty_like(x);
   Tensor t = at::empty({R}, x.options().dtype(at::kDouble));
   if (R == 0 || n == 0) return {out, t.zero_()};
-  check_launch(sc::soft_topk_fwd(x.data_ptr(), k.data_ptr<double>(), s, largest, gate,
+  const Tensor s1 = s.contiguous();
+  check_launch(sc::soft_topk_fwd(x.data_ptr(), k.data_ptr<double>(), s1.data_ptr<double>(),
+                                 largest, gate,
                                  out.data_ptr(), t.data_ptr<double>(), R, n, dt,
                                  c10::cuda::getCurrentCUDAStream()),
                "soft_topk_fwd");
@@ -99,15 +115,15 @@ std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, doubl
 }
 
 std::tuple<Tensor, Tensor, Tensor> soft_topk_bwd(const Tensor& grad, const Tensor& x,
-                                                 const Tensor& t, double s, bool largest,
-                                                 bool gate) {
+                                                 const Tensor& t, const Tensor& s,
+                                                 bool largest, bool gate) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   check_matrix(x, "x", x);
   const sc::DType dt = dtype_of(x, "x");
   check_like(grad, "grad", x, "x");
   const int64_t R = x.size(0), n = x.size(1);
   check_rows_f64(t, "t", x, R);
-  check_scale(s);
+  check_scale_tensor(s, x);
   TORCH_CHECK(R <= INT_MAX && n <= INT_MAX, "soft_topk_bwd: R and n must be < 2^31, got ",
               x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -115,8 +131,9 @@ std::tuple<Tensor, Tensor, Tensor> soft_topk_bwd(const Tensor& grad, const Tenso
   Tensor dk = at::empty({R}, x.options().dtype(at::kDouble));
   Tensor ds = at::empty({R}, x.options().dtype(at::kDouble));
   if (R == 0 || n == 0) return {dx, dk.zero_(), ds.zero_()};
-  check_launch(sc::soft_topk_bwd(grad.data_ptr(), x.data_ptr(), t.data_ptr<double>(), s, largest,
-                                 gate, dx.data_ptr(), dk.data_ptr<double>(),
+  const Tensor s1 = s.contiguous();
+  check_launch(sc::soft_topk_bwd(grad.data_ptr(), x.data_ptr(), t.data_ptr<double>(),
+                                 s1.data_ptr<double>(), largest, gate, dx.data_ptr(), dk.data_ptr<double>(),
                                  ds.data_ptr<double>(), R, n, dt,
                                  c10::cuda::getCurrentCUDAStream()),
                "soft_topk_bwd");
@@ -231,13 +248,32 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "softsae CUDA kernels (soft top-k, sparse decode); contract in docs/design.md";
+  // s: a 1-element float64 tensor on x's device (no host sync) or a float > 0.
   m.def("soft_topk_fwd", &soft_topk_fwd,
-        "(x (R, n), k (R,) f64, s, largest, gate) -> (out (R, n), t (R,) f64)", py::arg("x"),
-        py::arg("k"), py::arg("s"), py::arg("largest"), py::arg("gate"));
+        "(x (R, n), k (R,) f64, s (1,) f64 tensor, largest, gate) -> (out (R, n), t (R,) f64)",
+        py::arg("x"), py::arg("k"), py::arg("s"), py::arg("largest"), py::arg("gate"));
+  m.def(
+      "soft_topk_fwd",
+      [](const Tensor& x, const Tensor& k, double s, bool largest, bool gate) {
+        TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+        const c10::cuda::CUDAGuard guard(x.device());
+        return soft_topk_fwd(x, k, scale_tensor(s, x), largest, gate);
+      },
+      "(x, k, s: float, largest, gate)", py::arg("x"), py::arg("k"), py::arg("s"),
+      py::arg("largest"), py::arg("gate"));
   m.def("soft_topk_bwd", &soft_topk_bwd,
-        "(grad, x, t, s, largest, gate) -> (dx (R, n), dk (R,) f64, ds (R,) f64)",
+        "(grad, x, t, s (1,) f64 tensor, largest, gate) -> (dx (R, n), dk (R,) f64, ds (R,) f64)",
         py::arg("grad"), py::arg("x"), py::arg("t"), py::arg("s"), py::arg("largest"),
         py::arg("gate"));
+  m.def(
+      "soft_topk_bwd",
+      [](const Tensor& grad, const Tensor& x, const Tensor& t, double s, bool largest, bool gate) {
+        TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+        const c10::cuda::CUDAGuard guard(x.device());
+        return soft_topk_bwd(grad, x, t, scale_tensor(s, x), largest, gate);
+      },
+      "(grad, x, t, s: float, largest, gate)", py::arg("grad"), py::arg("x"), py::arg("t"),
+      py::arg("s"), py::arg("largest"), py::arg("gate"));
   m.def("sparse_decode_fwd", &sparse_decode_fwd,
         "(vals (B, K), idx (B, K) int64, W (n, d), b (d,) or None) -> out (B, d)",
         py::arg("vals"), py::arg("idx"), py::arg("W"), py::arg("b") = py::none());

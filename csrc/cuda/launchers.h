@@ -19,16 +19,18 @@ namespace cuda {
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
 // ----------------------------------------------------------------- soft top-k
-// x, out: (R, n) of `dtype`; k: (R,) float64 in (0, n); s > 0; t: (R,) float64 out.
+// x, out: (R, n) of `dtype`; k: (R,) float64 in (0, n); t: (R,) float64 out.
+// s: ONE float64 in device memory, the scale |alpha|; read on the device (no host sync,
+// CUDA-graph safe) as max(|*s|, 1e-30), the clamp the Python layer applies too.
 // out = p (gate = false) or x * p (gate = true). One thread block per row.
 // Requires R, n >= 1 and R, n < 2^31.
-cudaError_t soft_topk_fwd(const void* x, const double* k, double s, bool largest, bool gate,
+cudaError_t soft_topk_fwd(const void* x, const double* k, const double* s, bool largest, bool gate,
                           void* out, double* t, int64_t R, int64_t n, DType dtype,
                           cudaStream_t stream);
 
 // grad, x, dx: (R, n) of `dtype`; t: (R,) float64 from soft_topk_fwd;
 // dk, ds: (R,) float64 out (ds is per row; the caller sums rows and applies sign(alpha)).
-cudaError_t soft_topk_bwd(const void* grad, const void* x, const double* t, double s,
+cudaError_t soft_topk_bwd(const void* grad, const void* x, const double* t, const double* s,
                           bool largest, bool gate, void* dx, double* dk, double* ds, int64_t R,
                           int64_t n, DType dtype, cudaStream_t stream);
 

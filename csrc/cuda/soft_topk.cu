@@ -85,6 +85,15 @@ template <class C> __device__ __forceinline__ Pivot<C> make_pivot(double t, doub
   return p;
 }
 
+// The scale s = |alpha| lives in device memory (no host read-back). Clamped to
+// >= kSMin = 1e-30 exactly as the Python layer does (softsae.ops.soft_topk.S_MIN), so
+// 1 / s <= 1e30 stays finite in float; NaN propagates.
+constexpr double kSMin = 1e-30;
+__device__ __forceinline__ double load_scale(const double* s_ptr) {
+  const double v = fabs(*s_ptr);
+  return v < kSMin ? kSMin : v;  // false for NaN: NaN stays NaN
+}
+
 template <class C> __device__ __forceinline__ C laplace_cdf(C u) {
   const C e = C(0.5) * c_exp(-fabs(u));
   return u >= C(0) ? C(1) - e : e;
@@ -237,10 +246,11 @@ __device__ __forceinline__ double laplace_icdf(double p) {
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
     soft_topk_fwd_kernel(const T* __restrict__ x, const double* __restrict__ kvec,
-                         const double s, const bool largest, const bool gate,
+                         const double* __restrict__ s_ptr, const bool largest, const bool gate,
                          T* __restrict__ out, double* __restrict__ tout, const int n,
                          const int scratch_bytes, const bool use_cache) {
   using C = compute_t<T>;
+  const double s = load_scale(s_ptr);
   constexpr int kCap = kScratchBytes / int(sizeof(C));  // candidate buffer entries
   // Dynamic smem: [scratch: min(n, kCap) candidates, or the histogram][row cache, if used]
   extern __shared__ __align__(16) unsigned char dyn_smem[];
@@ -557,11 +567,12 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
     soft_topk_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
-                         const double* __restrict__ tin, const double s, const bool largest,
-                         const bool gate, T* __restrict__ dx, double* __restrict__ dk,
-                         double* __restrict__ ds, const int n, const int cache_stride,
-                         const bool use_cache) {
+                         const double* __restrict__ tin, const double* __restrict__ s_ptr,
+                         const bool largest, const bool gate, T* __restrict__ dx,
+                         double* __restrict__ dk, double* __restrict__ ds, const int n,
+                         const int cache_stride, const bool use_cache) {
   using C = compute_t<T>;
+  const double s = load_scale(s_ptr);
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   const int tid = threadIdx.x, bd = blockDim.x;
   const int64_t row = blockIdx.x;
@@ -691,7 +702,7 @@ cudaError_t dyn_smem_limit(const void* kernel, size_t* limit) {
 size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 template <class T>
-cudaError_t fwd_impl(const void* x_, const double* k, double s, bool largest, bool gate,
+cudaError_t fwd_impl(const void* x_, const double* k, const double* s, bool largest, bool gate,
                      void* out_, double* t, int64_t R, int64_t n, cudaStream_t stream) {
   if (R < 1 || n < 1 || R > INT_MAX || n > INT_MAX) return cudaErrorInvalidValue;
   const T* x = static_cast<const T*>(x_);
@@ -715,7 +726,7 @@ cudaError_t fwd_impl(const void* x_, const double* k, double s, bool largest, bo
 }
 
 template <class T>
-cudaError_t bwd_impl(const void* grad_, const void* x_, const double* t, double s, bool largest,
+cudaError_t bwd_impl(const void* grad_, const void* x_, const double* t, const double* s, bool largest,
                      bool gate, void* dx_, double* dk, double* ds, int64_t R, int64_t n,
                      cudaStream_t stream) {
   if (R < 1 || n < 1 || R > INT_MAX || n > INT_MAX) return cudaErrorInvalidValue;
@@ -739,7 +750,7 @@ cudaError_t bwd_impl(const void* grad_, const void* x_, const double* t, double 
 
 }  // namespace
 
-cudaError_t soft_topk_fwd(const void* x, const double* k, double s, bool largest, bool gate,
+cudaError_t soft_topk_fwd(const void* x, const double* k, const double* s, bool largest, bool gate,
                           void* out, double* t, int64_t R, int64_t n, DType dtype,
                           cudaStream_t stream) {
   switch (dtype) {
@@ -752,7 +763,7 @@ cudaError_t soft_topk_fwd(const void* x, const double* k, double s, bool largest
   return cudaErrorInvalidValue;
 }
 
-cudaError_t soft_topk_bwd(const void* grad, const void* x, const double* t, double s,
+cudaError_t soft_topk_bwd(const void* grad, const void* x, const double* t, const double* s,
                           bool largest, bool gate, void* dx, double* dk, double* ds, int64_t R,
                           int64_t n, DType dtype, cudaStream_t stream) {
   switch (dtype) {
