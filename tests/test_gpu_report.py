@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,11 @@ def test_percent_of_peak_for_a_known_gpu():
     rec = {"op": "soft_topk", "bytes": 4.8e9, "p50_ms": 2000.0}  # 2.4 GB/s
     got = gpu_report.enrich(rec, 4800.0)
     assert got["gbps"] == pytest.approx(2.4) and got["pct_hbm_peak"] == pytest.approx(0.05)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU may be present: the script would run")
+def test_gpu_check_exits_3_at_once_without_a_gpu(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and "no NVIDIA GPU" in res.stderr
+    assert not (tmp_path / "out").exists()

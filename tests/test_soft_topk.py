@@ -312,3 +312,50 @@ def test_torch_compile_inductor_auto_backend():
     want = torch.autograd.grad(f(x, k, a), (x, k, a))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+# ----------------------------------------------------------------------------- scale clamp, alpha, sparse width
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_tiny_alpha_is_clamped_to_s_min(backend):
+    """s = max(|alpha|, S_MIN = 1e-30) on every backend: 1e-35 behaves exactly like 1e-30."""
+    from softsae.ops.soft_topk import S_MIN, scale_of
+
+    assert S_MIN == 1e-30
+    s = scale_of(torch.tensor(-1e-35))
+    assert s.shape == (1,) and s.dtype == torch.float64 and s.item() == S_MIN
+    x = torch.randn(6, 300)
+    k = torch.full((6,), 7.0)
+    p = softsae.soft_topk(x, k, 1e-35, backend=backend)
+    assert torch.isfinite(p).all()
+    assert torch.equal(p, softsae.soft_topk(x, k, 1e-30, backend=backend))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_alpha_tensor_validation_and_gradient_device(backend):
+    x = torch.randn(4, 50, requires_grad=True)
+    with pytest.raises(ValueError, match="alpha must be finite and non-zero"):
+        softsae.soft_topk(x, 3.0, torch.tensor(0.0), backend=backend)  # a CPU tensor is checked
+    with pytest.raises(ValueError, match="alpha must be finite and non-zero"):
+        softsae.soft_topk(x, 3.0, float("nan"), backend=backend)
+    a = torch.tensor([-0.1], dtype=torch.float32, requires_grad=True)  # (1,) float32, negative
+    softsae.soft_topk(x, 3.0, a, backend=backend).pow(2).sum().backward()
+    a64 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    softsae.soft_topk(x.detach(), 3.0, a64, backend="reference").pow(2).sum().backward()
+    assert a.grad.shape == (1,) and a.grad.dtype == torch.float32
+    assert a.grad.item() == pytest.approx(-a64.grad.item(), rel=1e-4, abs=1e-6)  # sign(alpha)
+
+
+def test_sparse_gate_static_width():
+    torch.manual_seed(0)
+    x = torch.randn(5, 40).relu()
+    vals, idx = softsae.soft_topk_gate(x, 4.0, 1e-3, sparse=True)
+    width = idx.shape[1]
+    v2, i2 = softsae.soft_topk_gate(x, 4.0, 1e-3, sparse=True, max_count=width + 3)
+    assert i2.shape == (5, width + 3)
+    assert torch.equal(i2[:, :width], idx) and (i2[:, width:] == -1).all() and torch.equal(v2[:, :width], vals)
+    v3, i3 = softsae.soft_topk_gate(x, 4.0, 1e-3, sparse=True, max_count=1)  # narrower: lowest indices kept
+    assert torch.equal(i3, idx[:, :1])
+    with pytest.raises(ValueError, match="max_count"):
+        softsae.soft_topk_gate(x, 4.0, 1e-3, sparse=True, max_count=-1)

@@ -205,3 +205,45 @@ def test_sae_step_sparse_equals_dense(backend):
     for a, b in zip(torch.autograd.grad(ls, (W_enc, W_dec, b_dec)), torch.autograd.grad(ld, (W_enc, W_dec, b_dec)),
                     strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- sync-free options
+
+
+def test_index_validation_flag(monkeypatch):
+    vals, W = torch.randn(2, 3), torch.randn(5, 4)
+    bad = torch.tensor([[0, 1, 5], [0, -1, 2]])
+    with pytest.raises(ValueError, match="idx must lie in"):
+        softsae.sparse_decode(vals, bad, W)  # CPU: checked by default
+    with pytest.raises(ValueError, match="idx must lie in"):
+        softsae.sparse_decode(vals, bad, W, validate=True)
+    with pytest.raises(TypeError, match="validate"):
+        softsae.sparse_decode(vals, bad.clamp(max=4), W, validate="yes")
+    from softsae.ops.sparse_decode import _should_validate
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("SOFTSAE_CHECK_INDICES", raising=False)
+    assert not _should_validate(None, cuda) and _should_validate(True, cuda) and _should_validate(None, W.device)
+    assert not _should_validate(False, W.device)
+    monkeypatch.setenv("SOFTSAE_CHECK_INDICES", "1")
+    assert _should_validate(None, cuda)
+
+
+def test_topk_per_row_static_k_max():
+    torch.manual_seed(0)
+    z = torch.randn(6, 30)
+    k = torch.tensor([0, 1, 4, 7, 30, 3])
+    vals, idx = softsae.topk_per_row(z, k)
+    v9, i9 = softsae.topk_per_row(z, k, k_max=32)  # wider than n: clipped to n
+    assert i9.shape == (6, 30)
+    assert torch.equal(i9[:, : idx.shape[1]], idx) and (i9[:, idx.shape[1]:] == -1).all()
+    v3, i3 = softsae.topk_per_row(z, k, k_max=3)  # narrower: each row keeps its 3 largest
+    want_v, want_i = softsae.topk_per_row(z, k.clamp(max=3))
+    assert torch.equal(i3, want_i) and torch.equal(v3, want_v)
+    assert softsae.topk_per_row(z, 5)[1].shape == (6, 5)
+    with pytest.raises(ValueError, match="k_max"):
+        softsae.topk_per_row(z, k, k_max=-2)
+    nan = torch.full((2, 3), float("nan"))
+    softsae.topk_per_row(nan, 1, check_nan=False)  # opt-out: no check, no error
+    with pytest.raises(ValueError, match="NaN"):
+        softsae.topk_per_row(nan, 1)
