@@ -16,7 +16,6 @@ from torch import Tensor
 
 from softsae.data import load_activations
 from softsae.models import SparseAutoencoder
-from softsae.ops.soft_topk import soft_topk
 from softsae.ops.topk_per_row import topk_per_row
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -193,11 +192,11 @@ def softsae_diagnostics(model: SparseAutoencoder, data, max_rows: int | None = 2
         den = float((x_n - x_n.mean(0)).double().pow(2).sum())
         N = x.shape[0]
         k_floor, k_round = torch.floor(k_hat).clamp(1, model.n), torch.floor(k_hat + 0.5).clamp(1, model.n)
-        p = soft_topk(pre, k_hat, model.alpha, backend=model.backend)
-        soft_l0 = (p >= 0.5).sum(-1).double().mean()
+        z_soft = model.soft_dense(pre, k_hat)
+        soft_l0 = ((z_soft != 0) & (z_soft >= 0.5 * pre)).sum(-1).double().mean()  # gate weight >= 1/2
         res: dict[str, Any] = {
-            "n_rows": N, "alpha": model.alpha, "k_round": model.k_round,
-            "soft": {"fvu": _decode_fvu(model, x_n, pre * p, den), "mean_l0": float(soft_l0)},
+            "n_rows": N, "alpha": model.alpha, "alpha_relative": model.alpha_relative, "k_round": model.k_round,
+            "soft": {"fvu": _decode_fvu(model, x_n, z_soft, den), "mean_l0": float(soft_l0)},
             "floor": {"fvu": _decode_fvu(model, x_n, _topk_dense(pre, k_floor), den),
                       "mean_l0": float(k_floor.double().mean())},
             "round": {"fvu": _decode_fvu(model, x_n, _topk_dense(pre, k_round), den),

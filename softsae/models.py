@@ -289,7 +289,7 @@ class SoftSAE(SparseAutoencoder):
         k = torch.floor(k + 0.5) if self.k_round == "round" else torch.floor(k)
         return k.clamp(1.0, float(self.n))
 
-    def _soft_dense(self, pre: Tensor, k_hat: Tensor) -> Tensor:
+    def soft_dense(self, pre: Tensor, k_hat: Tensor) -> Tensor:
         """Dense soft-gated codes (B, n); with ``alpha_relative`` the Laplace scale of row b is
         alpha * max_i pre[b, i] (the row's largest activation, detached), else alpha."""
         if not self.alpha_relative:
@@ -303,13 +303,13 @@ class SoftSAE(SparseAutoencoder):
             src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
             return self._hard_codes(src, self.hard_k(k_hat)), k_hat
         if self.straight_through:  # forward = hard top-hard_k(k_hat); gradient = the soft gate's
-            z_soft = self._soft_dense(pre, k_hat)
+            z_soft = self.soft_dense(pre, k_hat)
             z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
             return Codes(self.n, dense=z_soft + (z_hard - z_soft).detach()), k_hat
         if self._use_sparse(False) and not self.alpha_relative:
             vals, idx = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend, sparse=True)
             return Codes(self.n, vals=vals, idx=idx, soft_pre=pre), k_hat
-        return Codes(self.n, dense=self._soft_dense(pre, k_hat), soft_pre=pre), k_hat
+        return Codes(self.n, dense=self.soft_dense(pre, k_hat), soft_pre=pre), k_hat
 
 
 class TopKSAE(SparseAutoencoder):
