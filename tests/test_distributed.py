@@ -10,6 +10,7 @@ wall-clock limit, after which the processes are killed and the test fails.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from datetime import timedelta
 
@@ -31,21 +32,37 @@ SPAWN_LIMIT_S = 120.0
 # ----------------------------------------------------------------------------- spawning
 
 
-def _entry(rank: int, world: int, fn_name: str, store_path: str) -> None:
+def _entry(rank: int, world: int, fn_name: str, store_path: str, port: int | None) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    if port is None:
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    else:  # the torchrun path: environment variables, TCPStore on 127.0.0.1
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port), SOFTSAE_DIST_TIMEOUT="30")
+        ctx = sd.init_from_env(device="cpu")
+        assert (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main) == (rank, world, "gloo", rank == 0), ctx
     try:
         globals()[fn_name](rank, world)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(fn_name: str, world: int, tmp_path) -> None:
-    """Run ``fn_name(rank, world)`` on ``world`` gloo ranks; a failure on any rank fails the test."""
-    ctx = mp.start_processes(_entry, args=(world, fn_name, str(tmp_path / f"store_{fn_name}_{world}")),
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn_name: str, world: int, tmp_path, env_init: bool = False) -> None:
+    """Run ``fn_name(rank, world)`` on ``world`` gloo ranks; a failure on any rank fails the test.
+
+    ``env_init``: join through ``softsae.distributed.init_from_env`` (torchrun variables, TCPStore on
+    127.0.0.1) instead of a FileStore."""
+    port = _free_port() if env_init else None
+    ctx = mp.start_processes(_entry, args=(world, fn_name, str(tmp_path / f"store_{fn_name}_{world}"), port),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_LIMIT_S
     try:
@@ -295,29 +312,22 @@ def _bad_data_worker(rank: int, world: int) -> None:
 
 
 # ----------------------------------------------------------------------------- tests
+# One spawn per world size runs every worker in turn (a spawn costs seconds of imports per rank).
+
+WORKERS = {2: ["_soft_topk_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker"],
+           3: ["_soft_topk_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker", "_bad_data_worker"]}
+
+
+def _all_workers(rank: int, world: int) -> None:
+    for name in WORKERS[world]:
+        globals()[name](rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_soft_topk_matches_unsharded(world, tmp_path):
-    _spawn("_soft_topk_worker", world, tmp_path)
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_hard_topk_and_batch_topk(world, tmp_path):
-    _spawn("_hard_topk_worker", world, tmp_path)
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_sae_chain_gradients(world, tmp_path):
-    _spawn("_decode_worker", world, tmp_path)
-
-
-def test_global_statistics(tmp_path):
-    _spawn("_stats_worker", 3, tmp_path)
-
-
-def test_bad_data_stops_every_rank(tmp_path):
-    _spawn("_bad_data_worker", 3, tmp_path)
+def test_distributed_ops_and_statistics(world, tmp_path):
+    """Sharded soft top-k / gate (values, dx, dk, dalpha), hard and batch top-k, an SAE chain's
+    gradients through the sharded decode, global statistics, and (3 ranks) bad data on some ranks."""
+    _spawn("_all_workers", world, tmp_path, env_init=world == 2)
 
 
 def test_shard_sizes():

@@ -462,8 +462,9 @@ def sharded_batch_topk(z: Tensor, k: int, group: dist.ProcessGroup | None = None
     (values descending; ``idx`` LOCAL columns unless ``global_index``; width = the largest per-row
     count, read back to the host) and ``threshold``, the smallest kept value over all ranks
     (a 0-d float64 tensor, identical on every rank; NaN when nothing is kept), for the EMA
-    threshold of BatchTopK. Collectives: the metadata all-gather, one all-gather of this rank's
-    min(M, local size) candidates (value, flat index), one all-reduce MIN.
+    threshold of BatchTopK. Collectives: the metadata all-gather, one all-reduce MAX (candidate
+    count), two all-gathers of min(M, largest local size) candidates (values, flat indices): the
+    merge holds W * M candidates per rank.
     """
     _check_2d(z, "z")
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
