@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,23 +48,24 @@ FULL = {"ks": [8, 16, 32], "seeds": [0, 1], "tokens_per_model": 5_000_000}
 REDUCED = {"ks": [8, 16, 32], "seeds": [0], "tokens_per_model": 1_000_000}
 
 
-def heldout_texts(meta: dict, n: int, seed: int = 0) -> list[str]:
+def heldout_texts(docs: list, meta: dict, n: int, seed: int = 0) -> list[str]:
     """``n`` held-out paragraphs (a fixed random sample) of the documents in the held-out split."""
-    from softsae.corpus import python_docs_corpus
-
     held = {doc_id for doc_id, _ in meta["documents"]["heldout"]}
-    paras = [p for d in python_docs_corpus() if d.id in held for p in d.paragraphs()]
+    paras = [p for d in docs if d.id in held for p in d.paragraphs()]
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(paras), size=min(n, len(paras)), replace=False))
     return [paras[i] for i in idx]
 
 
 def git_commit(path: str) -> str:
+    """Short hash of the last commit touching ``path``, and whether the file has uncommitted changes."""
     try:
-        return subprocess.run(["git", "log", "-1", "--format=%h %s", "--", path], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        h = subprocess.run(["git", "log", "-1", "--format=%h", "--", path], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path], cwd=ROOT).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return h + (" + uncommitted changes" if dirty else "")
 
 
 def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Tensor, mean_cos) -> dict:
@@ -83,6 +85,10 @@ def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Te
     down = splice.evaluate(model, mean, mean_cos)
     res = {"arch": arch, "k": k, "seed": seed, "train_seconds": secs, "tokens_seen": steps * a.batch_size,
            "config": dataclasses.asdict(result.config), "eval": rep, "downstream": down}
+    if arch == "softsae" and a.diag_rows > 0:
+        from softsae.metrics import softsae_diagnostics
+
+        res["diagnostics"] = softsae_diagnostics(model, str(paths["heldout"]), max_rows=a.diag_rows)
     atomic_write_json(res_file, res)
     print(f"{arch:9s} K={k:<3d} seed {seed}: FVU {rep['fvu']:.4f}  L0 {rep['l0']['mean']:.2f}  "
           f"dead {rep['dead_fraction']:.3f}  frac_rec {down['frac_recovered']:.4f}  ({secs:.0f} s)", flush=True)
@@ -123,7 +129,7 @@ def fmt(v: tuple[float, float | None], spec: str) -> str:
     return format(v[0], spec) + (f" ± {format(v[1], spec)}" if v[1] is not None else "")
 
 
-def report(agg: dict, ks: list[int], archs: list[str]) -> tuple[str, list[dict]]:
+def report(agg: dict, ks: list[int], archs: list[str], results: list[dict]) -> tuple[str, list[dict]]:
     lines = ["| model | K | held-out FVU | mean L0 | L0 p5 / p50 / p95 | dead % | downstream frac. recovered "
              "| cos(spliced, clean) | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for arch in archs:
@@ -157,6 +163,19 @@ def report(agg: dict, ks: list[int], archs: list[str]) -> tuple[str, list[dict]]
             lines.append(f"| {k} | {c['l0']:.2f} | {c['fvu_soft']:.4f} | {f_t:.4f}{' (extrap.)' if ex else ''} | "
                          f"{'yes' if c['fvu_ok'] else 'no'} | {c['frac_soft']:.4f} | {d_t:.4f} | "
                          f"{'yes' if c['down_ok'] else 'no'} |")
+        diag = [(r["k"], r["seed"], r["diagnostics"]) for r in results if "diagnostics" in r]
+        if diag:
+            lines += ["", "SoftSAE diagnostics (softsae.metrics.softsae_diagnostics, held-out rows): the same "
+                      "dictionary with different selections at about the same mean L0. floor(k_hat) < uniform "
+                      "top-K means the per-input allocation helps; the gap SoftSAE-vs-TopK minus the gap "
+                      "floor-vs-uniform is the dictionary's own share.", "",
+                      "| K | seed | soft gate FVU (L0) | top floor(k_hat) FVU (L0) | uniform top-K, same dict | "
+                      "one threshold, same dict | Spearman(k_hat, difficulty) |", "|---|---|---|---|---|---|---|"]
+            for k, seed, dg in sorted(diag, key=lambda t: (t[0], t[1])):
+                lines.append(f"| {k} | {seed} | {dg['soft']['fvu']:.4f} ({dg['soft']['mean_l0']:.1f}) | "
+                             f"{dg['floor']['fvu']:.4f} ({dg['floor']['mean_l0']:.2f}) | "
+                             f"{dg['uniform_topk']['fvu']:.4f} | {dg['batch_threshold']['fvu']:.4f} | "
+                             f"{dg['difficulty']['spearman_khat']:.3f} |")
         n_ok = sum(c["fvu_ok"] for c in comp)
         lines += ["", f"Target (SoftSAE on or below TopK's frontier at >= 2 of the K values, downstream no worse): "
                   f"FVU on/below at {n_ok} of {len(comp)}; downstream no worse at "
@@ -241,6 +260,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=None, help="run directory (default runs/science_minilm_<tag>)")
     ap.add_argument("--eval-rows", type=int, default=None, help="held-out rows for FVU/L0 (default: all)")
     ap.add_argument("--downstream-texts", type=int, default=512, help="held-out paragraphs for the splice measure")
+    ap.add_argument("--diag-rows", type=int, default=10_000,
+                    help="held-out rows for the SoftSAE allocation diagnostics (0: off)")
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--backend", default="auto")
@@ -259,7 +280,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
 
-    meta = extract_corpus(a.acts, heldout_frac=0.1, dtype="float16", max_tokens=a.max_acts_tokens,
+    from softsae.corpus import python_docs_corpus
+
+    docs = python_docs_corpus()
+    meta = extract_corpus(a.acts, docs, heldout_frac=0.1, dtype="float16", max_tokens=a.max_acts_tokens,
                           device=a.device, progress=a.progress)
     paths = output_paths(a.acts, 0.1)
     print(f"activations: {meta['rows']} tokens (train / held-out), d={meta['d']}, {meta['dtype']}", flush=True)
@@ -267,7 +291,7 @@ def main() -> None:
     from softsae.downstream import SpliceEvaluator, train_mean
 
     mean = train_mean(str(paths["train"]))
-    texts = heldout_texts(meta, a.downstream_texts)
+    texts = heldout_texts(docs, meta, a.downstream_texts)
     splice = SpliceEvaluator(texts, device=a.device)
     mean_cos = splice.cosines(lambda h: mean.to(h.device).expand_as(h))
     print(f"downstream: {len(texts)} held-out paragraphs, mean-ablation cosine {mean_cos.mean():.4f}", flush=True)
@@ -275,12 +299,12 @@ def main() -> None:
     results = [run_one(arch, k, seed, a, paths, splice, mean, mean_cos)
                for seed in a.seeds for k in a.ks for arch in a.archs]
     agg = aggregate(results)
-    table, comp = report(agg, a.ks, a.archs)
+    table, comp = report(agg, a.ks, a.archs, results)
     figs = plots(results, agg, a, a.ks, a.archs, tag)
     cfg0 = results[0]["config"]
     recipe = {f: cfg0[f] for f in cfg0 if f not in ("arch", "k", "seed", "device", "progress", "checkpoint_every")}
     text = (f"## MiniLM L0-FVU frontier ({tag}{': NOT the full experiment' if not a.full else ''})\n\n"
-            f"`{' '.join(['python benchmarks/science_minilm.py'] + (['--full'] if a.full else []))}` "
+            f"`{' '.join(['python benchmarks/science_minilm.py'] + sys.argv[1:])}` "
             f"(ks {a.ks}, seeds {a.seeds}, {a.tokens_per_model} tokens per model = "
             f"{a.tokens_per_model // a.batch_size} steps x {a.batch_size}, dictionary {a.dict_size}, "
             f"{a.threads} thread(s), device {a.device})\n\n"
