@@ -23,7 +23,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -123,7 +123,7 @@ for note in _notes:
     print(f"softsae: {note}")
 
 setup(
-    packages=["softsae", "softsae.ops", "softsae.kernels"],
+    packages=[*find_packages(include=["softsae", "softsae.*"]), "softsae.kernels"],
     package_dir={"softsae.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
