@@ -130,6 +130,7 @@ def fmt(v: tuple[float, float | None], spec: str) -> str:
 
 
 def report(agg: dict, ks: list[int], archs: list[str], results: list[dict]) -> tuple[str, list[dict]]:
+    ks = sorted(ks)
     lines = ["| model | K | held-out FVU | mean L0 | L0 p5 / p50 / p95 | dead % | downstream frac. recovered "
              "| cos(spliced, clean) | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for arch in archs:
@@ -190,6 +191,7 @@ def plots(results: list[dict], agg: dict, a, ks: list[int], archs: list[str], ta
     import matplotlib.pyplot as plt
 
     colors = {"softsae": "C0", "topk": "C1", "batchtopk": "C2"}
+    ks = sorted(ks)
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for arch in archs:
@@ -279,6 +281,7 @@ def main() -> None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
+    trainer_commit = git_commit("softsae/trainer.py")  # the recipe this process imported
 
     from softsae.corpus import python_docs_corpus
 
@@ -301,8 +304,11 @@ def main() -> None:
     agg = aggregate(results)
     table, comp = report(agg, a.ks, a.archs, results)
     figs = plots(results, agg, a, a.ks, a.archs, tag)
-    cfg0 = results[0]["config"]
-    recipe = {f: cfg0[f] for f in cfg0 if f not in ("arch", "k", "seed", "device", "progress", "checkpoint_every")}
+    skip = ("arch", "k", "k_aux", "seed", "device", "progress", "checkpoint_every", "hard_topk_steps", "st_steps")
+    recipes = {json.dumps({f: v for f, v in r["config"].items() if f not in skip}, sort_keys=True) for r in results}
+    recipe = json.loads(sorted(recipes)[0])
+    if len(recipes) > 1:  # a cached run trained under other defaults: say so rather than mix silently
+        table += f"\n\nWARNING: the runs were trained with {len(recipes)} different recipes (see the json)."
     text = (f"## MiniLM L0-FVU frontier ({tag}{': NOT the full experiment' if not a.full else ''})\n\n"
             f"`{' '.join(['python benchmarks/science_minilm.py'] + sys.argv[1:])}` "
             f"(ks {a.ks}, seeds {a.seeds}, {a.tokens_per_model} tokens per model = "
@@ -312,7 +318,7 @@ def main() -> None:
             f"({len(meta['documents']['train'])} / {len(meta['documents']['heldout'])} documents), d={meta['d']}, "
             f"{meta['dtype']}. Downstream: {len(texts)} held-out paragraphs; mean-ablation cosine "
             f"{mean_cos.mean():.4f}.\n"
-            f"Trainer recipe: `TrainConfig` defaults at commit `{git_commit('softsae/trainer.py')}` "
+            f"Trainer recipe: `TrainConfig` defaults at commit `{trainer_commit}` "
             f"(resolved: {json.dumps(recipe)}).\n\n" + table + "\n\n"
             f"Plots: `results/{figs[0].name}`, `results/{figs[1].name}`. "
             f"Wall time {time.perf_counter() - t_start:.0f} s (cached runs not re-trained).\n")
