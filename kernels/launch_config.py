@@ -9,6 +9,7 @@ launch intercepted, so what it compiles cannot drift from what the launchers do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -56,11 +57,14 @@ def soft_topk_config(n: int, dtype: torch.dtype, *, block: int | None = None, co
 def program_count(rows: int, device: torch.device, num_warps: int) -> int:
     """Programs of a persistent launch over ``rows`` rows: at most as many as can be resident
     (64 warps per SM) on ``device``, so per-program scratch stays bounded by the GPU size."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = INTERPRETER_SMS
+    sms = _sm_count(device.index) if device.type == "cuda" else INTERPRETER_SMS
     return max(1, min(rows, sms * max(1, 64 // num_warps)))
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
 
 
 @dataclasses.dataclass(frozen=True)

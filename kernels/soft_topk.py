@@ -189,7 +189,9 @@ def soft_topk_fwd_kernel(
                            LARGEST, GATE, CDT, BLOCK, MB, CB, NP, COMPACT, MAX_ITERS)
 
 
-@triton.jit
+# noinline: inlined into the persistent row loop, loop-invariant code motion hoisted
+# BLOCK-wide values out of it and BLOCK 4096 spilled on sm_80 / sm_90 (compile gate).
+@triton.jit(noinline=True)
 def _soft_topk_fwd_row(
     x_ptr, k_ptr, out_ptr, t_ptr, crow, row, n, nf, cap, s,
     LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr,
