@@ -126,6 +126,22 @@ def _soft_topk_worker(rank: int, world: int) -> None:
                     _close(xs.grad, xf.grad[:, lo:hi], f"dx {case}")
                     _close(ks.grad, kf.grad, f"dk {case}")
                     _close(a_s.grad, af.grad, f"dalpha {case}")
+    # Long shards, small k: the search keeps only each shard's 2 max(k) + 18 largest entries when
+    # the rest is provably negligible (alpha 1e-4), and falls back to the whole sorted shard (alpha 1).
+    n = 100
+    lo, hi = sd.shard_range(n, rank, world)
+    x, _, w = _full_data(4, n, seed=5)
+    k_small = torch.tensor([1.0, 2.5, 3.0, 4.75], dtype=torch.float64)
+    for alpha in (1e-4, 1e-2, 1.0):
+        xf, kf = x.clone().requires_grad_(), k_small.clone().requires_grad_()
+        pf = softsae.soft_topk(xf, kf, alpha, backend="reference")
+        (w * pf).sum().backward()
+        xs, ks = x[:, lo:hi].clone().requires_grad_(), k_small.clone().requires_grad_()
+        ps = sd.sharded_soft_topk(xs, ks, alpha)
+        sd.reduce_from_shards((w[:, lo:hi] * ps).sum()).backward()
+        _close(ps, pf[:, lo:hi], f"p n=100 alpha={alpha}")
+        _close(xs.grad, xf.grad[:, lo:hi], f"dx n=100 alpha={alpha}")
+        _close(ks.grad, kf.grad, f"dk n=100 alpha={alpha}")
     # float32 input, scalar k, and a row with NaN on one rank: NaN on every rank for that row only.
     x, _, _ = _full_data(4, 10, seed=1)
     lo, hi = sd.shard_range(10, rank, world)

@@ -61,6 +61,7 @@ __all__ = [
 
 N_TRIAL = 7  # trial points per search iteration
 MAX_ITERS = 100
+NEGLIGIBLE_U = 40.0  # entries with |u| > 40 change g by < e^-40 / 2 each (docs/math.md 1.4)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -198,31 +199,63 @@ def _global_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
     y (R, n_r) float64 (this shard), k (R,) float64 in (0, n), s 0-d float64 > 0, n the global row
     length. Rows with a non-finite entry on any shard get t = NaN. Returns (R,) float64, identical
     on every rank.
+
+    Each shard is sorted once (only its 2 max(k) + 18 largest entries when all others lie below the
+    window). The bracket starts from the global max/min (1.4) tightened by the rank bound with
+    L = the largest, over the shards, local (floor(k) + 2)-th largest entry. Each
+    iteration evaluates the local g at P trial points on the window of the sorted shard within
+    [lo - 40 s, hi + 40 s] only (entries above it count 1, below it 0: an error < n e^-40 that can
+    only matter when a trial point is within rounding of t) and counts the entries above each
+    point by binary search; one all-reduce SUM combines them. It stops when no entry of any shard
+    lies strictly inside the bracket; t is then the closed form of that segment over ALL entries.
     """
     R, n_r = y.shape
-    finite = torch.isfinite(y).all(dim=-1) if n_r else torch.ones(R, dtype=torch.bool, device=y.device)
+    dev = y.device
+    finite = torch.isfinite(y).all(dim=-1) if n_r else torch.ones(R, dtype=torch.bool, device=dev)
     yz = torch.where(finite[:, None], y, 0.0)
-    ext = torch.full((R, 3), -math.inf, dtype=torch.float64, device=y.device)
+    m0 = k.floor() + 2.0  # rank bound: m0 > k entries >= L
+    # The sorted shard, or (small k) only its ktop largest entries, ascending: enough whenever
+    # every other entry lies below lo - 40 s (checked below; else the whole shard is sorted).
+    ktop = min(n_r, 2 * int(m0.max()) + 16) if R else 0
+    full = ktop == n_r
+    ya = torch.sort(yz, dim=-1).values if full else torch.topk(yz, ktop, dim=-1).values.flip(-1)
+    ext = torch.full((R, 4), -math.inf, dtype=torch.float64, device=dev)
     if n_r:
-        ext[:, 0], ext[:, 1] = yz.amax(dim=-1), (-yz).amax(dim=-1)
+        ext[:, 0], ext[:, 1] = ya[:, -1], -yz.amin(dim=-1)
+        pos = (ktop - m0).to(torch.int64)
+        ext[:, 3] = torch.where(pos >= 0, ya.gather(1, pos.clamp(min=0)[:, None]).squeeze(1), -math.inf)
     ext[:, 2] = (~finite).to(torch.float64)
     all_reduce_(ext, dist.ReduceOp.MAX, group)
     bad = ext[:, 2] > 0
-    yz = torch.where(bad[:, None], 0.0, yz)
+    ya = torch.where(bad[:, None], 0.0, ya)
     ymax, ymin = torch.where(bad, 0.0, ext[:, 0]), torch.where(bad, 0.0, -ext[:, 1])
     # Bracket (1.4): g(hi) <= k <= g(lo).
     hi = ymax + s * torch.log(n / (2.0 * k)).clamp_min(0.0)
     lo = ymin - s * torch.log(n / (2.0 * (n - k))).clamp_min(0.0)
-    frac = torch.arange(1, N_TRIAL + 1, dtype=torch.float64, device=y.device) / (N_TRIAL + 1)
-    done = torch.zeros(R, dtype=torch.bool, device=y.device)
+    q = k / m0
+    finv = torch.where(q < 0.5, torch.log(2.0 * q), -torch.log(2.0 * (1.0 - q)))
+    lo = torch.where(torch.isfinite(ext[:, 3]) & ~bad, torch.maximum(lo, ext[:, 3] - s * finv), lo)
+    if not full and not bool(((ya[:, 0] < lo - NEGLIGIBLE_U * s) | bad).all()):
+        ya = torch.where(bad[:, None], 0.0, torch.sort(yz, dim=-1).values)
+    ya = ya.contiguous()
+    n_s = ya.shape[1]  # entries of this shard not in ya lie below every trial point and the window
+    frac = torch.arange(1, N_TRIAL + 1, dtype=torch.float64, device=dev) / (N_TRIAL + 1)
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
     for _ in range(MAX_ITERS):
         pts = torch.cat([lo[:, None], lo[:, None] + (hi - lo)[:, None] * frac, hi[:, None]], dim=1)  # (R, P+2)
-        buf = torch.empty(R, 3 * N_TRIAL + 4, dtype=torch.float64, device=y.device)
-        for j in range(N_TRIAL):
-            buf[:, j] = _laplace_cdf((yz - pts[:, j + 1, None]) / s).sum(dim=-1)
-        for j in range(N_TRIAL + 2):
-            buf[:, N_TRIAL + j] = (yz > pts[:, j, None]).sum(dim=-1)
-            buf[:, 2 * N_TRIAL + 2 + j] = (yz >= pts[:, j, None]).sum(dim=-1)
+        buf = torch.zeros(R, 3 * N_TRIAL + 4, dtype=torch.float64, device=dev)
+        if n_s:
+            w_lo = torch.searchsorted(ya, (lo - NEGLIGIBLE_U * s)[:, None])
+            w_hi = torch.searchsorted(ya, (hi + NEGLIGIBLE_U * s)[:, None], right=True)
+            width = int(torch.where(done[:, None], 0, w_hi - w_lo).max())
+            cols = w_lo + torch.arange(width, device=dev)
+            win = ya.gather(1, cols.clamp(max=n_s - 1))
+            inwin = cols < w_hi
+            for j in range(N_TRIAL):
+                cdf = torch.where(inwin, _laplace_cdf((win - pts[:, j + 1, None]) / s), 0.0)
+                buf[:, j] = (n_s - w_hi[:, 0]) + cdf.sum(dim=-1)
+            buf[:, N_TRIAL:2 * N_TRIAL + 2] = n_s - torch.searchsorted(ya, pts, right=True)  # #{y > pt}
+            buf[:, 2 * N_TRIAL + 2:] = n_s - torch.searchsorted(ya, pts)  # #{y >= pt}
         all_reduce_(buf, group=group)
         g, gt, ge = buf[:, :N_TRIAL], buf[:, N_TRIAL:2 * N_TRIAL + 2], buf[:, 2 * N_TRIAL + 2:]
         c = (g > k[:, None]).sum(dim=-1, keepdim=True)  # t lies in [pts[c], pts[c + 1]]
@@ -235,6 +268,7 @@ def _global_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
             break
     # Segment: entries >= hi are above t, entries <= lo below (an entry left inside the bracket
     # after MAX_ITERS / a stall sits at t within rounding: split at the midpoint).
+    yz = torch.where(bad[:, None], 0.0, yz)
     above = yz >= (0.5 * (lo + hi))[:, None]
     ys = yz / s
     loc = torch.stack([above.sum(dim=-1).to(torch.float64), _masked_logsumexp(-ys, above),
