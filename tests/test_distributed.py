@@ -327,10 +327,27 @@ def _bad_data_worker(rank: int, world: int) -> None:
     assert time.monotonic() - t0 < 20, "errors must come well before the collective timeout"
 
 
+def _timeout_worker(rank: int, world: int) -> None:
+    """The backstop: a rank that stops calling collectives makes the others fail after the timeout."""
+    group = dist.new_group(timeout=timedelta(seconds=2))
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1), group=group)
+        except RuntimeError as e:  # torch.distributed.DistBackendError
+            assert time.monotonic() - t0 < 15, f"timed out only after {time.monotonic() - t0:.1f} s"
+            assert "timeout" in str(e).lower() or "timed out" in str(e).lower(), str(e)
+        else:
+            raise AssertionError("a collective with a missing rank returned")
+    else:
+        time.sleep(5)  # never joins the collective
+    dist.barrier()
+
+
 # ----------------------------------------------------------------------------- tests
 # One spawn per world size runs every worker in turn (a spawn costs seconds of imports per rank).
 
-WORKERS = {2: ["_soft_topk_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker"],
+WORKERS = {2: ["_soft_topk_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker", "_timeout_worker"],
            3: ["_soft_topk_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker", "_bad_data_worker"]}
 
 
@@ -342,7 +359,8 @@ def _all_workers(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_ops_and_statistics(world, tmp_path):
     """Sharded soft top-k / gate (values, dx, dk, dalpha), hard and batch top-k, an SAE chain's
-    gradients through the sharded decode, global statistics, and (3 ranks) bad data on some ranks."""
+    gradients through the sharded decode, global statistics, the collective timeout (2 ranks) and
+    bad data on some ranks (3 ranks)."""
     _spawn("_all_workers", world, tmp_path, env_init=world == 2)
 
 
