@@ -30,8 +30,11 @@ iteration (P = 7 trial points; the bracket shrinks 8x per iteration until no ent
 lies strictly inside it: typically 3-15 iterations, at most 100), one all-gather of (R, 3) for the
 closed form (docs/math.md 1.5). Backward: one all-gather of (R, 6) (docs/math.md 1.2-1.3).
 
-The per-shard work is plain PyTorch in float64 (not yet the fused kernels of a single device):
-correct and exact, but it makes O(P) passes over the local shard per search iteration.
+The per-shard work is plain PyTorch in float64, not yet the fused kernels of a single device:
+one sort (or top-(2 max k + 18) selection) of the shard, P Laplace CDFs per iteration over the
+window of entries within 40 s of the bracket (the whole shard at large alpha), two log-sum-exp
+passes and the output pass. Measured on 2 CPU ranks it is several times slower than the
+one-process C++ kernel on the full row (see ``python -m softsae.distributed.bench``).
 """
 
 from __future__ import annotations
