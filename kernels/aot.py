@@ -187,6 +187,26 @@ def _ptxas_stats(ptx: str, target: GPUTarget) -> tuple[int, int, int, int, int]:
     return stats
 
 
+def _cached_stats(ptx: str, target: GPUTarget, fresh: tuple[int, ...] | None) -> tuple[int, ...]:
+    """ptxas statistics of ``ptx``: the fresh log's, else a stored copy (Triton's cache dir, next to
+    the kernels it caches), else a ptxas -v rerun (a Triton cache hit prints no log)."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(f"{target.arch}\n{ptx}".encode()).hexdigest()
+    path = os.path.join(knobs.cache.dir, "softsae_ptxas_stats", key + ".json")
+    if fresh is None and os.path.exists(path):
+        with open(path) as f:
+            return tuple(json.load(f))
+    stats = fresh if fresh is not None else _ptxas_stats(ptx, target)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(list(stats), f)
+    os.replace(tmp, path)
+    return stats
+
+
 def compile_launch(launch: Launch, target_name: str, spec: tuple[Any, dict, str] | None = None) -> CompileResult:
     """Compile one launch for ``target_name`` (a key of TARGETS); errors are returned, not raised.
 
@@ -209,7 +229,7 @@ def compile_launch(launch: Launch, target_name: str, spec: tuple[Any, dict, str]
         msg = f"{type(e).__name__}: {e}"
         res.error = msg[:4000]
         return res
-    stats = _parse_ptxas(buf.getvalue()) or _ptxas_stats(ck.asm["ptx"], target)
+    stats = _cached_stats(ck.asm["ptx"], target, _parse_ptxas(buf.getvalue()))
     res.stack, res.spill_stores, res.spill_loads, res.regs, static_smem = stats
     res.shared = int(ck.metadata.shared) + static_smem
     res.ok = True

@@ -138,3 +138,19 @@ def test_hot_classification():
     assert not is_hot("soft_topk_fwd_kernel", "dtype=float64 n=8192 R=3 largest=True gate=False")
     assert is_hot("sparse_decode_dw_kernel", "dtype=float16 K=1 d=512 bias=False deterministic=True")
     assert not is_hot("sparse_decode_fwd_kernel", "dtype=float32 K=64 d=511 bias=True deterministic=True")
+
+
+def test_cuda_kernels_hot_instantiations_do_not_spill():
+    """csrc/cuda compiled for sm_90 with nvcc -Xptxas -v: soft top-k in float / bfloat16 and every
+    sparse decode kernel have no spills (skipped without nvcc)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_static
+    finally:
+        sys.path.pop(0)
+    if gpu_static._nvcc() is None:
+        pytest.skip("nvcc not found")
+    cuda = gpu_static.cuda_resources(["sm_90"])
+    names = {c.kernel.split("<")[0] for c in cuda}
+    assert {"soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "sparse_decode_fwd_kernel"} <= names, names
+    assert gpu_static.cuda_hot_spills(cuda) == []
