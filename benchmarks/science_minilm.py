@@ -212,9 +212,9 @@ def plots(results: list[dict], agg: dict, a, ks: list[int], archs: list[str], ta
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_yscale("log")
-    fig.suptitle(f"MiniLM encoder.layer.3 ({tag})")
+    fig.suptitle(f"MiniLM encoder.layer.3, {a.tokens_per_model} tokens per model, seeds {a.seeds} ({tag})")
     fig.tight_layout()
-    p1 = RESULTS / "minilm_frontier.png"
+    p1 = RESULTS / f"minilm_frontier_{tag}.png"
     fig.savefig(p1, dpi=110)
     plt.close(fig)
 
@@ -240,7 +240,7 @@ def plots(results: list[dict], agg: dict, a, ks: list[int], archs: list[str], ta
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    p2 = RESULTS / "minilm_fvu_vs_step.png"
+    p2 = RESULTS / f"minilm_fvu_vs_step_{tag}.png"
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
@@ -269,14 +269,16 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--markdown", type=Path, default=RESULTS / "science_minilm.md")
+    ap.add_argument("--tag", default=None, help="names the run directory, plots and json (default: full / reduced)")
+    ap.add_argument("--markdown", type=Path, default=None, help="default results/science_minilm_<tag>.md")
     a = ap.parse_args()
     preset = FULL if a.full else REDUCED
     a.ks = a.ks or preset["ks"]
     a.seeds = a.seeds or preset["seeds"]
     a.tokens_per_model = a.tokens_per_model or preset["tokens_per_model"]
-    tag = "full" if a.full else "reduced"
+    tag = a.tag or ("full" if a.full else "reduced")
     a.runs = a.runs or ROOT / "runs" / f"science_minilm_{tag}"
+    a.markdown = a.markdown or RESULTS / f"science_minilm_{tag}.md"
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(a.threads)
