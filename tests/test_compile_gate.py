@@ -44,8 +44,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run_py(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=_env(),
+def _run_py(tmp_path: Path, code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``code`` as a script file (@triton.jit needs its source in a file), no interpreter."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,10 +70,10 @@ def test_compile_gate(tmp_path):
     assert all(r["ok"] for r in results)
 
 
-def test_gate_sees_launch_time_specialisation():
+def test_gate_sees_launch_time_specialisation(tmp_path):
     """The recorded launches go through Triton's binder: n == 1 and R == 1 become constants,
     n % 16 == 0 an alignment attribute, and num_warps is the launcher's."""
-    proc = _run_py("""
+    proc = _run_py(tmp_path, """
         import torch
         from softsae.kernels import aot, soft_topk as st
         x1 = torch.zeros(1, 1); k = torch.full((1,), 0.5, dtype=torch.float64)
@@ -94,9 +97,9 @@ def test_gate_sees_launch_time_specialisation():
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_gate_reports_a_broken_kernel():
+def test_gate_reports_a_broken_kernel(tmp_path):
     """A kernel that only the compiler rejects (a non-constexpr shape) fails with its name."""
-    proc = _run_py("""
+    proc = _run_py(tmp_path, """
         import torch, triton, triton.language as tl
         from softsae.kernels import aot
 
