@@ -37,14 +37,17 @@ DATASETS = {
     "A6": ("held-in", dict(d=64, n_true=128, k_min=1, k_max=24), 6, 256),
     "A16": ("held-in", dict(d=64, n_true=320, k_min=1, k_max=64), 16, 512),
     "A24d128": ("held-in", dict(d=128, n_true=512, k_min=1, k_max=96), 24, 1024),
+    "A21": ("held-in", dict(d=64, n_true=420, k_min=1, k_max=84), 21, 512),  # close to the setting
 }
 for _d in (64, 256):
     for _k in (5, 32):
         DATASETS[f"G{_k}d{_d}"] = ("held-in", dict(d=_d, n_true=max(128, 5 * 4 * _k), k_min=1, k_max=4 * _k),
-                                   _k, max(256, 8 * _d))
+                                   _k, max(512, 4 * _d))
         DATASETS[f"U{_k}d{_d}"] = ("unseen", dict(d=_d, n_true=max(128, 5 * 4 * _k), mean_count=_k), _k,
-                                   max(256, 8 * _d))
+                                   max(512, 4 * _d))
 
+OLD_DEFAULTS = dict(alpha=3e-3, alpha_anneal_frac=0.0, k_anneal_frac=0.0, hard_frac=0.2, hard_encoder_grad=True,
+                    st_frac=0.0, k_round="floor", alpha_relative=False)
 AUTH = dict(alpha=1e-4, alpha_start=1.0, alpha_anneal_frac=0.01, alpha_schedule="linear", k_anneal_frac=0.01,
             hard_frac=0.04, hard_encoder_grad=False)
 A10 = {**AUTH, "alpha_anneal_frac": 0.1}
@@ -62,11 +65,22 @@ CONFIGS: dict[str, dict] = {
     "auth_a10_st": {**A10, "st_frac": 0.2},
     "auth_a10_hard20": {**A10, "hard_frac": 0.2},
     "auth_a10_nohard": {**A10, "hard_frac": 0.0},
+    "cur_ka": {**OLD_DEFAULTS, "k_anneal_frac": 0.01},
+    "cur_st": {**OLD_DEFAULTS, "st_frac": 0.2},
+    "cur_1e2": {**OLD_DEFAULTS, "alpha": 1e-2},
+    "cur_noenc": {**OLD_DEFAULTS, "hard_encoder_grad": False},
+    "cur_round": {**OLD_DEFAULTS, "k_round": "round"},
+    "cur_h5": {**OLD_DEFAULTS, "hard_frac": 0.05},
+    "cur_h40": {**OLD_DEFAULTS, "hard_frac": 0.4},
+    "logka": {**OLD_DEFAULTS, "alpha_anneal_frac": 0.1, "alpha_schedule": "log", "k_anneal_frac": 0.01},
+    "cand": {**OLD_DEFAULTS, "alpha": 1e-2, "alpha_anneal_frac": 0.1, "alpha_schedule": "log", "k_anneal_frac": 0.01},
+    "cand_rel": {**OLD_DEFAULTS, "alpha": 2.5e-2, "alpha_relative": True, "alpha_anneal_frac": 0.1,
+                 "alpha_schedule": "log", "k_anneal_frac": 0.01},
+    "cand_round": {**OLD_DEFAULTS, "alpha": 1e-2, "alpha_anneal_frac": 0.1, "alpha_schedule": "log",
+                   "k_anneal_frac": 0.01, "k_round": "round"},
     "rel_3e2": {**A10, "alpha_relative": True, "alpha": 3e-2},
     "rel_1e2": {**A10, "alpha_relative": True, "alpha": 1e-2},
 }
-OLD_DEFAULTS = dict(alpha=3e-3, alpha_anneal_frac=0.0, k_anneal_frac=0.0, hard_frac=0.2, hard_encoder_grad=True,
-                    st_frac=0.0, k_round="floor", alpha_relative=False)
 
 
 def make_data(name: str, n_samples: int, seed: int):

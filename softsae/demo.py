@@ -39,7 +39,7 @@ class DemoConfig:
     k: float = 5.0  # SoftSAE target mean budget
     steps: int = 1500
     batch_size: int = 512
-    alpha: float = 1e-2
+    alpha: float | None = None  # None: the trainer's default recipe (TrainConfig), as `softsae train` uses
     seed: int = 0
     backend: str = "auto"
     device: str = "auto"
@@ -47,9 +47,11 @@ class DemoConfig:
 
 
 def _train_cfg(c: DemoConfig, arch: str, k: float) -> TrainConfig:
+    """The default recipe (shared schedules, K annealing included, for every arch); only alpha may differ."""
+    extra = {} if c.alpha is None else {"alpha": c.alpha}
     return TrainConfig(arch=arch, dict_size=c.dict_size, k=k, steps=c.steps, batch_size=c.batch_size,
-                       alpha=c.alpha, seed=c.seed, backend=c.backend, device=c.device, progress=c.progress,
-                       log_every=50, checkpoint_every=0)
+                       seed=c.seed, backend=c.backend, device=c.device, progress=c.progress,
+                       log_every=50, checkpoint_every=0, **extra)
 
 
 def _row(name: str, k: Any, rep: dict, counts: np.ndarray, W_dec, true_dict) -> dict[str, Any]:
