@@ -341,6 +341,7 @@ class BatchTopKSAE(SparseAutoencoder):
             raise ValueError(f"BatchTopK needs an integer k >= 1, got {k}")
         self.threshold_beta = float(threshold_beta)
         self.register_buffer("threshold", torch.full((), -1.0))  # < 0: not estimated yet
+        self.k_train: int | None = None  # trainer's annealed K (training only; eval uses the threshold)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "threshold_beta": self.threshold_beta}
@@ -353,7 +354,8 @@ class BatchTopKSAE(SparseAutoencoder):
             above = (pre > self.threshold).sum(-1)
             return self._hard_codes(pre, torch.where(self.threshold < 0, self.k, above)), None
         flat = pre.detach().reshape(-1)
-        top = torch.topk(flat, min(self.k * B, flat.numel()), sorted=False)
+        k = self.k_train if self.k_train is not None else self.k
+        top = torch.topk(flat, min(k * B, flat.numel()), sorted=False)
         keep = top.values > 0
         mask = torch.zeros(flat.numel(), dtype=torch.bool, device=pre.device).scatter_(0, top.indices, keep)
         self._update_threshold(torch.where(keep, top.values, float("inf")).min(), keep.any())

@@ -4,19 +4,46 @@
     result = train("acts.npy", cfg, out_dir="runs/sae")      # result.model, result.last
 
 Recipe (shared/spec/softsae.md): Adam(0.9, 0.999), lr default 2e-4 / sqrt(n / 2^14), linear warmup,
-linear decay to 0 from ``decay_start``; K annealing d -> K and alpha annealing (log-linear)
-alpha_start -> alpha, both optional; the last ``hard_topk_steps`` steps use the hard per-row
-top-k (k-loss off); decoder gradient projected orthogonal to the unit rows before the step,
-rows renormalised after it; global grad norm clipped at 1; b_dec initialised at the geometric
-median of the first batch; auxk loss on dead latents.
+linear decay to 0 from ``decay_start``; decoder gradient projected orthogonal to the unit rows before
+the step, rows renormalised after it; global grad norm clipped at 1; b_dec initialised at the
+geometric median of the first batch; auxk loss on dead latents. Schedules are fractions of
+``steps`` (absolute ``*_steps`` overrides win):
 
-alpha: the soft top-k scale is absolute, so it only means something relative to the spread of
-the pre-activations. The paper's 1e-4 is tied to its own activation scale; with the default
-normalisation (E||x||^2 = 1) 1e-4 makes the gate's gradient w.r.t. the pre-activations ~30x the
-hard gate's (swap terms between near-threshold latents) and learning stalls after clipping.
-Measured (held-out FVU at equal budget): synthetic d=64: 1e-4 0.45, 3e-3 0.20, 1e-2 0.17,
-3e-2 0.17, 1e-1 0.63; MiniLM d=384: 1e-3 0.188, 3e-3 0.177, 1e-2 0.191, 3e-2 0.261. Hence the
-default alpha = 3e-3 (the synthetic demo uses 1e-2).
+    K target    max(d, K) -> K linearly over the first k_anneal_frac = 1% (TopK/BatchTopK too:
+                their K follows the same schedule, so comparisons stay fair)
+    alpha       alpha_start = 1 -> alpha = 1e-2, log-linear over the first alpha_anneal_frac = 10%
+    SoftSAE     soft gate | optional straight-through phase (st_frac, default 0: hard forward,
+                soft-gate gradient) | hard top-floor(k_hat) phase, the last hard_frac = 20%,
+                encoder trainable (hard_encoder_grad), k-loss off
+
+alpha units: the authors' alpha (1e-4) acts on the ReLU'd pre-activations of inputs normalised
+exactly as ``normalize="scale"`` here (x / sqrt(E||x||^2); CLIP: centred first), so their 1e-4
+and ours are in the same units; the value is not "tied to another activation scale". It is the
+run length and recipe that differ: the authors anneal alpha linearly 1 -> 1e-4 over 2.5k of 244k
+steps. On short runs (2.5k-10k steps) a final alpha of 1e-4 trains worse here, whatever the
+anneal. Evidence (benchmarks/recipe_ablation.py, held-in synthetic A16: d=64, n=512, K=16, 2500
+steps x 256; FVU held out, ratio = FVU / TopK's FVU at the same mean L0, TopK trained with the
+same schedules; benchmarks/results/recipe_ablation.jsonl, science_synthetic.md):
+
+    authors' schedules (alpha 1 -> 1e-4 linear over 1%, K anneal 1%, hard 4% w/o enc. grad)  0.325  0.99
+    same, alpha anneal over 10%                                                           0.374  1.17
+      + encoder grad in hard phase / + straight-through 20% / k_max 4K                 0.372 / 0.372 / 0.377
+    same, final alpha 3e-3                                                                0.291  0.90
+    old default (alpha 3e-3 fixed, hard 20% with enc. grad)                               0.268  0.84
+      + K anneal 1% / + log alpha anneal 10% and K anneal / hard 5% / hard 40%    0.270 / 0.264 / 0.266 / 0.275
+      + straight-through 20% before the hard phase / round(k_hat)                  0.263 (0.83) / 0.263 (0.84)
+      + hard phase w/o encoder grad                                                       0.258  0.87 (L0 16.0)
+      alpha 1e-2                                                                          0.236  0.80
+    default now (alpha log 1 -> 1e-2 over 10%, K anneal 1%, hard 20% w/ enc. grad)       0.238  0.80
+      + round(k_hat) / relative alpha 2.5e-2 x row max                             0.233 (0.80) / 0.244 (0.79)
+
+So: the final alpha matters most (1e-4 << 3e-3 < 1e-2); annealing alpha and K, the hard-phase
+length (5-40%), a straight-through phase and round vs floor are within noise (+-0.01) at this
+budget; k_max 4K hurts the L0/truth correlation (0.80 vs 0.90). The hard phase keeps the encoder
+trainable (selecting without gradient, the authors' choice, raised the ratio 0.84 -> 0.87).
+floor(k_hat) stays the inference rule (the paper's); ``k_round="round"`` gives +0.5 mean L0 at the
+same ratio. ``alpha_relative`` (Laplace scale = alpha x the row's largest pre-activation) is
+available; it was as good as the absolute default on A16 but is untested on LLM activations.
 
 With ``out_dir`` the run writes ``metrics.jsonl`` (one JSON object per logged step), a resumable
 ``trainer_state.pt`` every ``checkpoint_every`` steps, and at the end the model (``save_sae``)
@@ -230,7 +257,7 @@ def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: De
         model.alpha = alpha_at(step, c)
         model.straight_through = is_st_phase(step, c)
         model.hard_encoder_grad = c.hard_encoder_grad
-    elif isinstance(model, TopKSAE):
+    elif isinstance(model, (TopKSAE, BatchTopKSAE)):
         model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None
     x_n = model.normalize(x)
     use_amp = c.amp == "bf16" or (c.amp == "auto" and x.device.type == "cuda")
@@ -392,7 +419,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     model.hard = False
     if isinstance(model, SoftSAE):
         model.straight_through, model.hard_encoder_grad = False, True
-    elif isinstance(model, TopKSAE):
+    elif isinstance(model, (TopKSAE, BatchTopKSAE)):
         model.k_train = None
     model.eval()
     if out is not None:

@@ -327,3 +327,13 @@ def test_softsae_diagnostics_agree_with_direct_computations():
     assert r["floor"]["fvu"] == pytest.approx(r["uniform_topk"]["fvu"], rel=1e-6)
     with pytest.raises(ValueError, match="needs a SoftSAE"):
         softsae_diagnostics(TopKSAE(D, N, 3), x.numpy())
+
+
+def test_batchtopk_k_train_used_only_in_training():
+    m = BatchTopKSAE(D, N, 2, backend="reference").train()
+    m.k_train = 6
+    pre = _pre(m, _x()).detach()
+    out = m.forward_train(m.normalize(_x()))
+    assert int(out.codes.l0().sum()) == min(6 * B, int((pre > 0).sum()))
+    m.k_train = None
+    assert int(m.forward_train(m.normalize(_x())).codes.l0().sum()) == min(2 * B, int((pre > 0).sum()))
