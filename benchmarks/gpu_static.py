@@ -49,11 +49,22 @@ def compile_grid(full: bool, targets: list[str], jobs: int) -> tuple[list[tuple[
         for la, spec, labels in aot.unique_launches(launches, tn):
             _UNIQUE.append((tn, la, spec, labels))
     idx = list(range(len(_UNIQUE)))
+    results: list[aot.CompileResult] = []
+
+    def note(r: aot.CompileResult) -> None:  # progress, and errors as soon as they appear
+        results.append(r)
+        if not r.ok:
+            print(f"compile error: {r.kernel} [{r.target}] for {r.label}", flush=True)
+        if len(results) % 100 == 0:
+            print(f"  {len(results)} / {len(idx)} compiled", flush=True)
+
     if jobs > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            results = pool.map(_compile_task, idx, chunksize=1)
+            for r in pool.imap(_compile_task, idx, chunksize=1):
+                note(r)
     else:
-        results = [_compile_task(i) for i in idx]
+        for i in idx:
+            note(_compile_task(i))
     out = [(r, _UNIQUE[i][3]) for i, r in zip(idx, results, strict=True)]
     return out, {"calls": len(calls), "launches": len(launches), "unique": len(_UNIQUE)}
 
