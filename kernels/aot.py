@@ -112,12 +112,16 @@ def record_launches(calls: Iterable[tuple[str, Callable[[], Any]]]) -> list[Laun
 def _specialise(launch: Launch, target: GPUTarget) -> tuple[Any, dict, str]:
     """Triton's own launch path, minus the device: (ASTSource, options dict, dedupe key).
 
-    Version-specific glue (Triton 3.4 - 3.8: ``create_function_from_signature`` and
-    ``JITFunction._pack_args`` as used by ``JITFunction.run``) lives here only.
+    Version-specific glue (``create_function_from_signature`` and ``JITFunction._pack_args`` as
+    used by ``JITFunction.run``; run here with Triton 3.8) lives here only.
     """
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
+    try:
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as e:
+        raise RuntimeError(f"Triton {triton.__version__}: launch internals differ from 3.4 - 3.8; "
+                           "update kernels/aot.py::_specialise") from e
     kern = launch.kernel
     backend = make_backend(target)
     kwargs = dict(launch.kwargs)
