@@ -141,7 +141,11 @@ def run_config(name: str, data_name: str, steps: int, batch: int, seed: int, n_s
     t_hi = t_lo if hi == lo else topk_fvu(x_tr, x_te, c_te, hi, n, steps, batch, seed, k_anneal, data_name)
     w = 0.0 if t_hi["mean_l0"] == t_lo["mean_l0"] else (m - t_lo["mean_l0"]) / (t_hi["mean_l0"] - t_lo["mean_l0"])
     fvu_topk = (1 - w) * t_lo["fvu"] + w * t_hi["fvu"]
-    row = {"kind": "softsae", "config": name, "overrides": ov, "data": data_name, "K": K, "dict_size": n,
+    recipe = {f: getattr(cfg, f) for f in ("alpha", "alpha_anneal_frac", "alpha_schedule", "alpha_relative",
+                                          "k_anneal_frac", "hard_frac", "hard_encoder_grad", "st_frac", "k_round",
+                                          "k_max")}
+    row = {"kind": "softsae", "config": name, "overrides": ov, "recipe": recipe, "data": data_name, "K": K,
+           "dict_size": n,
            "steps": steps, "batch": batch, "seed": seed, "fvu": rep["fvu"], "mean_l0": m,
            "spearman": spearman(rep["per_row"]["l0"], c_te), "topk_fvu_equal_l0": fvu_topk,
            "ratio": rep["fvu"] / fvu_topk, "seconds": round(secs, 1),

@@ -86,7 +86,7 @@ class TrainConfig:
     lr: float | None = None  # default 2e-4 / sqrt(dict_size / 2**14)
     warmup_steps: int | None = None  # default min(1000, steps // 10)
     decay_start: int | None = None  # default int(0.8 * steps)
-    k_anneal_frac: float = 0.01  # K target goes max(d, K) -> K over this fraction of the steps (all archs)
+    k_anneal_frac: float = 0.0  # K target goes max(d, K) -> K over this fraction of the steps (all archs)
     k_anneal_steps: int | None = None  # absolute override of k_anneal_frac (0: off)
     alpha: float = 1e-2  # final soft top-k scale, in normalised units (see module doc)
     alpha_start: float = 1.0
