@@ -9,8 +9,11 @@ the step, rows renormalised after it; global grad norm clipped at 1; b_dec initi
 geometric median of the first batch; auxk loss on dead latents. Schedules are fractions of
 ``steps`` (absolute ``*_steps`` overrides win):
 
-    K target    max(d, K) -> K linearly over the first k_anneal_frac = 1% (TopK/BatchTopK too:
-                their K follows the same schedule, so comparisons stay fair)
+    K target    fixed at K by default; optional max(d, K) -> K linearly over the first k_anneal_frac
+                (the authors use 1%; TopK/BatchTopK then follow the same schedule, so comparisons
+                stay fair). Off by default: neutral at 2.5k steps (A16 ratio 0.835 vs 0.836), and on
+                a 10k-step run (A21, K=21, k_max=42) a target starting at d=64 > k_max drove the k
+                head into the sigmoid's saturation, where it stayed: L0 41 = k_max - 1 for every row.
     alpha       alpha_start = 1 -> alpha = 1e-2, log-linear over the first alpha_anneal_frac = 10%
     SoftSAE     soft gate | optional straight-through phase (st_frac, default 0: hard forward,
                 soft-gate gradient) | hard top-floor(k_hat) phase, the last hard_frac = 20%,
@@ -25,6 +28,7 @@ anneal. Evidence (benchmarks/recipe_ablation.py, held-in synthetic A16: d=64, n=
 steps x 256; FVU held out, ratio = FVU / TopK's FVU at the same mean L0, TopK trained with the
 same schedules; benchmarks/results/recipe_ablation.jsonl, science_synthetic.md):
 
+    config                                                                                FVU  ratio
     authors' schedules (alpha 1 -> 1e-4 linear over 1%, K anneal 1%, hard 4% w/o enc. grad)  0.325  0.99
     same, alpha anneal over 10%                                                           0.374  1.17
       + encoder grad in hard phase / + straight-through 20% / k_max 4K                 0.372 / 0.372 / 0.377
@@ -34,7 +38,7 @@ same schedules; benchmarks/results/recipe_ablation.jsonl, science_synthetic.md):
       + straight-through 20% before the hard phase / round(k_hat)                  0.263 (0.83) / 0.263 (0.84)
       + hard phase w/o encoder grad                                                       0.258  0.87 (L0 16.0)
       alpha 1e-2                                                                          0.236  0.80
-    default now (alpha log 1 -> 1e-2 over 10%, K anneal 1%, hard 20% w/ enc. grad)       0.238  0.80
+    alpha log 1 -> 1e-2 over 10%, K anneal 1%, hard 20% w/ enc. grad                     0.238  0.80
       + round(k_hat) / relative alpha 2.5e-2 x row max                             0.233 (0.80) / 0.244 (0.79)
 
 So: the final alpha matters most (1e-4 << 3e-3 < 1e-2); annealing alpha and K, the hard-phase
