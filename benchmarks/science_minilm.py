@@ -95,6 +95,34 @@ def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Te
     return res
 
 
+@torch.no_grad()
+def dictionary_vs_allocation(a, paths: dict, k: int, seed: int, soft_l0: float) -> dict:
+    """On the first ``diag_rows`` held-out rows: FVU of TopK's and SoftSAE's dictionaries, each with a
+    uniform top-j per row at SoftSAE's mean L0 (interpolated between floor and ceil), and of SoftSAE's
+    own floor(k_hat) selection. Separates the dictionary gap from the allocation gain."""
+    from softsae.data import load_activations
+    from softsae.metrics import _decode_fvu, _topk_dense
+
+    x = torch.cat(list(load_activations(str(paths["heldout"])).iter_batches(4096, a.diag_rows)))
+    out = {"rows": int(x.shape[0]), "l0": soft_l0}
+    lo, hi = max(1, math.floor(soft_l0)), max(1, math.ceil(soft_l0))
+    w = 0.0 if hi == lo else (soft_l0 - lo) / (hi - lo)
+    for arch in ("topk", "softsae"):
+        run = a.runs / f"{arch}_k{k}_s{seed}"
+        if not (run / "result.json").exists():
+            continue
+        m = load_sae(run, device=a.device, backend=a.backend).eval()
+        x_n = m.normalize(x.to(a.device))
+        pre = m.pre_acts(x_n)
+        den = float((x_n - x_n.mean(0)).double().pow(2).sum())
+        f = [_decode_fvu(m, x_n, _topk_dense(pre, j), den) for j in (lo, hi)]
+        out[f"{arch}_dict_uniform"] = (1 - w) * f[0] + w * f[1]
+        if arch == "softsae":
+            out["softsae_floor_khat"] = _decode_fvu(m, x_n, _topk_dense(pre, torch.floor(m.k_hat_norm(x_n))
+                                                                         .clamp(1, m.n)), den)
+    return out
+
+
 def interp_log(x: float, xs: list[float], ys: list[float]) -> tuple[float, bool]:
     """Piecewise-linear interpolation in log(x) through sorted points; (value, extrapolated?)."""
     lx, lxs = math.log(x), [math.log(v) for v in xs]
@@ -129,7 +157,8 @@ def fmt(v: tuple[float, float | None], spec: str) -> str:
     return format(v[0], spec) + (f" ± {format(v[1], spec)}" if v[1] is not None else "")
 
 
-def report(agg: dict, ks: list[int], archs: list[str], results: list[dict]) -> tuple[str, list[dict]]:
+def report(agg: dict, ks: list[int], archs: list[str], results: list[dict],
+           decomp: list[dict]) -> tuple[str, list[dict]]:
     ks = sorted(ks)
     lines = ["| model | K | held-out FVU | mean L0 | L0 p5 / p50 / p95 | dead % | downstream frac. recovered "
              "| cos(spliced, clean) | train s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -177,6 +206,19 @@ def report(agg: dict, ks: list[int], archs: list[str], results: list[dict]) -> t
                              f"{dg['floor']['fvu']:.4f} ({dg['floor']['mean_l0']:.2f}) | "
                              f"{dg['uniform_topk']['fvu']:.4f} | {dg['batch_threshold']['fvu']:.4f} | "
                              f"{dg['difficulty']['spearman_khat']:.3f} |")
+        if decomp:
+            lines += ["", "Dictionary vs allocation (same held-out rows as the diagnostics, all at SoftSAE's mean "
+                      "L0 from floor(k_hat); uniform top-j interpolated between floor and ceil of that L0):", "",
+                      "| K | seed | L0 | TopK's dictionary, uniform top-j | SoftSAE's dictionary, uniform top-j | "
+                      "SoftSAE's dictionary, floor(k_hat) | dictionary gap | allocation gain |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for d in sorted(decomp, key=lambda t: (t["k"], t["seed"])):
+                if "topk_dict_uniform" not in d:
+                    continue
+                lines.append(f"| {d['k']} | {d['seed']} | {d['l0']:.2f} | {d['topk_dict_uniform']:.4f} | "
+                             f"{d['softsae_dict_uniform']:.4f} | {d['softsae_floor_khat']:.4f} | "
+                             f"{d['softsae_dict_uniform'] - d['topk_dict_uniform']:+.4f} | "
+                             f"{d['softsae_floor_khat'] - d['softsae_dict_uniform']:+.4f} |")
         n_ok = sum(c["fvu_ok"] for c in comp)
         lines += ["", f"Target (SoftSAE on or below TopK's frontier at >= 2 of the K values, downstream no worse): "
                   f"FVU on/below at {n_ok} of {len(comp)}; downstream no worse at "
@@ -304,7 +346,13 @@ def main() -> None:
     results = [run_one(arch, k, seed, a, paths, splice, mean, mean_cos)
                for seed in a.seeds for k in a.ks for arch in a.archs]
     agg = aggregate(results)
-    table, comp = report(agg, a.ks, a.archs, results)
+    decomp = []
+    if a.diag_rows > 0 and "softsae" in a.archs and "topk" in a.archs:
+        for r in results:
+            if r["arch"] == "softsae" and "diagnostics" in r:
+                d = dictionary_vs_allocation(a, paths, r["k"], r["seed"], r["diagnostics"]["floor"]["mean_l0"])
+                decomp.append({"k": r["k"], "seed": r["seed"], **d})
+    table, comp = report(agg, a.ks, a.archs, results, decomp)
     figs = plots(results, agg, a, a.ks, a.archs, tag)
     skip = ("arch", "k", "k_aux", "seed", "device", "progress", "checkpoint_every", "hard_topk_steps", "st_steps")
     recipes = {json.dumps({f: v for f, v in r["config"].items() if f not in skip}, sort_keys=True) for r in results}
@@ -330,7 +378,7 @@ def main() -> None:
     atomic_write_json(RESULTS / f"minilm_results_{tag}.json", {
         "tag": tag, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "activations": {k: meta[k] for k in ("rows", "d", "dtype")}, "mean_ablation_cos": float(mean_cos.mean()),
-        "runs": results, "comparison": comp})
+        "runs": results, "comparison": comp, "dictionary_vs_allocation": decomp})
 
 
 if __name__ == "__main__":
