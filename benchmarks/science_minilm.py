@@ -275,9 +275,13 @@ def plots(results: list[dict], agg: dict, a, ks: list[int], archs: list[str], ta
             smooth = np.convolve(fvu, np.ones(w) / w, mode="valid")
             ax.plot(steps[w - 1:], smooth, color=colors[r["arch"]], alpha=0.9 if r["seed"] == 0 else 0.5,
                     label=f"{NAMES[r['arch']]} s{r['seed']}")
+            hard = r["config"].get("hard_topk_steps") or 0
+            if r["arch"] == "softsae" and hard > 0 and r["seed"] == a.seeds[0]:
+                ax.axvline(r["config"]["steps"] - hard, color=colors["softsae"], ls=":", lw=1,
+                           label="SoftSAE hard phase starts")
         ax.set_title(f"K = {k}")
-        ax.set_xlabel("step")
         ax.set_ylabel("FVU (training batches, smoothed)")
+        ax.set_xlabel("step (SoftSAE before its hard phase: FVU of the soft gate)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
