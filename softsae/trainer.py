@@ -11,9 +11,9 @@ geometric median of the first batch; auxk loss on dead latents. Schedules are fr
 
     K target    fixed at K by default; optional max(d, K) -> K linearly over the first k_anneal_frac
                 (the authors use 1%; TopK/BatchTopK then follow the same schedule, so comparisons
-                stay fair). Off by default: neutral at 2.5k steps (A16 ratio 0.835 vs 0.836), and on
-                a 10k-step run (A21, K=21, k_max=42) a target starting at d=64 > k_max drove the k
-                head into the sigmoid's saturation, where it stayed: L0 41 = k_max - 1 for every row.
+                stay fair). Off by default: neutral at 2.5k steps (A16 ratio 0.835 vs 0.836). A target
+                starting above k_max (d=64 > 2K) pushes the k head towards saturation; the 10k-step
+                saturation below happened with and without it, though.
     alpha       fixed at 3e-3 by default; optional alpha_start -> alpha over alpha_anneal_frac
                 (linear as the authors, or log-linear)
     SoftSAE     soft gate | optional straight-through phase (st_frac, default 0: hard forward,
@@ -24,10 +24,10 @@ alpha units: the authors' alpha (1e-4) acts on the ReLU'd pre-activations of inp
 exactly as ``normalize="scale"`` here (x / sqrt(E||x||^2); CLIP: centred first), so their 1e-4
 and ours are in the same units; the value is not "tied to another activation scale". It is the
 run length and recipe that differ: the authors anneal alpha linearly 1 -> 1e-4 over 2.5k of 244k
-steps. On short runs (2.5k-10k steps) a final alpha of 1e-4 trains worse here, whatever the
-anneal. Evidence (benchmarks/recipe_ablation.py, held-in synthetic A16: d=64, n=512, K=16, 2500
-steps x 256; FVU held out, ratio = FVU / TopK's FVU at the same mean L0, TopK trained with the
-same schedules; benchmarks/results/recipe_ablation.jsonl, science_synthetic.md):
+steps. On 2.5k-step runs a final alpha of 1e-4 trains worse here, whatever the anneal (not
+measured at the authors' length). Evidence (benchmarks/recipe_ablation.py, held-in synthetic
+A16: d=64, n=512, K=16, 2500 steps x 256; FVU held out, ratio = FVU / TopK's FVU at the same
+mean L0, TopK trained with the same schedules; benchmarks/results/recipe_ablation.jsonl, science_synthetic.md):
 
     config                                                                                FVU  ratio
     authors' schedules (alpha 1 -> 1e-4 linear over 1%, K anneal 1%, hard 4% w/o enc. grad)  0.325  0.99
@@ -50,8 +50,8 @@ isolated): alpha 1e-2 already settles mean k_hat above K at 2.5k steps (L0 16.1 
 at 3e-3), and once k_max * sigmoid(.) saturates neither loss moves it back. Hence the default
 stays alpha = 3e-3 fixed.
 
-So, at 2.5k steps: the final alpha matters most (1e-4 << 3e-3 < 1e-2); annealing alpha and K, the hard-phase
-length (5-40%), a straight-through phase and round vs floor are within noise (+-0.01) at this
+So, at 2.5k steps: the final alpha matters most (1e-4 << 3e-3 < 1e-2); annealing alpha and K,
+the hard-phase length (5-40%), a straight-through phase and round vs floor are within noise (+-0.01) at this
 budget; k_max 4K hurts the L0/truth correlation (0.80 vs 0.90). The hard phase keeps the encoder
 trainable (selecting without gradient, the authors' choice, raised the ratio 0.84 -> 0.87).
 floor(k_hat) stays the inference rule (the paper's); ``k_round="round"`` gives +0.5 mean L0 at the
