@@ -210,7 +210,8 @@ def report(agg: dict, ks: list[int], archs: list[str], results: list[dict],
             lines += ["", "Dictionary vs allocation (same held-out rows as the diagnostics, all at SoftSAE's mean "
                       "L0 from floor(k_hat); uniform top-j interpolated between floor and ceil of that L0):", "",
                       "| K | seed | L0 | TopK's dictionary, uniform top-j | SoftSAE's dictionary, uniform top-j | "
-                      "SoftSAE's dictionary, floor(k_hat) | dictionary gap | allocation gain |",
+                      "SoftSAE's dictionary, floor(k_hat) | dictionary gap (SoftSAE - TopK) | "
+                      "allocation effect (floor(k_hat) - uniform; < 0 helps) |",
                       "|---|---|---|---|---|---|---|---|"]
             for d in sorted(decomp, key=lambda t: (t["k"], t["seed"])):
                 if "topk_dict_uniform" not in d:
