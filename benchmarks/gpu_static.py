@@ -196,7 +196,8 @@ def write_md(path: Path, results: list[tuple[aot.CompileResult, list[str]]], cud
         + f"{aot.triton.__version__}, its bundled ptxas; nvcc for CUDA). Do not edit by hand.",
         "",
         f"Grid `{grid}`: {counts['calls']} launcher calls, {counts['launches']} kernel launches, "
-        f"{counts['unique']} unique (kernel, specialisation, target) compiles in {seconds:.0f} s. "
+        f"{counts['unique']} unique (kernel, specialisation, target) compiles in {seconds:.0f} s "
+        "(this run; a warm TRITON_CACHE_DIR makes it seconds). "
         f"Compile errors: {sum(not r.ok for r, _ in results)}. Specialisations that spill: "
         f"{sum(r.ok and r.spills > 0 for r, _ in results)} "
         f"(hot ones: {n_hot}).",
