@@ -84,6 +84,7 @@ def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Te
     rep = evaluate(model, str(paths["heldout"]), max_rows=a.eval_rows)
     down = splice.evaluate(model, mean, mean_cos)
     res = {"arch": arch, "k": k, "seed": seed, "train_seconds": secs, "tokens_seen": steps * a.batch_size,
+           "trainer_commit": a.trainer_commit,
            "config": dataclasses.asdict(result.config), "eval": rep, "downstream": down}
     if arch == "softsae" and a.diag_rows > 0:
         from softsae.metrics import softsae_diagnostics
@@ -330,7 +331,7 @@ def main() -> None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    trainer_commit = git_commit("softsae/trainer.py")  # the recipe this process imported
+    a.trainer_commit = git_commit("softsae/trainer.py")  # the recipe this process imported
 
     from softsae.corpus import python_docs_corpus
 
@@ -373,7 +374,8 @@ def main() -> None:
             f"({len(meta['documents']['train'])} / {len(meta['documents']['heldout'])} documents), d={meta['d']}, "
             f"{meta['dtype']}. Downstream: {len(texts)} held-out paragraphs; mean-ablation cosine "
             f"{mean_cos.mean():.4f}.\n"
-            f"Trainer recipe: `TrainConfig` defaults at commit `{trainer_commit}` "
+            f"Trainer recipe: `TrainConfig` defaults at commit(s) "
+            f"`{', '.join(sorted({r.get('trainer_commit', 'unrecorded') for r in results}))}` when trained "
             f"(resolved: {json.dumps(recipe)}).\n\n" + table + "\n\n"
             f"Plots: `results/{figs[0].name}`, `results/{figs[1].name}`. "
             f"Wall time {time.perf_counter() - t_start:.0f} s (cached runs not re-trained).\n")
