@@ -74,7 +74,7 @@ def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Te
     res_file = out / "result.json"
     if res_file.exists():
         return json.loads(res_file.read_text())
-    steps = a.tokens_per_model // a.batch_size
+    steps = -(-a.tokens_per_model // a.batch_size)  # ceil: every model sees at least tokens_per_model
     cfg = TrainConfig(arch=arch, dict_size=a.dict_size, k=k, steps=steps, batch_size=a.batch_size, seed=seed,
                       backend=a.backend, device=a.device, progress=a.progress, checkpoint_every=a.checkpoint_every)
     t0 = time.perf_counter()
@@ -368,7 +368,7 @@ def main() -> None:
     text = (f"## MiniLM L0-FVU frontier ({tag}{': NOT the full experiment' if not a.full else ''})\n\n"
             f"`{' '.join(['python benchmarks/science_minilm.py'] + sys.argv[1:])}` "
             f"(ks {a.ks}, seeds {a.seeds}, {a.tokens_per_model} tokens per model = "
-            f"{a.tokens_per_model // a.batch_size} steps x {a.batch_size}, dictionary {a.dict_size}, "
+            f"{-(-a.tokens_per_model // a.batch_size)} steps x {a.batch_size}, dictionary {a.dict_size}, "
             f"{a.threads} thread(s), device {a.device})\n\n"
             f"Activations: {meta['rows']['train']} train / {meta['rows']['heldout']} held-out tokens "
             f"({len(meta['documents']['train'])} / {len(meta['documents']['heldout'])} documents), d={meta['d']}, "
