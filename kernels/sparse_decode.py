@@ -24,9 +24,9 @@ from .launch_config import SparseDecodeConfig, sparse_decode_config
 __all__ = [
     "launch_sparse_decode_bwd",
     "launch_sparse_decode_fwd",
-    "sparse_decode_dvals_kernel",
-    "sparse_decode_dw_atomic_kernel",
-    "sparse_decode_dw_kernel",
+    "sparse_decode_bwd_dvals_kernel",
+    "sparse_decode_bwd_dW_atomic_kernel",
+    "sparse_decode_bwd_dW_sorted_kernel",
     "sparse_decode_fwd_kernel",
 ]
 
@@ -55,7 +55,7 @@ def sparse_decode_fwd_kernel(vals_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, K, d,
 
 
 @triton.jit
-def sparse_decode_dvals_kernel(grad_ptr, idx_ptr, w_ptr, dvals_ptr, K, d,
+def sparse_decode_bwd_dvals_kernel(grad_ptr, idx_ptr, w_ptr, dvals_ptr, K, d,
                                ACC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """Program (row, K-tile): dvals[b, j] = <grad[b], W[idx[b, j]]>, 0 at padding."""
     row = tl.program_id(0).to(tl.int64)
@@ -76,7 +76,7 @@ def sparse_decode_dvals_kernel(grad_ptr, idx_ptr, w_ptr, dvals_ptr, K, d,
 
 
 @triton.jit
-def sparse_decode_dw_kernel(grad_ptr, vals_ptr, perm_ptr, seg_ptr, dw_ptr, K, d,
+def sparse_decode_bwd_dW_sorted_kernel(grad_ptr, vals_ptr, perm_ptr, seg_ptr, dw_ptr, K, d,
                             ACC: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr):
     """Program (latent i, d-tile): dW[i] = sum over its sorted pairs p of vals[p] * grad[p // K].
 
@@ -101,7 +101,7 @@ def sparse_decode_dw_kernel(grad_ptr, vals_ptr, perm_ptr, seg_ptr, dw_ptr, K, d,
 
 
 @triton.jit
-def sparse_decode_dw_atomic_kernel(grad_ptr, vals_ptr, idx_ptr, dw_ptr, K, d,
+def sparse_decode_bwd_dW_atomic_kernel(grad_ptr, vals_ptr, idx_ptr, dw_ptr, K, d,
                                    ACC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """Program (row, d-tile): dW[idx[b, j]] += vals[b, j] * grad[b] with atomics (dw: ACC)."""
     row = tl.program_id(0).to(tl.int64)
@@ -169,7 +169,7 @@ def launch_sparse_decode_bwd(grad: torch.Tensor, vals: torch.Tensor, idx: torch.
         if need_vals:
             dvals = torch.zeros((B, K), dtype=vals.dtype, device=vals.device)
             if B > 0 and K > 0 and d > 0:
-                sparse_decode_dvals_kernel[(B, triton.cdiv(K, cfg.bk))](
+                sparse_decode_bwd_dvals_kernel[(B, triton.cdiv(K, cfg.bk))](
                     grad, idx, W, dvals, K, d, ACC=acc, BK=cfg.bk, BD=cfg.bd, num_warps=cfg.num_warps)
         if need_W:
             dW = _dw(grad, vals, idx, W, acc, cfg, deterministic)
@@ -190,12 +190,12 @@ def _dw(grad: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, W: torch.Tens
         skey, perm = torch.sort(key, stable=True)
         seg = torch.searchsorted(skey, torch.arange(n + 1, device=skey.device, dtype=skey.dtype))
         dW = torch.empty((n, d), dtype=W.dtype, device=W.device)
-        sparse_decode_dw_kernel[(n, triton.cdiv(d, cfg.bd))](
+        sparse_decode_bwd_dW_sorted_kernel[(n, triton.cdiv(d, cfg.bd))](
             grad, vals, perm, seg, dW, K, d, ACC=acc, BP=cfg.bk, BD=cfg.bd, num_warps=cfg.num_warps)
     else:
         acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         dw_acc = torch.zeros((n, d), dtype=acc_dtype, device=W.device)
-        sparse_decode_dw_atomic_kernel[(B, triton.cdiv(d, cfg.bd))](
+        sparse_decode_bwd_dW_atomic_kernel[(B, triton.cdiv(d, cfg.bd))](
             grad, vals, idx, dw_acc, K, d, ACC=acc, BK=cfg.bk, BD=cfg.bd, num_warps=cfg.num_warps)
         dW = dw_acc if dw_acc.dtype == W.dtype else dw_acc.to(W.dtype)
     return dW

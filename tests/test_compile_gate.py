@@ -64,7 +64,7 @@ def test_compile_gate(tmp_path):
     kernels = {(r["kernel"], r["target"]) for r in results}
     # Every kernel of kernels/ was reached on both targets (the grid is not silently empty).
     for name in ("soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "sparse_decode_fwd_kernel",
-                 "sparse_decode_dvals_kernel", "sparse_decode_dw_kernel", "sparse_decode_dw_atomic_kernel"):
+                 "sparse_decode_bwd_dvals_kernel", "sparse_decode_bwd_dW_sorted_kernel", "sparse_decode_bwd_dW_atomic_kernel"):
         for tgt in ("sm_80", "sm_90"):
             assert (name, tgt) in kernels, f"{name} never compiled for {tgt}"
     assert all(r["ok"] for r in results)
@@ -139,7 +139,7 @@ def test_hot_classification():
     assert is_hot("soft_topk_bwd_kernel", "dtype=bfloat16 n=262144 R=3 largest=True gate=True")
     assert not is_hot("soft_topk_fwd_kernel", "dtype=float32 n=4095 R=3 largest=True gate=False")
     assert not is_hot("soft_topk_fwd_kernel", "dtype=float64 n=8192 R=3 largest=True gate=False")
-    assert is_hot("sparse_decode_dw_kernel", "dtype=float16 K=1 d=512 bias=False deterministic=True")
+    assert is_hot("sparse_decode_bwd_dW_sorted_kernel", "dtype=float16 K=1 d=512 bias=False deterministic=True")
     assert not is_hot("sparse_decode_fwd_kernel", "dtype=float32 K=64 d=511 bias=True deterministic=True")
 
 

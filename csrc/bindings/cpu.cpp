@@ -190,7 +190,7 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
     if (need_vals && B > 0 && K > 0) {
       scalar_t* dvp = dvals.data_ptr<scalar_t>();
       at::parallel_for(0, B, row_grain(K * d + 1), [&](int64_t begin, int64_t end) {
-        softsae::cpu::sparse_decode_dvals_rows<scalar_t>(gp, ip, wp, dvp, K, d, begin, end);
+        softsae::cpu::sparse_decode_bwd_dvals<scalar_t>(gp, ip, wp, dvp, K, d, begin, end);
       });
     }
     if (need_W && n > 0 && d > 0) {
@@ -201,7 +201,7 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
       scalar_t* dwp = dW.data_ptr<scalar_t>();
       const int64_t per_latent = (nnz / std::max<int64_t>(1, n) + 1) * d;
       at::parallel_for(0, n, row_grain(per_latent), [&](int64_t begin, int64_t end) {
-        softsae::cpu::sparse_decode_dW_latents<scalar_t>(gp, vp, offsets.data(), order.data(),
+        softsae::cpu::sparse_decode_bwd_dW_sorted<scalar_t>(gp, vp, offsets.data(), order.data(),
                                                          K, d, dwp, begin, end);
       });
     }

@@ -200,7 +200,7 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
     if (d == 0) {
       dvals.zero_();
     } else {
-      check_launch(sc::sparse_decode_bwd_vals(grad.data_ptr(), idx.data_ptr<int64_t>(),
+      check_launch(sc::sparse_decode_bwd_dvals(grad.data_ptr(), idx.data_ptr<int64_t>(),
                                               W.data_ptr(), dvals.data_ptr(), B, K, d, dt,
                                               stream),
                    "sparse_decode_bwd (dvals)");
@@ -221,7 +221,7 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
       const Tensor seg =
           at::searchsorted(std::get<0>(sorted), at::arange(n + 1, idx.options())).contiguous();
       dW = at::empty_like(W);  // every row is written
-      check_launch(sc::sparse_decode_bwd_W_sorted(grad.data_ptr(), vals.data_ptr(),
+      check_launch(sc::sparse_decode_bwd_dW_sorted(grad.data_ptr(), vals.data_ptr(),
                                                   order.data_ptr<int64_t>(),
                                                   seg.data_ptr<int64_t>(), dW.data_ptr(), K, n,
                                                   d, dt, stream),
@@ -233,7 +233,7 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
                                                            ? at::kDouble
                                                            : at::kFloat));
       if (B * K > 0) {
-        check_launch(sc::sparse_decode_bwd_W_atomic(grad.data_ptr(), vals.data_ptr(),
+        check_launch(sc::sparse_decode_bwd_dW_atomic(grad.data_ptr(), vals.data_ptr(),
                                                     idx.data_ptr<int64_t>(), acc.data_ptr(), B,
                                                     K, d, dt, stream),
                      "sparse_decode_bwd (dW, atomic)");

@@ -100,7 +100,7 @@ void sparse_decode_fwd_rows(const T* vals, const int64_t* idx, const T* W, const
 }
 
 template <typename T>
-void sparse_decode_dvals_rows(const T* grad, const int64_t* idx, const T* W, T* dvals,
+void sparse_decode_bwd_dvals(const T* grad, const int64_t* idx, const T* W, T* dvals,
                               int64_t K, int64_t d, int64_t row_begin, int64_t row_end) {
   for (int64_t b = row_begin; b < row_end; ++b) {
     const T* g = grad + b * d;
@@ -125,7 +125,7 @@ int64_t sparse_decode_group_by_latent(const int64_t* idx, int64_t B, int64_t K, 
 }
 
 template <typename T>
-void sparse_decode_dW_latents(const T* grad, const T* vals, const int64_t* offsets,
+void sparse_decode_bwd_dW_sorted(const T* grad, const T* vals, const int64_t* offsets,
                               const int64_t* order, int64_t K, int64_t d, T* dW,
                               int64_t latent_begin, int64_t latent_end) {
   std::vector<T> v;
@@ -152,14 +152,14 @@ template void sparse_decode_fwd_rows<float>(const float*, const int64_t*, const 
 template void sparse_decode_fwd_rows<double>(const double*, const int64_t*, const double*,
                                              const double*, double*, int64_t, int64_t, int64_t,
                                              int64_t);
-template void sparse_decode_dvals_rows<float>(const float*, const int64_t*, const float*, float*,
+template void sparse_decode_bwd_dvals<float>(const float*, const int64_t*, const float*, float*,
                                               int64_t, int64_t, int64_t, int64_t);
-template void sparse_decode_dvals_rows<double>(const double*, const int64_t*, const double*,
+template void sparse_decode_bwd_dvals<double>(const double*, const int64_t*, const double*,
                                                double*, int64_t, int64_t, int64_t, int64_t);
-template void sparse_decode_dW_latents<float>(const float*, const float*, const int64_t*,
+template void sparse_decode_bwd_dW_sorted<float>(const float*, const float*, const int64_t*,
                                               const int64_t*, int64_t, int64_t, float*, int64_t,
                                               int64_t);
-template void sparse_decode_dW_latents<double>(const double*, const double*, const int64_t*,
+template void sparse_decode_bwd_dW_sorted<double>(const double*, const double*, const int64_t*,
                                                const int64_t*, int64_t, int64_t, double*,
                                                int64_t, int64_t);
 

@@ -20,7 +20,7 @@ void sparse_decode_fwd_rows(const T* vals, const int64_t* idx, const T* W, const
 // dvals[b, j] = <grad[b], W[idx[b, j]]> (0 at padding) for rows b in [row_begin, row_end).
 //   grad (B, d) T; dvals (B, K) T. Dots accumulate in T with a fixed lane order.
 template <typename T>
-void sparse_decode_dvals_rows(const T* grad, const int64_t* idx, const T* W, T* dvals,
+void sparse_decode_bwd_dvals(const T* grad, const int64_t* idx, const T* W, T* dvals,
                               int64_t K, int64_t d, int64_t row_begin, int64_t row_end);
 
 // Groups the B * K pairs by latent (counting sort / CSR transpose, stable).
@@ -35,7 +35,7 @@ int64_t sparse_decode_group_by_latent(const int64_t* idx, int64_t B, int64_t K, 
 // thread split. Latents without pairs get a zero row.
 //   grad (B, d) T, vals (B, K) T, dW (n, d) T; offsets/order from group_by_latent.
 template <typename T>
-void sparse_decode_dW_latents(const T* grad, const T* vals, const int64_t* offsets,
+void sparse_decode_bwd_dW_sorted(const T* grad, const T* vals, const int64_t* offsets,
                               const int64_t* order, int64_t K, int64_t d, T* dW,
                               int64_t latent_begin, int64_t latent_end);
 
@@ -45,16 +45,16 @@ extern template void sparse_decode_fwd_rows<float>(const float*, const int64_t*,
 extern template void sparse_decode_fwd_rows<double>(const double*, const int64_t*,
                                                     const double*, const double*, double*,
                                                     int64_t, int64_t, int64_t, int64_t);
-extern template void sparse_decode_dvals_rows<float>(const float*, const int64_t*,
+extern template void sparse_decode_bwd_dvals<float>(const float*, const int64_t*,
                                                      const float*, float*, int64_t, int64_t,
                                                      int64_t, int64_t);
-extern template void sparse_decode_dvals_rows<double>(const double*, const int64_t*,
+extern template void sparse_decode_bwd_dvals<double>(const double*, const int64_t*,
                                                       const double*, double*, int64_t, int64_t,
                                                       int64_t, int64_t);
-extern template void sparse_decode_dW_latents<float>(const float*, const float*,
+extern template void sparse_decode_bwd_dW_sorted<float>(const float*, const float*,
                                                      const int64_t*, const int64_t*, int64_t,
                                                      int64_t, float*, int64_t, int64_t);
-extern template void sparse_decode_dW_latents<double>(const double*, const double*,
+extern template void sparse_decode_bwd_dW_sorted<double>(const double*, const double*,
                                                       const int64_t*, const int64_t*, int64_t,
                                                       int64_t, double*, int64_t, int64_t);
 

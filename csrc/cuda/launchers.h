@@ -43,7 +43,7 @@ cudaError_t sparse_decode_fwd(const void* vals, const int64_t* idx, const void* 
                               int64_t d, DType dtype, cudaStream_t stream);
 
 // dvals[b, j] = <grad[b, :], W[idx[b, j], :]>, 0 for padding. grad (B, d), dvals (B, K).
-cudaError_t sparse_decode_bwd_vals(const void* grad, const int64_t* idx, const void* W,
+cudaError_t sparse_decode_bwd_dvals(const void* grad, const int64_t* idx, const void* W,
                                    void* dvals, int64_t B, int64_t K, int64_t d, DType dtype,
                                    cudaStream_t stream);
 
@@ -51,14 +51,14 @@ cudaError_t sparse_decode_bwd_vals(const void* grad, const int64_t* idx, const v
 // where order (>= seg[n] entries) lists flat pair ids b*K + j grouped by latent
 // (stable sort by idx) and seg (n + 1) are the group offsets. Every row of dW
 // (n, d) is written (zero for latents without pairs), in a fixed order.
-cudaError_t sparse_decode_bwd_W_sorted(const void* grad, const void* vals, const int64_t* order,
+cudaError_t sparse_decode_bwd_dW_sorted(const void* grad, const void* vals, const int64_t* order,
                                        const int64_t* seg, void* dW, int64_t K, int64_t n,
                                        int64_t d, DType dtype, cudaStream_t stream);
 
 // Non-deterministic dW: atomically adds vals[b, j] * grad[b, :] into dW_acc[idx[b, j], :].
 // dW_acc (n, d) must be zero-initialised by the caller and is float64 when
 // dtype is kFloat64, float32 otherwise (cast it to the half type afterwards).
-cudaError_t sparse_decode_bwd_W_atomic(const void* grad, const void* vals, const int64_t* idx,
+cudaError_t sparse_decode_bwd_dW_atomic(const void* grad, const void* vals, const int64_t* idx,
                                        void* dW_acc, int64_t B, int64_t K, int64_t d,
                                        DType dtype, cudaStream_t stream);
 

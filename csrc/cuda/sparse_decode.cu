@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kMaxColThreads)
 // One warp per (b, j) pair: a strided dot product over d, then a warp sum.
 template <class T, int V>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    sparse_decode_bwd_vals_kernel(const T* __restrict__ grad, const int64_t* __restrict__ idx,
+    sparse_decode_bwd_dvals_kernel(const T* __restrict__ grad, const int64_t* __restrict__ idx,
                                   const T* __restrict__ W, T* __restrict__ dvals,
                                   const int64_t pairs, const int64_t K, const int64_t d) {
   using A = compute_t<T>;
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 // order; latents without pairs write zeros, so dW needs no initialisation.
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxColThreads)
-    sparse_decode_bwd_W_sorted_kernel(const T* __restrict__ grad, const T* __restrict__ vals,
+    sparse_decode_bwd_dW_sorted_kernel(const T* __restrict__ grad, const T* __restrict__ vals,
                                       const int64_t* __restrict__ order,
                                       const int64_t* __restrict__ seg, T* __restrict__ dW,
                                       const int64_t K, const int64_t d) {
@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kMaxColThreads)
 // registers while the row's pairs are scattered into dW_acc with atomicAdd.
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxColThreads)
-    sparse_decode_bwd_W_atomic_kernel(const T* __restrict__ grad, const T* __restrict__ vals,
+    sparse_decode_bwd_dW_atomic_kernel(const T* __restrict__ grad, const T* __restrict__ vals,
                                       const int64_t* __restrict__ idx,
                                       compute_t<T>* __restrict__ dW_acc, const int64_t K,
                                       const int64_t d) {
@@ -225,10 +225,10 @@ cudaError_t bwd_vals_impl(const void* grad_, const int64_t* idx, const void* W_,
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = d % kVec == 0 && aligned16(grad) && aligned16(W);
   if (vec)
-    sparse_decode_bwd_vals_kernel<T, kVec><<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(
+    sparse_decode_bwd_dvals_kernel<T, kVec><<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(
         grad, idx, W, static_cast<T*>(dvals), pairs, K, d);
   else
-    sparse_decode_bwd_vals_kernel<T, 1><<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(
+    sparse_decode_bwd_dvals_kernel<T, 1><<<unsigned(blocks), kWarpsPerBlock * 32, 0, stream>>>(
         grad, idx, W, static_cast<T*>(dvals), pairs, K, d);
   return cudaGetLastError();
 }
@@ -246,10 +246,10 @@ cudaError_t bwd_W_sorted_impl(const void* grad_, const void* vals, const int64_t
   if (cg.tiles > 65535) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(n), unsigned(cg.tiles));
   if (vec)
-    sparse_decode_bwd_W_sorted_kernel<T, kVec><<<grid, cg.threads, 0, stream>>>(
+    sparse_decode_bwd_dW_sorted_kernel<T, kVec><<<grid, cg.threads, 0, stream>>>(
         grad, static_cast<const T*>(vals), order, seg, dW, K, d);
   else
-    sparse_decode_bwd_W_sorted_kernel<T, 1><<<grid, cg.threads, 0, stream>>>(
+    sparse_decode_bwd_dW_sorted_kernel<T, 1><<<grid, cg.threads, 0, stream>>>(
         grad, static_cast<const T*>(vals), order, seg, dW, K, d);
   return cudaGetLastError();
 }
@@ -267,10 +267,10 @@ cudaError_t bwd_W_atomic_impl(const void* grad_, const void* vals, const int64_t
   const dim3 grid(unsigned(B), unsigned(cg.tiles));
   auto* dst = static_cast<compute_t<T>*>(acc);
   if (vec)
-    sparse_decode_bwd_W_atomic_kernel<T, kVec><<<grid, cg.threads, 0, stream>>>(
+    sparse_decode_bwd_dW_atomic_kernel<T, kVec><<<grid, cg.threads, 0, stream>>>(
         grad, static_cast<const T*>(vals), idx, dst, K, d);
   else
-    sparse_decode_bwd_W_atomic_kernel<T, 1><<<grid, cg.threads, 0, stream>>>(
+    sparse_decode_bwd_dW_atomic_kernel<T, 1><<<grid, cg.threads, 0, stream>>>(
         grad, static_cast<const T*>(vals), idx, dst, K, d);
   return cudaGetLastError();
 }
@@ -293,19 +293,19 @@ cudaError_t sparse_decode_fwd(const void* vals, const int64_t* idx, const void* 
   SOFTSAE_DISPATCH(dtype, fwd_impl, vals, idx, W, bias, out, B, K, d, stream);
 }
 
-cudaError_t sparse_decode_bwd_vals(const void* grad, const int64_t* idx, const void* W,
+cudaError_t sparse_decode_bwd_dvals(const void* grad, const int64_t* idx, const void* W,
                                    void* dvals, int64_t B, int64_t K, int64_t d, DType dtype,
                                    cudaStream_t stream) {
   SOFTSAE_DISPATCH(dtype, bwd_vals_impl, grad, idx, W, dvals, B, K, d, stream);
 }
 
-cudaError_t sparse_decode_bwd_W_sorted(const void* grad, const void* vals, const int64_t* order,
+cudaError_t sparse_decode_bwd_dW_sorted(const void* grad, const void* vals, const int64_t* order,
                                        const int64_t* seg, void* dW, int64_t K, int64_t n,
                                        int64_t d, DType dtype, cudaStream_t stream) {
   SOFTSAE_DISPATCH(dtype, bwd_W_sorted_impl, grad, vals, order, seg, dW, K, n, d, stream);
 }
 
-cudaError_t sparse_decode_bwd_W_atomic(const void* grad, const void* vals, const int64_t* idx,
+cudaError_t sparse_decode_bwd_dW_atomic(const void* grad, const void* vals, const int64_t* idx,
                                        void* dW_acc, int64_t B, int64_t K, int64_t d,
                                        DType dtype, cudaStream_t stream) {
   SOFTSAE_DISPATCH(dtype, bwd_W_atomic_impl, grad, vals, idx, dW_acc, B, K, d, stream);

@@ -368,7 +368,7 @@ void test_sparse_decode() {
             use_bias, err);
     }
     std::vector<T> dvals(B * K);
-    softsae::cpu::sparse_decode_dvals_rows<T>(grad.data(), idx.data(), W.data(), dvals.data(), K,
+    softsae::cpu::sparse_decode_bwd_dvals<T>(grad.data(), idx.data(), W.data(), dvals.data(), K,
                                               d, 0, B);
     double err = 0.0;
     for (int64_t b = 0; b < B; ++b)
@@ -390,10 +390,10 @@ void test_sparse_decode() {
     CHECK(nnz == want_nnz && offsets[n] == nnz, "group_by_latent nnz %lld != %lld",
           (long long)nnz, (long long)want_nnz);
     std::vector<T> dW(n * d, T(-7)), dW_split(n * d, T(-7));
-    softsae::cpu::sparse_decode_dW_latents<T>(grad.data(), vals.data(), offsets.data(),
+    softsae::cpu::sparse_decode_bwd_dW_sorted<T>(grad.data(), vals.data(), offsets.data(),
                                               order.data(), K, d, dW.data(), 0, n);
     for (int64_t i0 = 0; i0 < n; i0 += 3)  // any split over latents gives the same bits
-      softsae::cpu::sparse_decode_dW_latents<T>(grad.data(), vals.data(), offsets.data(),
+      softsae::cpu::sparse_decode_bwd_dW_sorted<T>(grad.data(), vals.data(), offsets.data(),
                                                 order.data(), K, d, dW_split.data(), i0,
                                                 std::min(n, i0 + 3));
     err = 0.0;
