@@ -64,7 +64,8 @@ def test_compile_gate(tmp_path):
     kernels = {(r["kernel"], r["target"]) for r in results}
     # Every kernel of kernels/ was reached on both targets (the grid is not silently empty).
     for name in ("soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "sparse_decode_fwd_kernel",
-                 "sparse_decode_bwd_dvals_kernel", "sparse_decode_bwd_dW_sorted_kernel", "sparse_decode_bwd_dW_atomic_kernel"):
+                 "sparse_decode_bwd_dvals_kernel", "sparse_decode_bwd_dW_sorted_kernel",
+                 "sparse_decode_bwd_dW_atomic_kernel"):
         for tgt in ("sm_80", "sm_90"):
             assert (name, tgt) in kernels, f"{name} never compiled for {tgt}"
     assert all(r["ok"] for r in results)
