@@ -265,3 +265,19 @@ def test_topk_k_annealing_and_softsae_phases_in_a_run(synth):
                     checkpoint_every=0, progress=False)
     res = train(synth.x, c)
     assert res.model.k_round == "round" and not res.model.straight_through and res.model.hard_encoder_grad
+
+
+def test_unseen_generator_structure_and_errors():
+    from softsae.synthetic import make_synthetic_unseen
+
+    d = make_synthetic_unseen(n_samples=4000, d=24, n_true=64, mean_count=6.0, seed=3)
+    assert d.x.shape == (4000, 24) and d.x.dtype == np.float32 and d.dictionary.shape == (64, 24)
+    assert np.allclose(np.linalg.norm(d.dictionary, axis=1), 1, atol=1e-5)
+    assert abs(d.counts.mean() - 6.0) < 0.4 and d.counts.min() >= 1 and d.counts.max() <= 32
+    assert d.counts.var() > 2 * d.counts.mean()  # over-dispersed (negative binomial), unlike Poisson
+    # the sample norm grows with the number of active factors
+    assert np.corrcoef(np.linalg.norm(d.x, axis=1), d.counts)[0, 1] > 0.5
+    assert not np.array_equal(make_synthetic_unseen(n_samples=50, d=8, n_true=16, seed=1).x,
+                              make_synthetic_unseen(n_samples=50, d=8, n_true=16, seed=2).x)
+    with pytest.raises(ValueError, match="mean_count"):
+        make_synthetic_unseen(n_samples=10, d=8, n_true=16, mean_count=9.0)
