@@ -198,20 +198,57 @@ def _soft_topk_fwd_row(
     BLOCK: tl.constexpr, MB: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
     COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr,
 ):
-    """One row of the forward; crow: this program's scratch (cap entries of CDT)."""
+    """One row of the forward; crow: this program's scratch (cap entries of CDT).
+
+    The pieces (docs/math.md 1.4-1.6): _row_extremes (pass 1), _rank_lower_bound (on chip),
+    _compact_candidates (pass 2), _search_threshold (scratch or row), _write_output (pass 3).
+    """
     INF: tl.constexpr = float("inf")
-    LN2: tl.constexpr = 0.6931471805599453
     row = tl.zeros([], tl.int64) + row  # a tensor (the interpreter's loop counter is an int)
-    base = row * n
-    xrow = x_ptr + base
+    xrow = x_ptr + row * n
     k = tl.load(k_ptr + row)
     inv_s = (1.0 / s).to(CDT)
-    offs = tl.arange(0, BLOCK)
 
-    # ---- pass 1: extremes and M, the chunk-wise max (BLOCK distinct row elements). NaN
-    # propagates through both accumulators and +-inf reaches one of them, so the row's
-    # non-finite flag costs no accumulator of its own.
+    M, mx, mn, bad = _row_extremes(xrow, n, LARGEST, CDT, BLOCK)
+    # Bracket (docs/math.md 1.4): g(t_lo) >= k >= g(t_hi).
+    t_hi = mx + s * tl.maximum(tl.log(nf / (2.0 * k)), 0.0)
+    t_lo = mn - s * tl.maximum(tl.log(nf / (2.0 * (nf - k))), 0.0)
+    lo = t_lo
+    n_one = 0
+    n_min = 0
+    cnt = 0
+    ymin = mn.to(CDT)
+    cut = tl.full([], -INF, CDT)
+    hi1 = tl.full([], INF, CDT)
+    if COMPACT:
+        lo = _rank_lower_bound(M, k, s, t_lo, bad, CDT, BLOCK, MB)
+        # Entries below lo - 40 s weigh < e^-40 / 2 in g for every t >= lo; above t_hi + 40 s,
+        # they weigh 1 to within e^-40 / 2.
+        cut = (lo - 40.0 * s).to(CDT)
+        hi1 = (t_hi + 40.0 * s).to(CDT)
+        cnt, n_one, n_min = _compact_candidates(xrow, crow, n, cap, cut, hi1, ymin, LARGEST, CDT, BLOCK)
+    t_fin = _search_threshold(xrow, crow, n, cap, k, s, inv_s, lo, t_hi, bad, cut, hi1, ymin, cnt, n_one, n_min,
+                              LARGEST, CDT, CB, NP, COMPACT, MAX_ITERS)
+    # n = 1: p = k exactly, t = y - s F^-1(k).
+    if n == 1:
+        finv1 = tl.where(k < 0.5, tl.log(2.0 * k), -tl.log(2.0 * (1.0 - k)))
+        t_fin = mx - s * finv1
+    t_fin = tl.where(bad, float("nan"), t_fin)
+    tl.store(t_ptr + row, t_fin)
+    _write_output(xrow, out_ptr + row * n, n, t_fin, k, inv_s, bad, LARGEST, GATE, CDT, BLOCK)
+
+
+@triton.jit
+def _row_extremes(xrow, n, LARGEST: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 over the row. Returns M (BLOCK,) CDT, the chunk-wise max (BLOCK distinct row
+    entries), the row max and min of y as float64, and ``bad`` (the row holds NaN or +-inf).
+
+    NaN propagates through both accumulators and +-inf reaches one of them, so the non-finite
+    flag costs no accumulator of its own.
+    """
+    INF: tl.constexpr = float("inf")
     NANP: tl.constexpr = tl.PropagateNan.ALL
+    offs = tl.arange(0, BLOCK)
     M = tl.full([BLOCK], -INF, CDT)
     mn_v = tl.full([BLOCK], INF, CDT)
     for start in range(0, n, BLOCK):
@@ -224,77 +261,89 @@ def _soft_topk_fwd_row(
         mn_v = tl.minimum(mn_v, tl.where(msk, y, INF), propagate_nan=NANP)
     lane_ok = offs < n
     bad = tl.sum(tl.where(lane_ok, M, 0.0) * 0.0 + tl.where(lane_ok, mn_v, 0.0) * 0.0) != 0.0
-    mx = tl.max(M).to(tl.float64)
-    mn = tl.min(mn_v).to(tl.float64)
+    return M, tl.max(M).to(tl.float64), tl.min(mn_v).to(tl.float64), bad
 
-    # Bracket from design.md: g(t_lo) >= k >= g(t_hi).
-    t_hi = mx + s * tl.maximum(tl.log(nf / (2.0 * k)), 0.0)
-    t_lo = mn - s * tl.maximum(tl.log(nf / (2.0 * (nf - k))), 0.0)
-    lo = t_lo
-    hi = t_hi
-    n_one = 0
-    n_min = 0
+
+@triton.jit
+def _rank_lower_bound(M, k, s, t_lo, bad, CDT: tl.constexpr, BLOCK: tl.constexpr, MB: tl.constexpr):
+    """A lower end of the bracket from a rank (docs/math.md 1.4), on chip, float64 scalar.
+
+    L ~ the m-th largest of M folded to MB groups, m = floor(k) + 2, by a 16-way bisection on
+    counts; at least m row entries are >= L, so t >= L - s F^-1(k / m). Falls back to t_lo.
+    """
+    INF: tl.constexpr = float("inf")
+    m_need = (tl.floor(k) + 2.0).to(tl.int32)
+    Mr = tl.max(tl.reshape(M, (MB, BLOCK // MB)), axis=1)
+    n_groups = tl.sum((Mr > -INF).to(tl.int32))
+    sel_lo = tl.min(tl.where(Mr > -INF, Mr, INF))
+    sel_hi = tl.max(Mr)
+    top_ok = tl.sum((Mr >= sel_hi).to(tl.int32)) >= m_need
+    sel_lo = tl.where(top_ok, sel_hi, sel_lo)
+    s_c = s.to(CDT)
+    jt = (tl.arange(0, 16) + 1).to(CDT) * (1.0 / 17.0)
+    rnd = 0
+    while (rnd < 8) & (sel_hi - sel_lo > s_c) & (n_groups >= m_need) & ~bad:
+        th = sel_lo + (sel_hi - sel_lo) * jt
+        c_th = tl.sum((Mr[None, :] >= th[:, None]).to(tl.int32), axis=1)
+        ok = c_th >= m_need
+        new_lo = tl.max(tl.where(ok, th, sel_lo))
+        sel_hi = tl.min(tl.where(ok, sel_hi, th))
+        sel_lo = new_lo
+        rnd += 1
+    have_L = (n_groups >= m_need) & ~bad
+    # g(L - d) >= m F(d/s) >= k for d = s F^-1(k/m).
+    q = k / m_need.to(tl.float64)
+    finv = tl.where(q < 0.5, tl.log(2.0 * q), -tl.log(2.0 * (1.0 - q)))
+    lo_L = sel_lo.to(tl.float64) - s * (tl.maximum(finv, 0.0) + 1e-3)
+    return tl.where(have_L, tl.maximum(t_lo, lo_L), t_lo)
+
+
+@triton.jit
+def _compact_candidates(xrow, crow, n, cap, cut, hi1, ymin,
+                        LARGEST: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: append the entries y in [cut, hi1), y != ymin, to the scratch ``crow`` in row
+    order (block prefix sums: deterministic; at most ``cap`` stored). Returns (count of such
+    entries, which may exceed cap; #{y >= hi1}, counted as exactly 1; #{y == ymin in range},
+    kept as one weighted group: the post-ReLU zeros).
+    """
+    offs = tl.arange(0, BLOCK)
+    # The previous row's search may still be reading the scratch in other threads.
+    tl.debug_barrier()
     cnt = 0
-    ymin = mn.to(CDT)
-    cut = tl.full([], -INF, CDT)
-    hi1 = tl.full([], INF, CDT)
-    if COMPACT:
-        # ---- L: about the m-th largest of M, m = floor(k) + 2 (multiway bisection on counts).
-        m_need = (tl.floor(k) + 2.0).to(tl.int32)
-        Mr = tl.max(tl.reshape(M, (MB, BLOCK // MB)), axis=1)
-        n_groups = tl.sum((Mr > -INF).to(tl.int32))
-        sel_lo = tl.min(tl.where(Mr > -INF, Mr, INF))
-        sel_hi = tl.max(Mr)
-        top_ok = tl.sum((Mr >= sel_hi).to(tl.int32)) >= m_need
-        sel_lo = tl.where(top_ok, sel_hi, sel_lo)
-        s_c = s.to(CDT)
-        jt = (tl.arange(0, 16) + 1).to(CDT) * (1.0 / 17.0)
-        rnd = 0
-        while (rnd < 8) & (sel_hi - sel_lo > s_c) & (n_groups >= m_need) & ~bad:
-            th = sel_lo + (sel_hi - sel_lo) * jt
-            c_th = tl.sum((Mr[None, :] >= th[:, None]).to(tl.int32), axis=1)
-            ok = c_th >= m_need
-            new_lo = tl.max(tl.where(ok, th, sel_lo))
-            sel_hi = tl.min(tl.where(ok, sel_hi, th))
-            sel_lo = new_lo
-            rnd += 1
-        have_L = (n_groups >= m_need) & ~bad
-        # g(L - d) >= m F(d/s) >= k for d = s F^-1(k/m): a lower end of the bracket.
-        q = k / m_need.to(tl.float64)
-        finv = tl.where(q < 0.5, tl.log(2.0 * q), -tl.log(2.0 * (1.0 - q)))
-        lo_L = sel_lo.to(tl.float64) - s * (tl.maximum(finv, 0.0) + 1e-3)
-        lo = tl.where(have_L, tl.maximum(t_lo, lo_L), t_lo)
-        # Entries below lo - 40 s weigh < e^-40 / 2 in g for every t >= lo; above t_hi + 40 s,
-        # they weigh 1 to within e^-40 / 2.
-        cut = (lo - 40.0 * s).to(CDT)
-        hi1 = (t_hi + 40.0 * s).to(CDT)
+    one_v = tl.zeros([BLOCK], dtype=tl.int32)
+    min_v = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        msk = idx < n
+        y = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
+        if not LARGEST:
+            y = -y
+        inside = msk & (y >= cut) & (y < hi1)
+        is_min = inside & (y == ymin)
+        is_c = inside & (y != ymin)
+        ic = is_c.to(tl.int32)
+        pos = cnt + tl.cumsum(ic, axis=0) - 1
+        tl.store(crow + pos, y, mask=is_c & (pos < cap))
+        cnt += tl.sum(ic)
+        one_v += (msk & (y >= hi1)).to(tl.int32)
+        min_v += is_min.to(tl.int32)
+    # The search reads the scratch through other threads than the ones that wrote it.
+    tl.debug_barrier()
+    return cnt, tl.sum(one_v), tl.sum(min_v)
 
-        # ---- pass 2: compaction into the program's scratch (block prefix sums: deterministic).
-        # The previous row's search may still be reading it in other threads.
-        tl.debug_barrier()
-        one_v = tl.zeros([BLOCK], dtype=tl.int32)
-        min_v = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            msk = idx < n
-            y = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
-            if not LARGEST:
-                y = -y
-            inside = msk & (y >= cut) & (y < hi1)
-            is_min = inside & (y == ymin)
-            is_c = inside & (y != ymin)
-            ic = is_c.to(tl.int32)
-            pos = cnt + tl.cumsum(ic, axis=0) - 1
-            tl.store(crow + pos, y, mask=is_c & (pos < cap))
-            cnt += tl.sum(ic)
-            one_v += (msk & (y >= hi1)).to(tl.int32)
-            min_v += is_min.to(tl.int32)
-        n_one = tl.sum(one_v)
-        n_min = tl.sum(min_v)
-        # The search reads the scratch through other threads than the ones that wrote it.
-        tl.debug_barrier()
 
-    # ---- threshold search on [lo, hi].
+@triton.jit
+def _search_threshold(xrow, crow, n, cap, k, s, inv_s, lo, hi, bad, cut, hi1, ymin, cnt, n_one, n_min,
+                      LARGEST: tl.constexpr, CDT: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
+                      COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr):
+    """Bracketed search for t with g(t) = k on [lo, hi] (float64 scalar; docs/math.md 1.5-1.6).
+
+    Each iteration evaluates g at NP trial points (from the scratch when the candidates fit,
+    else from the row) and each point's segment step; a short step that stays in its own
+    segment is the answer, else the bracket shrinks at least (NP - 1)-fold.
+    """
+    INF: tl.constexpr = float("inf")
+    LN2: tl.constexpr = 0.6931471805599453
     # t resolution: relative to s (what p sees) plus a few float64 ulps of t itself.
     if CDT == tl.float64:
         tol = 1e-13 * s + 8.9e-16 * tl.abs(hi)
@@ -366,15 +415,14 @@ def _soft_topk_fwd_row(
         tp = tl.where(jn == 0, p_lo, tl.where(jn == 1, p_hi, lin))
         it += 1
     # Out of iterations (not seen in practice): t_fin is already the bracket midpoint.
+    return t_fin
 
-    # n = 1: p = k exactly, t = y - s F^-1(k).
-    if n == 1:
-        finv1 = tl.where(k < 0.5, tl.log(2.0 * k), -tl.log(2.0 * (1.0 - k)))
-        t_fin = mx - s * finv1
-    t_fin = tl.where(bad, float("nan"), t_fin)
-    tl.store(t_ptr + row, t_fin)
 
-    # ---- output pass.
+@triton.jit
+def _write_output(xrow, orow, n, t_fin, k, inv_s, bad,
+                  LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 3: p = F((y - t) / s) (or x * p when GATE) into ``orow``; p = k when n == 1, NaN rows stay NaN."""
+    offs = tl.arange(0, BLOCK)
     piv1 = t_fin.to(CDT)
     off1 = (t_fin - piv1.to(tl.float64)).to(CDT)
     k_c = k.to(CDT)
@@ -390,7 +438,7 @@ def _soft_topk_fwd_row(
         if GATE:
             p = xv * p
         p = tl.where(bad, float("nan"), p)
-        tl.store(out_ptr + base + idx, p.to(out_ptr.dtype.element_ty), mask=msk)
+        tl.store(orow + idx, p.to(orow.dtype.element_ty), mask=msk)
 
 
 @triton.jit
