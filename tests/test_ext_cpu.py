@@ -10,13 +10,14 @@ import math
 
 import pytest
 import torch
+from helpers import TOL as SOFT_TOL
 
 C = pytest.importorskip("softsae._C")
 
 from softsae.ops.soft_topk_ref import soft_topk_bwd_ref, soft_topk_fwd_ref  # noqa: E402
 from softsae.ops.sparse_decode_ref import sparse_decode_bwd_ref, sparse_decode_fwd_ref  # noqa: E402
 
-TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+TOL = {dtype: tol.p for dtype, tol in SOFT_TOL.items()}  # design.md's accuracy targets
 ARG_ERRORS = (RuntimeError, ValueError, TypeError)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import cpu_backends
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import softsae
@@ -74,7 +75,7 @@ def test_every_op_is_covered():
     assert not missing, f"custom ops never reached by the opcheck workloads: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("backend", [b for b in softsae.available_backends("cpu") if b != "triton"])
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_opcheck(backend):
     calls = _record(backend)
     assert calls, "the workloads dispatched no softsae:: op"

@@ -16,6 +16,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import INTERPRETER_ALPHAS  # noqa: E402
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -27,7 +28,8 @@ from softsae.kernels.sparse_decode import launch_sparse_decode_bwd, launch_spars
 from softsae.ops.soft_topk_ref import laplace_cdf, soft_topk_bwd_ref, soft_topk_fwd_ref  # noqa: E402
 from softsae.ops.sparse_decode_ref import sparse_decode_bwd_ref, sparse_decode_fwd_ref  # noqa: E402
 
-ALPHAS = [1e-4, 1e-2, 1.0, 10.0]
+ALPHAS = INTERPRETER_ALPHAS
+
 # Code paths of the forward kernel: the row searched in place (one chunk, then several), the
 # candidate compaction (several chunks of 64), and compaction overflow (back to the row).
 PATHS = {
