@@ -12,6 +12,7 @@ import dataclasses
 import functools
 
 import torch
+from triton import next_power_of_2
 
 __all__ = ["SoftTopkConfig", "SparseDecodeConfig", "program_count", "soft_topk_config", "sparse_decode_config"]
 
@@ -20,10 +21,6 @@ CAP = 2048  # candidate scratch per program (entries of the compute dtype)
 NP = 8  # thresholds evaluated per search iteration
 MAX_ITERS = 64  # search iterations; the bracket shrinks >= 7x per iteration (typically 2-6 run)
 INTERPRETER_SMS = 2  # "SM count" used for CPU tensors (Triton interpreter): small, so rows loop
-
-
-def _np2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +41,7 @@ def soft_topk_config(n: int, dtype: torch.dtype, *, block: int | None = None, co
     """Tuning of soft top-k fwd/bwd for rows of length n >= 1; the keywords override (tests)."""
     wide = dtype == torch.float64
     if block is None:
-        block = min(_np2(n), 2048 if wide else 4096)
+        block = min(next_power_of_2(n), 2048 if wide else 4096)
     if compact is None:
         compact = n > COMPACT_MIN
     cb = min(block, 256 if wide else 512)
@@ -83,5 +80,5 @@ def sparse_decode_config(d: int, dtype: torch.dtype) -> SparseDecodeConfig:
     gets half the columns so that 16 x 256 float64 tiles do not spill (ptxas, sm_90).
     """
     top = 128 if dtype == torch.float64 else 256
-    bd = max(16, min(top, _np2(d)))
+    bd = max(16, min(top, next_power_of_2(d)))
     return SparseDecodeConfig(bk=16, bd=bd, num_warps=4)

@@ -1,7 +1,7 @@
 """Triton Soft Top-K (LapSum) forward and backward.
 
 Contract: docs/design.md ("Calling convention shared by all soft_topk backends"); math:
-shared/spec/soft_topk.md. ``x (R, n)`` contiguous, float16/bfloat16/float32 (computed in
+docs/math.md (section 1). ``x (R, n)`` contiguous, float16/bfloat16/float32 (computed in
 float32) or float64 (computed in float64); ``k (R,)`` float64 in ``(0, n)``; ``t (R,)`` float64.
 
 Forward: a persistent launch (launch_config.program_count programs, each looping over rows

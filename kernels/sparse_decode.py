@@ -1,6 +1,6 @@
 """Triton sparse decode: ``out[b] = sum_j vals[b, j] * W[idx[b, j]] (+ bias)`` and its backward.
 
-Contract: docs/design.md ("sparse_decode backends"); math: shared/spec/sparse_decode.md.
+Contract: docs/design.md ("sparse_decode backends"); math: docs/math.md (section 2).
 ``vals (B, K)`` fp16/bf16/fp32/fp64, ``idx (B, K)`` int64 with -1 = padding (its value is
 ignored, its dval is 0), ``W (n, d)``; duplicated indices in a row are summed. Accumulation
 is float32 (float64 when W is float64); outputs take W's dtype (dvals: vals' dtype).

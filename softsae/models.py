@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softsae.ops.soft_topk import soft_topk, soft_topk_gate
+from softsae.ops.soft_topk import nonzero_per_row, soft_topk, soft_topk_gate
 from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.topk_per_row import topk_per_row
 
@@ -103,13 +103,6 @@ class SAEOutput:
     pre: Tensor  # (B, n) post-ReLU encoder activations
     codes: Codes  # selected latents
     k_hat: Tensor | None = None  # (B,) predicted budget (SoftSAE only)
-
-
-def _gather_nonzero(z: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Padded (vals, idx) (B, max count) of the non-zeros of a dense z (B, n), ``counts`` per row."""
-    _, idx = topk_per_row((z != 0).to(z.dtype), counts)
-    vals = torch.where(idx >= 0, z.gather(1, idx.clamp(min=0)), 0)
-    return vals, idx
 
 
 class SparseAutoencoder(nn.Module):
@@ -203,8 +196,7 @@ class SparseAutoencoder(nn.Module):
             return codes.to_dense()
         if codes.is_sparse:
             return codes.vals, codes.idx
-        z = codes.dense
-        return _gather_nonzero(z, (z != 0).sum(-1))
+        return nonzero_per_row(codes.dense)
 
     def decode(self, z: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         """Unnormalised reconstruction (B, d) of dense codes (B, n) or a padded (vals, idx) pair."""

@@ -3,7 +3,7 @@
     cfg = TrainConfig(arch="softsae", dict_size=4096, k=32, steps=10_000, batch_size=4096)
     result = train("acts.npy", cfg, out_dir="runs/sae")      # result.model, result.last
 
-Recipe (shared/spec/softsae.md): Adam(0.9, 0.999), lr default 2e-4 / sqrt(n / 2^14), linear warmup,
+Recipe (docs/math.md, section 3): Adam(0.9, 0.999), lr default 2e-4 / sqrt(n / 2^14), linear warmup,
 linear decay to 0 from ``decay_start``; decoder gradient projected orthogonal to the unit rows before
 the step, rows renormalised after it; global grad norm clipped at 1; b_dec initialised at the
 geometric median of the first batch; auxk loss on dead latents. Schedules are fractions of

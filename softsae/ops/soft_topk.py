@@ -4,7 +4,7 @@
     z = soft_topk_gate(x, k, alpha)       # x * p, fused
     vals, idx = soft_topk_gate(x, k, alpha, sparse=True)   # the exact non-zeros of x * p
 
-The math is in ../shared/spec/soft_topk.md, the backend contract in docs/design.md. This file
+The math is in docs/math.md (section 1), the backend contract in docs/design.md. This file
 checks arguments, brings the input to a contiguous ``(R, n)`` layout and hands it to one
 backend through the custom ops ``softsae::soft_topk_fwd`` / ``softsae::soft_topk_bwd``
 (with fake implementations, so ``torch.compile(fullgraph=True)`` traces through them).

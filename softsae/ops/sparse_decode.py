@@ -8,7 +8,7 @@ describe, computed without ever forming z: forward gathers only the active rows 
 backward computes ``dvals`` as gathered dot products and ``dW_dec`` by grouping the pairs per
 latent (a counting sort), so the default path is deterministic and atomic-free.
 ``deterministic=False`` lets GPU backends use atomics instead. The math is in
-../shared/spec/sparse_decode.md, the backend contract in docs/design.md.
+docs/math.md (section 2), the backend contract in docs/design.md.
 
 Index range checking reads ``idx.min()``/``idx.max()`` back to the host, so it runs by
 default only for CPU tensors; on CUDA it is off (no host-device sync, CUDA-graph safe) unless
