@@ -283,7 +283,7 @@ def plots(results: list[dict], agg: dict, a, ks: list[int], archs: list[str], ta
                            label="SoftSAE hard phase starts")
         ax.set_title(f"K = {k}")
         ax.set_ylabel("FVU (training batches, smoothed)")
-        ax.set_xlabel("step (SoftSAE before its hard phase: FVU of the soft gate)")
+        ax.set_xlabel("step (SoftSAE: soft gate left of the dotted line)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
