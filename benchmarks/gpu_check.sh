@@ -15,7 +15,7 @@
 # Prints the seconds each stage took (also in OUTDIR/stages.tsv). Target: < 8 minutes on an
 # H100/H200 including the build. Exit codes: 0 all passed, 1 a stage failed (the report is
 # still written), 2 usage, 3 no GPU (exits at once).
-# Environment: PYTHON (default python), SKIP_BUILD=1 (use the installed extension),
+# Environment: PYTHON (default python3), SKIP_BUILD=1 (use the installed extension),
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage, defaults 240 / 120; these are caps, the
 # expected times on an H200 are about 1-2 min build, 2-3 min tests, 1 min per benchmark).
 set -u -o pipefail
@@ -26,7 +26,7 @@ if [ $# -ne 1 ]; then
 fi
 OUT=$1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 cd "$ROOT" || exit 2
 
 # ------------------------------------------------------------------ GPU present?
