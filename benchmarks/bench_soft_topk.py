@@ -12,6 +12,8 @@ fwd+bwd vs. torch.topk(x, 220) forward and vs. the sort-based PyTorch implementa
 --json writes one record per (n, dtype, backend, pass) with p20/p50/p80 ms, the byte model
 (fwd 2 B n e, bwd 3 B n e, fwd+bwd 5 B n e; e = element size; k, t and ds are O(B)) and
 the peak CUDA memory of one call. --quick skips the baselines.
+--rows FILE.jsonl appends those records plus the baselines' as rows (_timing.write_rows), from
+which results_table.py renders RESULTS.md's table; on CPU the memory is the process max-RSS growth.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import (  # noqa: E402
     add_common_args,
     environment,
-    median_ms,
     peak_memory,
     percentiles_ms,
     report,
+    row_mem_bytes,
     write_json,
+    write_rows,
 )
 
 import softsae  # noqa: E402
@@ -45,21 +48,22 @@ def sort_based_soft_topk(x: torch.Tensor, k: torch.Tensor, alpha: float) -> torc
 
 def run(device: torch.device, B: int, ns: list[int], backends: list[str], repeat: int, alpha: float,
         dtypes: tuple[torch.dtype, ...] = (torch.float32,), quick: bool = False):
-    """(headers, table rows, JSON records) for every n, dtype and backend."""
-    rows, records = [], []
+    """(headers, table rows, JSON records, baseline records) for every n, dtype and backend."""
+    rows, records, base = [], [], []
     for dtype in dtypes:
         for n in ns:
-            r, rec = _rows_for(device, B, n, backends, repeat, alpha, dtype, quick)
+            r, rec, b = _rows_for(device, B, n, backends, repeat, alpha, dtype, quick)
             rows += r
             records += rec
+            base += b
     headers = ["n", "dtype", "implementation", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd GB/s",
                "topk-fwd / this", "sort-based / this", "fwd+bwd extra MiB"]
-    return headers, rows, records
+    return headers, rows, records, base
 
 
 def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat: int, alpha: float,
-              dtype: torch.dtype = torch.float32, quick: bool = False) -> tuple[list[list], list[dict]]:
-    rows, records = [], []
+              dtype: torch.dtype = torch.float32, quick: bool = False) -> tuple[list[list], list[dict], list[dict]]:
+    rows, records, base = [], [], []
     dname = str(dtype).removeprefix("torch.")
     x = torch.randn(B, n, device=device).to(dtype)
     k = torch.empty(B, device=device).uniform_(20, 220)
@@ -67,11 +71,25 @@ def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat:
     esize = x.element_size()
     topk_ms = sort_ms = None
     if not quick:
-        topk_ms = median_ms(lambda: torch.topk(x, 220, dim=-1), device, repeat=repeat)
+        shape = {"op": "soft_topk", "B": B, "n": n, "dtype": dname, "alpha": alpha}
+
+        def topk():
+            return torch.topk(x, 220, dim=-1)
+
+        mem = peak_memory(topk, device)
+        t = percentiles_ms(topk, device, repeat=repeat)
+        topk_ms = t["p50_ms"]
+        base.append({**shape, "backend": "torch.topk(x, 220)", "pass": "fwd", "repeat": repeat, **t, **mem})
         xs = x.float().clone().requires_grad_()
-        # ~50x slower than the kernels: one untimed warmup-free run is enough for the ratio.
-        sort_ms = median_ms(lambda: sort_based_soft_topk(xs, k, alpha).backward(g.float()), device,
-                            warmup=0, repeat=1)
+
+        def sort_based():
+            sort_based_soft_topk(xs, k, alpha).backward(g.float())
+
+        # ~50x slower than the kernels: one warmup-free run (p20 = p50 = p80) is enough for the ratio.
+        t = percentiles_ms(sort_based, device, warmup=0, repeat=1)
+        sort_ms = t["p50_ms"]
+        base.append({**shape, "backend": "sort-based PyTorch", "pass": "fwd+bwd", "repeat": 1, **t,
+                     "peak_mem_bytes": None, "extra_mem_bytes": None})
         rows.append([n, dname, "torch.topk(x, 220) fwd", topk_ms, "", "", "", 1.0, "", ""])
         rows.append([n, dname, "sort-based PyTorch", "", "", sort_ms, "", topk_ms / sort_ms, 1.0, ""])
     for name in backends:
@@ -93,18 +111,18 @@ def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat:
         stats = {}
         for pass_, fn, nbytes in (("fwd", fwd, 2 * B * n * esize), ("bwd", bwd, 3 * B * n * esize),
                                   ("fwd+bwd", both, 5 * B * n * esize)):
+            mem = peak_memory(fn, device)  # first: on CPU the max-RSS growth is only seen once
             t = percentiles_ms(fn, device, repeat=repeat)
-            mem = peak_memory(fn, device)
             stats[pass_] = (t, mem)
             records.append({"op": "soft_topk", "backend": name, "B": B, "n": n, "dtype": dname, "pass": pass_,
-                            "alpha": alpha, "bytes": nbytes, **t, **mem})
+                            "alpha": alpha, "bytes": nbytes, "repeat": repeat, **t, **mem})
         both_ms = stats["fwd+bwd"][0]["p50_ms"]
-        extra = stats["fwd+bwd"][1]["extra_mem_bytes"]
+        extra = row_mem_bytes(stats["fwd+bwd"][1])
         gbps = 5 * B * n * esize / (both_ms * 1e-3) / 1e9
         rows.append([n, dname, name, stats["fwd"][0]["p50_ms"], stats["bwd"][0]["p50_ms"], both_ms, gbps,
                      topk_ms / both_ms if topk_ms else "", sort_ms / both_ms if sort_ms else "",
                      extra / 2**20 if extra is not None else ""])
-    return rows, records
+    return rows, records, base
 
 
 def main() -> None:
@@ -118,7 +136,7 @@ def main() -> None:
     backends = args.backends or softsae.available_backends(device)
     dtypes = tuple(getattr(torch, d) for d in args.dtypes)
     torch.manual_seed(0)
-    headers, rows, records = run(device, args.B, args.n, backends, args.repeat, args.alpha, dtypes, args.quick)
+    headers, rows, records, base = run(device, args.B, args.n, backends, args.repeat, args.alpha, dtypes, args.quick)
     title = (f"Soft Top-K, B={args.B}, alpha={args.alpha}, k~U[20,220], {'/'.join(args.dtypes)} — "
              f"{environment(device)}; medians of {args.repeat}")
     report(title, headers, rows, args.markdown)
@@ -126,6 +144,8 @@ def main() -> None:
         write_json(args.json, "soft_topk", device, records, B=args.B, alpha=args.alpha, repeat=args.repeat,
                    byte_model="fwd: read x + write p = 2 B n e; bwd: read grad, x + write dx = 3 B n e; "
                               "fwd+bwd: 5 B n e (e = element size; O(B) k/t/ds ignored)")
+    if args.rows:
+        write_rows(args.rows, base + records, device, note=args.note)
 
 
 if __name__ == "__main__":

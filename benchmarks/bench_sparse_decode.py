@@ -13,7 +13,9 @@ forward and dvals), their dW writes, vals/idx and x_hat/grad:
 ``bytes = (3 nnz d + 2 B d) e + 12 nnz`` (e = element size, nnz = non-padding pairs).
 --json writes one record per (shape, backend) with p20/p50/p80 ms, those bytes and the peak
 CUDA memory of one call; --quick skips the dense and embedding_bag baselines and times the
-reference (the dense scatter + matmul) with the other backends.
+reference (the dense scatter + matmul) with the other backends. --rows FILE.jsonl appends those
+records plus the baselines' as rows (_timing.write_rows), from which results_table.py renders
+RESULTS.md's table; on CPU the memory is the process max-RSS growth.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import (  # noqa: E402
     add_common_args,
     environment,
-    median_ms,
     peak_memory,
     percentiles_ms,
     report,
+    row_mem_bytes,
     write_json,
+    write_rows,
 )
 
 import softsae  # noqa: E402
@@ -53,19 +56,20 @@ def make_codes(B: int, n: int, k_mean: int, device: torch.device):
 
 
 def run(device, B, grid, backends, repeat, quick=False, with_reference=False):
-    """(headers, table rows, JSON records) for every (n, d, mean k) of ``grid``."""
-    rows, records = [], []
+    """(headers, table rows, JSON records, baseline records) for every (n, d, mean k) of ``grid``."""
+    rows, records, base = [], [], []
     for n, d, k_mean in grid:
-        r, rec = _rows_for(device, B, n, d, k_mean, backends, repeat, quick, with_reference or quick)
+        r, rec, b = _rows_for(device, B, n, d, k_mean, backends, repeat, quick, with_reference or quick)
         rows += r
         records += rec
+        base += b
     headers = ["n", "d", "mean k", "implementation", "fwd+bwd ms", "eff. GB/s", "dense / this", "emb_bag / this",
                "extra MiB"]
-    return headers, rows, records
+    return headers, rows, records, base
 
 
 def _rows_for(device, B, n, d, k_mean, backends, repeat, quick=False, with_reference=False):
-    rows, records = [], []
+    rows, records, base = [], [], []
     W = torch.randn(n, d, device=device, requires_grad=True)
     b = torch.zeros(d, device=device, requires_grad=True)
     vals, idx = make_codes(B, n, k_mean, device)
@@ -86,8 +90,12 @@ def _rows_for(device, B, n, d, k_mean, backends, repeat, quick=False, with_refer
     bytes_moved = (3 * nnz * d + 2 * B * d) * W.element_size() + nnz * 12
     dense_ms = bag_ms = None
     if not quick:
-        dense_ms = median_ms(dense, device, repeat=repeat)
-        bag_ms = median_ms(bag, device, repeat=repeat)
+        shape = {"op": "sparse_decode", "B": B, "n": n, "d": d, "k_mean": k_mean, "K": int(idx.shape[1]), "nnz": nnz,
+                 "dtype": "float32", "pass": "fwd+bwd", "bytes": bytes_moved, "repeat": repeat}
+        for label, fn in (("dense z @ W", dense), ("F.embedding_bag", bag)):
+            mem = peak_memory(fn, device)
+            base.append({**shape, "backend": label, **percentiles_ms(fn, device, warmup=1, repeat=repeat), **mem})
+        dense_ms, bag_ms = base[0]["p50_ms"], base[1]["p50_ms"]
         rows.append([n, d, k_mean, "dense z @ W", dense_ms, "", 1.0, "", ""])
         rows.append([n, d, k_mean, "F.embedding_bag", bag_ms, bytes_moved / bag_ms / 1e6, dense_ms / bag_ms, 1.0,
                      ""])
@@ -98,17 +106,17 @@ def _rows_for(device, B, n, d, k_mean, backends, repeat, quick=False, with_refer
         def ours(name=name):
             torch.autograd.backward(softsae.sparse_decode(vals, idx, W, b, backend=name), g)
 
+        mem = peak_memory(ours, device)  # first: on CPU the max-RSS growth is only seen once
         t = percentiles_ms(ours, device, repeat=repeat)
-        mem = peak_memory(ours, device)
         ms = t["p50_ms"]
         records.append({"op": "sparse_decode", "backend": name, "B": B, "n": n, "d": d, "k_mean": k_mean,
                         "K": int(idx.shape[1]), "nnz": nnz, "dtype": "float32", "pass": "fwd+bwd",
-                        "bytes": bytes_moved, **t, **mem})
-        extra = mem["extra_mem_bytes"]
+                        "bytes": bytes_moved, "repeat": repeat, **t, **mem})
+        extra = row_mem_bytes(mem)
         rows.append([n, d, k_mean, f"softsae {name}", ms, bytes_moved / ms / 1e6,
                      dense_ms / ms if dense_ms else "", bag_ms / ms if bag_ms else "",
                      extra / 2**20 if extra is not None else ""])
-    return rows, records
+    return rows, records, base
 
 
 def main() -> None:
@@ -122,7 +130,7 @@ def main() -> None:
     grid = (list(itertools.product([16384, 65536], [512, 2304], [32, 64, 128, 220])) if args.full
             else [(16384, 512, k) for k in (32, 64, 128, 220)])
     torch.manual_seed(0)
-    headers, rows, records = run(device, args.B, grid, backends, args.repeat, args.quick,
+    headers, rows, records, base = run(device, args.B, grid, backends, args.repeat, args.quick,
                                  with_reference=bool(args.backends and "reference" in args.backends))
     title = f"Sparse decode fwd+bwd, B={args.B}, float32 — {environment(device)}; medians of {args.repeat}"
     report(title, headers, rows, args.markdown)
@@ -130,6 +138,8 @@ def main() -> None:
         write_json(args.json, "sparse_decode", device, records, B=args.B, repeat=args.repeat,
                    byte_model="(3 nnz d + 2 B d) e + 12 nnz: W rows gathered twice (fwd, dvals) and written once "
                               "(dW), x_hat and grad, vals + idx")
+    if args.rows:
+        write_rows(args.rows, base + records, device, note=args.note)
 
 
 if __name__ == "__main__":
