@@ -3,7 +3,9 @@
 Backends: ``reference`` (pure PyTorch, always), ``cpu`` (compiled ``softsae._C``),
 ``cuda`` (compiled ``softsae._C_cuda``, CUDA tensors) and ``triton`` (``softsae.kernels``,
 CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). ``auto`` picks the fastest one
-available for the tensor's device.
+available for the tensor's device. The environment variable ``SOFTSAE_BACKEND`` (one of the
+backend names) replaces ``auto`` process-wide; it is read once, at import, and an explicit
+backend argument still wins.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def _load(module: str) -> ModuleType | None:
 _CPU_EXT = _load("softsae._C")
 _CUDA_EXT = _load("softsae._C_cuda")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+ENV_VAR = "SOFTSAE_BACKEND"
+# Also read once at import (not per call): resolve() may run inside a torch.compile'd region.
+_ENV_BACKEND = os.environ.get(ENV_VAR, "").strip() or None
 
 
 def cpu_ext() -> ModuleType | None:
@@ -87,6 +92,14 @@ def resolve(backend: str, device: torch.device, arg: str = "backend") -> str:
     """Map ``backend`` (a name or ``"auto"``) to a concrete backend for ``device``, or raise."""
     if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
         raise ValueError(f"{arg} must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend == "auto" and _ENV_BACKEND not in (None, "auto"):
+        env = _ENV_BACKEND
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {('auto', *BACKENDS)}, got {env!r}")
+        if not supports(env, device):
+            raise ValueError(f"{ENV_VAR}={env!r} (replacing {arg}='auto') is not available for {device.type} "
+                             f"tensors here; available: {available_backends(device)}; unset {ENV_VAR} or change it")
+        return env
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             if supports(name, device):

@@ -20,51 +20,61 @@ USER_ERRORS = (DataError, ValueError, FileNotFoundError, FileExistsError, NotADi
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train an SAE on an activation file",
-                       description="Train SoftSAE / TopK / BatchTopK on activations; save, evaluate, log metrics.")
+                       description="Train SoftSAE / TopK / BatchTopK on activations; save, evaluate, log metrics. "
+                       "Settings come from TrainConfig's defaults, then --config, then the flags given here; "
+                       "the resolved settings are saved as OUT/train_config.json.",
+                       argument_default=argparse.SUPPRESS)  # unset flags must not override --config values
+    p.add_argument("--config", default=None, help="run.json or run.yaml: a mapping of TrainConfig fields "
+                   "(dict_size, k, steps, lr, log, ...); flags given on the command line override it")
     p.add_argument("--data", required=True, help="activations (.npy, .safetensors[:KEY], .pt[:KEY]), shape (N, d)")
-    p.add_argument("--arch", choices=("softsae", "topk", "batchtopk"), default="softsae")
-    p.add_argument("--dict-size", type=int, required=True, help="number of latents n")
-    p.add_argument("--k", type=float, required=True, help="K: latents per input (SoftSAE: target mean budget)")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--arch", choices=("softsae", "topk", "batchtopk"), help="default softsae")
+    p.add_argument("--dict-size", type=int, help="number of latents n (required, here or in --config)")
+    p.add_argument("--k", type=float, help="K: latents per input (SoftSAE: target mean budget; required)")
+    p.add_argument("--steps", type=int, help="optimisation steps (required, here or in --config)")
+    p.add_argument("--batch-size", type=int, help="default 4096")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(dict_size / 2^14)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto", help="ops backend: auto | reference | cpu | triton | cuda")
-    p.add_argument("--k-max", type=float, default=None, help="SoftSAE k-head range (default 2k)")
-    p.add_argument("--alpha", type=float, default=None, help="final soft top-k scale (normalised units; see "
+    p.add_argument("--lr", type=float, help="default 2e-4 / sqrt(dict_size / 2^14)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--backend", help="ops backend: auto | reference | cpu | triton | cuda (default auto; "
+                   "the SOFTSAE_BACKEND environment variable replaces auto)")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"),
+                   help="bf16 autocast: auto (on CUDA only, the default) | bf16 (always) | off")
+    p.add_argument("--log", choices=("jsonl", "tensorboard", "wandb"),
+                   help="metrics logger: jsonl (OUT/metrics.jsonl, the default; always written), tensorboard "
+                   "(+ OUT/tensorboard, needs the tensorboard package) or wandb (+ an offline run in OUT/wandb)")
+    p.add_argument("--k-max", type=float, help="SoftSAE k-head range (default 2k)")
+    p.add_argument("--alpha", type=float, help="final soft top-k scale (normalised units; see "
                    "softsae.trainer for the default and the evidence)")
-    p.add_argument("--alpha-start", type=float, default=None, help="alpha at step 0 when annealing (default 1)")
-    p.add_argument("--alpha-anneal-frac", type=float, default=None, help="fraction of steps to anneal alpha over")
-    p.add_argument("--alpha-anneal-steps", type=int, default=None, help="absolute override of --alpha-anneal-frac")
-    p.add_argument("--alpha-schedule", choices=("linear", "log"), default=None, help="shape of the alpha anneal")
-    p.add_argument("--alpha-relative", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--alpha-start", type=float, help="alpha at step 0 when annealing (default 1)")
+    p.add_argument("--alpha-anneal-frac", type=float, help="fraction of steps to anneal alpha over")
+    p.add_argument("--alpha-anneal-steps", type=int, help="absolute override of --alpha-anneal-frac")
+    p.add_argument("--alpha-schedule", choices=("linear", "log"), help="shape of the alpha anneal")
+    p.add_argument("--alpha-relative", action=argparse.BooleanOptionalAction,
                    help="Laplace scale = alpha x the row's largest pre-activation")
-    p.add_argument("--k-anneal-frac", type=float, default=None,
-                   help="fraction of steps over which K goes max(d, K) -> K (all archs)")
-    p.add_argument("--k-anneal-steps", type=int, default=None, help="absolute override of --k-anneal-frac")
-    p.add_argument("--hard-frac", type=float, default=None, help="SoftSAE: final hard top-k fraction of the steps")
-    p.add_argument("--hard-steps", type=int, default=None, help="absolute override of --hard-frac")
-    p.add_argument("--hard-encoder-grad", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--k-anneal-frac", type=float, help="fraction of steps over which K goes max(d, K) -> K (all archs)")
+    p.add_argument("--k-anneal-steps", type=int, help="absolute override of --k-anneal-frac")
+    p.add_argument("--hard-frac", type=float, help="SoftSAE: final hard top-k fraction of the steps")
+    p.add_argument("--hard-steps", type=int, dest="hard_topk_steps", help="absolute override of --hard-frac")
+    p.add_argument("--hard-encoder-grad", action=argparse.BooleanOptionalAction,
                    help="SoftSAE: train the encoder in the hard phase (--no-hard-encoder-grad: decoder only)")
-    p.add_argument("--st-frac", type=float, default=None,
+    p.add_argument("--st-frac", type=float,
                    help="SoftSAE: straight-through fraction (hard forward, soft gradient) before the hard phase")
-    p.add_argument("--st-steps", type=int, default=None, help="absolute override of --st-frac")
-    p.add_argument("--k-round", choices=("floor", "round"), default=None,
-                   help="SoftSAE: hard budget = floor or round of k_hat")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--decay-start", type=int, default=None)
-    p.add_argument("--w-k", type=float, default=None, help="k-loss weight")
-    p.add_argument("--auxk-alpha", type=float, default=None)
-    p.add_argument("--dead-threshold", type=int, default=None, help="tokens without firing to count as dead")
-    p.add_argument("--normalize", choices=("none", "scale", "center_scale"), default="scale")
-    p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--st-steps", type=int, help="absolute override of --st-frac")
+    p.add_argument("--k-round", choices=("floor", "round"), help="SoftSAE: hard budget = floor or round of k_hat")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--decay-start", type=int)
+    p.add_argument("--w-k", type=float, help="k-loss weight")
+    p.add_argument("--auxk-alpha", type=float)
+    p.add_argument("--dead-threshold", type=int, dest="dead_feature_threshold",
+                   help="tokens without firing to count as dead")
+    p.add_argument("--normalize", choices=("none", "scale", "center_scale"), help="default scale")
+    p.add_argument("--checkpoint-every", type=int, help="default 1000")
+    p.add_argument("--log-every", type=int, help="default 10")
     p.add_argument("--eval-rows", type=int, default=100_000, help="rows of --data evaluated after training")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", default=False, help="continue from OUT/trainer_state.pt")
+    p.add_argument("--overwrite", action="store_true", default=False, help="allow a non-empty OUT")
+    p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
 
 
 def _add_eval(sub) -> None:
@@ -151,19 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TRAIN_OPTS = {"lr": "lr", "k_max": "k_max", "alpha": "alpha", "alpha_start": "alpha_start",
-               "alpha_anneal_frac": "alpha_anneal_frac", "alpha_anneal_steps": "alpha_anneal_steps",
-               "alpha_schedule": "alpha_schedule", "alpha_relative": "alpha_relative",
-               "k_anneal_frac": "k_anneal_frac", "k_anneal_steps": "k_anneal_steps",
-               "hard_frac": "hard_frac", "hard_steps": "hard_topk_steps", "hard_encoder_grad": "hard_encoder_grad",
-               "st_frac": "st_frac", "st_steps": "st_steps", "k_round": "k_round",
-               "warmup_steps": "warmup_steps", "decay_start": "decay_start",
-               "w_k": "w_k", "auxk_alpha": "auxk_alpha", "dead_threshold": "dead_feature_threshold"}
+_REQUIRED_TRAIN = {"dict_size": "--dict-size", "k": "--k", "steps": "--steps"}
+
+
+def train_settings(a: argparse.Namespace) -> dict:
+    """TrainConfig fields for ``softsae train``: the --config file, overridden by the flags given."""
+    import dataclasses
+
+    from softsae.config import check_config, load_config
+    from softsae.trainer import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = load_config(a.config) if a.config is not None else {}
+    values.update(check_config({k: v for k, v in vars(a).items() if k in fields}, source="command line"))
+    missing = [f"{flag} (or {name} in --config)" for name, flag in _REQUIRED_TRAIN.items() if name not in values]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join(missing)}")
+    return values
 
 
 def cmd_train(a) -> int:
     from softsae.checkpoint import atomic_write_json
     from softsae.data import load_activations
+    from softsae.logger import require as require_logger
     from softsae.metrics import evaluate, format_report
     from softsae.trainer import STATE_FILE, TrainConfig, train
 
@@ -174,10 +194,8 @@ def cmd_train(a) -> int:
         raise FileExistsError(f"--out {out} is not empty; pass --resume to continue a run there or --overwrite")
     if a.resume and not (out / STATE_FILE).exists():
         print(f"softsae: no {STATE_FILE} in {out}; starting a new run", file=sys.stderr)
-    extra = {dst: getattr(a, src) for src, dst in _TRAIN_OPTS.items() if getattr(a, src) is not None}
-    cfg = TrainConfig(arch=a.arch, dict_size=a.dict_size, k=a.k, steps=a.steps, batch_size=a.batch_size,
-                      seed=a.seed, device=a.device, backend=a.backend, normalize=a.normalize,
-                      checkpoint_every=a.checkpoint_every, log_every=a.log_every, progress=not a.no_progress, **extra)
+    cfg = TrainConfig(**train_settings(a))
+    require_logger(cfg.log)  # a missing tensorboard / wandb fails before any data is read
     source = load_activations(a.data)  # validates shape, dtype and finiteness before anything is written
     resolved = cfg.resolved(source.d)
     _check_backend(resolved.backend, resolved.device)

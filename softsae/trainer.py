@@ -58,7 +58,8 @@ floor(k_hat) stays the inference rule (the paper's); ``k_round="round"`` gives +
 same ratio. ``alpha_relative`` (Laplace scale = alpha x the row's largest pre-activation) is
 available; it was as good as the absolute default on A16 but is untested on LLM activations.
 
-With ``out_dir`` the run writes ``metrics.jsonl`` (one JSON object per logged step), a resumable
+With ``out_dir`` the run writes ``metrics.jsonl`` (one JSON object per logged step; ``log="tensorboard"``
+or ``"wandb"`` also log there, see softsae.logger), a resumable
 ``trainer_state.pt`` every ``checkpoint_every`` steps, and at the end the model (``save_sae``)
 and ``train_config.json``. All files are written atomically.
 """
@@ -79,11 +80,11 @@ from torch import Tensor
 
 from softsae.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, save_sae
 from softsae.data import check_finite_batch, load_activations, normalization_stats
+from softsae.logger import LOGGERS, METRICS_FILE, MetricsLogger, open_logger
 from softsae.losses import DeadLatentTracker, auxk_loss, k_loss, reconstruction_loss
 from softsae.models import ARCHS, BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE, build_model
 
 STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -128,6 +129,7 @@ class TrainConfig:
     decode_mode: str = "auto"
     amp: str = "auto"  # "auto" (bf16 autocast on CUDA only) | "bf16" | "off"
     log_every: int = 10
+    log: str = "jsonl"  # metrics logger: "jsonl" (metrics.jsonl only) | "tensorboard" | "wandb" (offline)
     checkpoint_every: int = 1000  # 0: only at the end
     progress: bool = True
 
@@ -146,6 +148,8 @@ class TrainConfig:
             raise ValueError(f"normalize must be 'none', 'scale' or 'center_scale', got {c.normalize!r}")
         if c.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {c.amp!r}")
+        if c.log not in LOGGERS:
+            raise ValueError(f"log must be one of {LOGGERS}, got {c.log!r}")
         c.lr = c.lr if c.lr is not None else 2e-4 / math.sqrt(c.dict_size / 2**14)
         if not c.lr > 0:
             raise ValueError(f"lr must be > 0, got {c.lr}")
@@ -387,11 +391,13 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
             if out is not None and (out / METRICS_FILE).exists():
                 (out / METRICS_FILE).unlink()
 
-    metrics_f = None
+    if out is None and c.log != "jsonl":
+        raise ValueError(f"log={c.log!r} needs an out_dir to write into")
+    logger: MetricsLogger | None = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "train_config.json", dataclasses.asdict(c))
-        metrics_f = open(out / METRICS_FILE, "a", encoding="utf-8")
+        logger = open_logger(c.log, out, dataclasses.asdict(c))
     bar = None
     if c.progress:
         from tqdm.auto import tqdm
@@ -413,9 +419,8 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
                     last.update(alpha=model.alpha, k_target=k_target_at(step, c, model.d))
                 if not all(math.isfinite(v) for v in (last["loss"], last["recon"])):
                     raise FloatingPointError(f"training diverged at step {step}: loss={last['loss']}")
-                if metrics_f is not None:
-                    metrics_f.write(json.dumps(last) + "\n")
-                    metrics_f.flush()
+                if logger is not None:
+                    logger.log(last, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4g}", fvu=f"{last['fvu']:.4f}",
                                     k=f"{last.get('mean_k', last['l0']):.2f}", dead=last["dead"], refresh=False)
@@ -427,8 +432,8 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     finally:
         if bar is not None:
             bar.close()
-        if metrics_f is not None:
-            metrics_f.close()
+        if logger is not None:
+            logger.close()
     model.hard = False
     if isinstance(model, SoftSAE):
         model.straight_through, model.hard_encoder_grad = False, True
