@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def write_rows(path: os.PathLike | str, rows: list[dict], device: torch.device, 
     line, device name, versions and ``note`` (e.g. "loaded 2-core machine")."""
     env = environment_dict(device)
     stamp = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "command": command if command is not None else " ".join(["python", *sys.argv]),
+             "command": command if command is not None else shlex.join(["python", *sys.argv]),
              "device_name": env["gpu"] or f"CPU ({platform.processor() or platform.machine()}, "
                                           f"{torch.get_num_threads()} threads)",
              "torch": env["torch"], "triton": env["triton"], "cuda": env["cuda"], "python": env["python"],
@@ -178,9 +179,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                     help="timed backends only (no sort-based / torch.topk / embedding_bag baselines)")
 
 
-def add_rows_args(ap: argparse.ArgumentParser) -> None:
-    """--rows FILE.jsonl (append one JSON row per measurement) and --note (machine label for them)."""
-    ap.add_argument("--rows", type=Path, default=None,
+def add_rows_args(ap: argparse.ArgumentParser, flag: str = "--rows") -> None:
+    """``flag`` FILE.jsonl (append one JSON row per measurement) and --note (machine label for them)."""
+    ap.add_argument(flag, type=Path, default=None,
                     help="append one JSON row per measurement (benchmarks/results/rows/*.jsonl)")
     ap.add_argument("--note", default=None, help='machine label stored in the rows, e.g. "loaded 2-core machine"')
 

@@ -8,30 +8,32 @@ per-row k uniform in [20, 220], against ``torch.topk(x, 220)``.
 sparse decode: forward + backward (dvals and dW) at B x n, d, per-row k around 64 in the
 padded layout, against the dense ``z @ W`` forward + backward built from the same pairs.
 
-Reports the median of ``--reps`` runs in wall milliseconds, plus the CPU time of one run
-(process time: on a shared machine it is less disturbed by other jobs than wall time).
+Reports the median of ``--reps`` runs in wall milliseconds, plus the least CPU time of one run
+(process time: on a shared machine it is less disturbed by other jobs than wall time), both from
+``_timing.percentiles_ms``; --rows-file FILE.jsonl appends p20/p50/p80 rows (``_timing.write_rows``).
 The main benchmarks (tables, RESULTS.md) live in bench_soft_topk.py / bench_sparse_decode.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import add_rows_args, percentiles_ms, write_rows  # noqa: E402
 
-def timed(fn, reps: int) -> tuple[float, float]:
-    """(median wall ms, min process-CPU ms) over reps runs, after one warm-up."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append((time.perf_counter() - w0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    return statistics.median(wall), min(cpu)
+CPU = torch.device("cpu")
+ROWS: list[dict] = []  # one per timing, written by --rows
+
+
+def timed(fn, reps: int, **row) -> tuple[float, float]:
+    """(median wall ms, min process-CPU ms) over reps runs after one warm-up; records a row."""
+    t = percentiles_ms(fn, CPU, warmup=1, repeat=reps, cpu_time=True)
+    ROWS.append({**row, "dtype": "float32", "repeat": reps, "threads": torch.get_num_threads(), **t})
+    return t["p50_ms"], t["cpu_min_ms"]
 
 
 def bench_soft_topk(ext, rows: int, n: int, scales: list[float], reps: int) -> None:
@@ -39,14 +41,17 @@ def bench_soft_topk(ext, rows: int, n: int, scales: list[float], reps: int) -> N
     x = torch.randn(rows, n, generator=g)
     k = torch.rand(rows, generator=g, dtype=torch.float64) * 200 + 20
     grad = torch.randn(rows, n, generator=g)
-    topk_w, topk_c = timed(lambda: torch.topk(x, 220), reps)
+    shape = {"op": "soft_topk_kernel", "B": rows, "n": n}
+    topk_w, topk_c = timed(lambda: torch.topk(x, 220), reps, **shape, backend="torch.topk(x, 220)", pass_="fwd")
     print(f"soft_topk  x=({rows}, {n}) float32, k in [20, 220], threads={torch.get_num_threads()}")
     print(f"  {'s':>8} {'fwd ms':>9} {'bwd ms':>9} {'total ms':>9} {'topk ms':>9} {'total/topk':>10}"
           f" {'cpu total':>10} {'cpu topk':>9}")
     for s in scales:
         _, t = ext.soft_topk_fwd(x, k, s, True, False)
-        fw, fc = timed(lambda s=s: ext.soft_topk_fwd(x, k, s, True, False), reps)
-        bw, bc = timed(lambda s=s, t=t: ext.soft_topk_bwd(grad, x, t, s, True, False), reps)
+        fw, fc = timed(lambda s=s: ext.soft_topk_fwd(x, k, s, True, False), reps, **shape, backend="softsae._C",
+                       pass_="fwd", alpha=s)
+        bw, bc = timed(lambda s=s, t=t: ext.soft_topk_bwd(grad, x, t, s, True, False), reps, **shape,
+                       backend="softsae._C", pass_="bwd", alpha=s)
         print(f"  {s:>8g} {fw:>9.1f} {bw:>9.1f} {fw + bw:>9.1f} {topk_w:>9.1f} {(fw + bw) / topk_w:>10.2f}"
               f" {fc + bc:>10.1f} {topk_c:>9.1f}")
 
@@ -71,8 +76,9 @@ def bench_sparse_decode(ext, batch: int, n: int, d: int, mean_k: int, reps: int)
         grad @ W.T  # dz
         z.T @ grad  # dW
 
-    sw, sc = timed(sparse, reps)
-    dw, dc = timed(dense, max(1, reps // 2))
+    shape = {"op": "sparse_decode_kernel", "B": batch, "n": n, "d": d, "k_mean": mean_k, "pass_": "fwd+bwd"}
+    sw, sc = timed(sparse, reps, **shape, backend="softsae._C")
+    dw, dc = timed(dense, max(1, reps // 2), **shape, backend="dense z @ W")
     print(f"sparse_decode  B={batch} n={n} d={d} mean k={lens.float().mean():.1f}, threads={torch.get_num_threads()}")
     print(f"  sparse fwd+bwd {sw:9.1f} ms (cpu {sc:.1f})   dense fwd+bwd {dw:9.1f} ms (cpu {dc:.1f})"
           f"   speedup {dw / sw:.1f}x")
@@ -88,6 +94,7 @@ def main() -> None:
     p.add_argument("--s", type=float, nargs="+", default=[1e-4, 1e-2, 1.0])
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--mean-k", type=int, default=64)
+    add_rows_args(p, "--rows-file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,6 +106,9 @@ def main() -> None:
         bench_soft_topk(ext, args.rows, args.n, args.s, args.reps)
     if args.op in ("sparse_decode", "all"):
         bench_sparse_decode(ext, args.rows, args.n, args.d, args.mean_k, args.reps)
+    if args.rows_file:
+        write_rows(args.rows_file, [{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in ROWS], CPU,
+                   note=args.note)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ decoder projection) per architecture and ops backend, fast backends vs the refer
 Rows: SoftSAE in the soft phase (dense gate + GEMM decode, and sparse gate + sparse_decode),
 SoftSAE in the hard phase (per-row top-k + sparse_decode), TopK, BatchTopK. Columns: median ms
 per step and tokens/s for every backend available on the device, and the speed-up of the
-fastest non-reference backend over the reference.
+fastest non-reference backend over the reference. --rows FILE.jsonl appends one row per
+(n, variant, backend) with p20/p50/p80 ms per step, tokens/s and memory (_timing.write_rows).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, markdown_table, median_ms  # noqa: E402
+from _timing import add_rows_args, environment, markdown_table, peak_memory, percentiles_ms, write_rows  # noqa: E402
 
 import softsae  # noqa: E402
 from softsae.losses import DeadLatentTracker  # noqa: E402
@@ -34,7 +35,8 @@ VARIANTS = [  # (label, arch, hard phase, decode_mode)
 ]
 
 
-def step_ms(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, repeat) -> float:
+def step_ms(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, repeat) -> dict:
+    """p20/p50/p80 ms of one training step (after 2 warm-up steps) and the memory of one step."""
     c = TrainConfig(arch=arch, dict_size=n, k=k, steps=10, batch_size=B, backend=backend, alpha=alpha,
                     decode_mode=decode_mode, warmup_steps=0, hard_topk_steps=10 if hard else 0,
                     dead_feature_threshold=B * 1000, device=str(device)).resolved(d)
@@ -44,7 +46,12 @@ def step_ms(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, repeat)
     tracker = DeadLatentTracker(n, c.dead_feature_threshold, device)
     tracker.tokens_since_fired[: n // 10] = B * 1000  # 10% dead latents: the auxk path runs
     x = torch.randn(B, d, device=device)
-    return median_ms(lambda: train_step(model, opt, tracker, x, 5, c), device, warmup=2, repeat=repeat)
+    def step():
+        return train_step(model, opt, tracker, x, 5, c)
+
+    step()
+    mem = peak_memory(step, device)
+    return {**percentiles_ms(step, device, warmup=1, repeat=repeat), **mem}
 
 
 def main() -> None:
@@ -58,6 +65,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--backends", nargs="+", default=None)
     ap.add_argument("--markdown", type=Path, default=None)
+    add_rows_args(ap)
     a = ap.parse_args()
     device = torch.device(a.device)
     backends = a.backends or [b for b in softsae.available_backends(device) if b != "triton" or device.type == "cuda"]
@@ -65,11 +73,16 @@ def main() -> None:
     fast = [b for b in backends if b != "reference"]
     if "reference" in backends and fast:
         headers.append("best fast / reference")
-    rows = []
+    rows, records = [], []
     for n in a.n:
         for label, arch, hard, mode in VARIANTS:
-            ms = {b: step_ms(device, b, arch, hard, mode, a.d, n, a.batch_size, a.k, a.alpha, a.repeat)
-                  for b in backends}
+            stats = {b: step_ms(device, b, arch, hard, mode, a.d, n, a.batch_size, a.k, a.alpha, a.repeat)
+                     for b in backends}
+            ms = {b: t["p50_ms"] for b, t in stats.items()}
+            records += [{"op": "train_step", "variant": label, "arch": arch, "hard": hard, "decode_mode": mode,
+                         "backend": b, "n": n, "d": a.d, "B": a.batch_size, "k": a.k, "alpha": a.alpha,
+                         "dtype": "float32", "repeat": a.repeat, "tokens_per_s": a.batch_size / t["p50_ms"] * 1e3,
+                         **t} for b, t in stats.items()]
             row = [n, label] + [ms[b] for b in backends] + [a.batch_size / ms[b] * 1e3 for b in backends]
             if "reference" in backends and fast:
                 row.append(f"{ms['reference'] / min(ms[b] for b in fast):.2f}x")
@@ -84,6 +97,8 @@ def main() -> None:
     print(env)
     if a.markdown:
         a.markdown.write_text(table + "\n\n" + env + "\n")
+    if a.rows:
+        write_rows(a.rows, records, device, note=a.note)
 
 
 if __name__ == "__main__":

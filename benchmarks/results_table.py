@@ -50,7 +50,10 @@ def _ratio(num: float | None, den: float | None) -> float | str:
 def _spread(r: dict | None) -> str:
     if not r or r.get("p20_ms") is None or r.get("p80_ms") is None:
         return ""
-    return f"{r['p20_ms']:.3g}–{r['p80_ms']:.3g}"
+    def fmt(v: float) -> str:  # as markdown_table prints a float
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+    return f"{fmt(r['p20_ms'])}–{fmt(r['p80_ms'])}"
 
 
 def _mib(r: dict | None) -> float | str:
