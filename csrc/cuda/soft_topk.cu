@@ -243,6 +243,172 @@ __device__ __forceinline__ double laplace_icdf(double p) {
 }
 
 // ------------------------------------------------------------------ forward
+// ---- B (rows longer than the candidate buffer): a kHistBins-bin histogram of y over
+// [ymin, ymax] gives L with count(y >= L) >= floor(k) + 2 and U with count(y > U) <= k - 1,
+// which tighten [lo, hi] (docs/math.md 1.4). Returns whether the candidates y >= lo - kWindow s
+// fit the buffer (an upper bound on their count, from the histogram). hist: kHistBins ints of
+// shared memory. Every thread of the block calls it (it synchronises); all-equal rows
+// (ymax == ymin) return false and leave the bracket alone.
+template <class T, int V, class C, class Chunk>
+__device__ bool histogram_bounds(Chunk chunk, int nchunks, C sgn, double ymin, double ymax,
+                                 double k, double s, int n, int* hist, int cap, double& lo,
+                                 double& hi) {
+  __shared__ int sh_bin, sh_cum, sh_bin_hi, sh_cum_hi;
+  const int tid = threadIdx.x, bd = blockDim.x;
+  if (!(ymax > ymin)) return false;
+  for (int b = tid; b < kHistBins; b += bd) hist[b] = 0;
+  if (tid == 0) sh_bin = sh_bin_hi = -1;
+  __syncthreads();
+  const C cmin = C(ymin);
+  const C scale = C(kHistBins) / (C(ymax) - cmin);  // 0 if the range overflows
+  // Uniform trip count so the whole warp takes part in the vote below.
+  for (int j0 = 0; j0 < nchunks; j0 += bd) {
+    const int j = j0 + tid;
+    const bool valid = j < nchunks;
+    Vec<T, V> v{};
+    if (valid) v = chunk(j);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      int bin = -1;
+      if (valid) {
+        const C y = sgn * to_compute(v.v[q]);
+        bin = int(fmin(fmax((y - cmin) * scale, C(0)), C(kHistBins - 1)));
+      }
+      // Post-ReLU rows put whole warps into the zero bin: one atomic then.
+      const int b0 = __shfl_sync(kFullMask, bin, 0);
+      if (__all_sync(kFullMask, bin == b0)) {
+        if (lane_id() == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
+      } else if (bin >= 0) {
+        atomicAdd(&hist[bin], 1);
+      }
+    }
+  }
+  __syncthreads();
+  // Count from the top: thread 0 owns the highest bins, so an inclusive scan
+  // over threads gives count(bins >= own lowest bin).
+  const int per = kHistBins / bd;
+  const int top = kHistBins - tid * per;  // owns bins [top - per, top)
+  int mine = 0;
+  for (int b = top - per; b < top; ++b) mine += hist[b];
+  int total;
+  const int incl = block_inclusive_scan(mine, &total);
+  // Lower bound: the highest bin b with count(bins >= b) >= floor(k) + 2.
+  const double need = floor(k) + 2.0;
+  if (incl >= need && incl - mine < need) {  // exactly one thread
+    int cum = incl - mine;
+    for (int b = top - 1; b >= top - per; --b) {
+      cum += hist[b];
+      if (cum >= need) {
+        sh_bin = b;
+        sh_cum = cum;
+        break;
+      }
+    }
+  }
+  // Upper bound: the lowest bin b with count(bins >= b) <= k - 1.
+  const double most = k - 1.0;
+  if (incl > most && incl - mine <= most) {  // exactly one thread (none if k < 1)
+    int cum = incl - mine;
+    for (int b = top - 1; b >= top - per; --b) {
+      if (cum + hist[b] > most) {
+        sh_bin_hi = b + 1;
+        sh_cum_hi = cum;
+        break;
+      }
+      cum += hist[b];
+    }
+  }
+  __syncthreads();
+  const double binw = (ymax - ymin) / kHistBins;
+  if (sh_bin >= 0) {
+    // Every element of bins >= b lies above ymin + (b - 1) * binw (one bin of
+    // slack for rounding in the binning), so count(y >= L) >= m > k + 1 and
+    // g(L - c s) >= m F(c) >= k for c = ln(m / (2 (m - k))).
+    const double L = ymin + (sh_bin - 1) * binw;
+    const double m = sh_cum;
+    lo = fmax(lo, L - s * (fmax(0.0, log(m / (2.0 * (m - k)))) + 1.0));
+  }
+  if (sh_bin_hi >= 0) {
+    // Elements of bins < b lie below U = ymin + (b + 1) * binw (same slack), so
+    // with c = count(y > U) <= k - 1: g(U + s d) <= c + (n - c) e^-d / 2 <= k
+    // for d = ln((n - c) / (2 (k - c))).
+    const double U = ymin + (sh_bin_hi + 1) * binw;
+    const double c = sh_cum_hi;
+    hi = fmin(hi, U + s * fmax(0.0, log((n - c) / (2.0 * (k - c)))));
+  }
+  const double cand_lo = lo - kWindow * s;
+  // Upper bound on the candidate count: bins from one below cand_lo's bin up.
+  const double bc_d = floor((cand_lo - ymin) / binw) - 1.0;
+  const int bc = bc_d <= 0.0 ? 0 : (bc_d >= kHistBins ? kHistBins : int(bc_d));
+  int est = 0;
+  for (int b = max(top - per, bc); b < top; ++b) est += hist[b];
+  est = block_allreduce(IntSum{est}).v;  // leading barrier: hist reads done
+  return est <= cap;
+}
+
+// ---- C: safeguarded Newton on g(t) = k in the bracket [lo, hi] (docs/math.md 1.5). eval(t, wide)
+// returns the block-reduced sums at t (identical in every thread, so is all control flow here);
+// each step solves the exact model of g on t's segment, bisection takes over when the step
+// leaves the bracket or |g - k| stops halving. Float rows whose min |u| exceeds kWideShift are
+// re-evaluated with u in double. Every thread of the block calls it.
+template <class C, class Eval>
+__device__ double solve_threshold(Eval eval, double lo, double hi, const double k, const double s) {
+  double t = lo;  // g(lo) >= k; for small s lo is close to the root
+  double lg_prev = d_inf(), lg_prev2 = d_inf();  // log |g - k| of the last two steps
+  bool wide = false;
+  for (int it = 0; it < kMaxIter; ++it) {
+    const bool wide_now = wide;
+    const FwdAcc r = eval(t, wide_now);  // identical in every thread, so is all control flow
+    wide = sizeof(C) < sizeof(double) && r.m > kWideShift;
+    const double a = double(r.cnt) - k;
+    // g(t) - k = a - (P - Q) e^-m. With t in a wide gap and integer k, a = 0 and
+    // e^-m underflows: take sign and size from the rescaled P, Q.
+    double sign, lg;
+    if (a == 0.0) {
+      sign = r.Q > r.P ? 1.0 : (r.Q < r.P ? -1.0 : 0.0);
+      lg = log(fabs(r.Q - r.P)) - r.m;
+    } else {
+      const double G = a - (r.P - r.Q) * exp(-r.m);
+      sign = G > 0.0 ? 1.0 : (G < 0.0 ? -1.0 : 0.0);
+      lg = log(fabs(G));
+    }
+    if (sign == 0.0) break;
+    if (sign > 0.0) lo = t;
+    else hi = t;
+    const double tm = t + s * model_log_step(a, r.P, r.Q, r.m);
+    // Resolution of t: the step tolerance, the rounding of u for the dominant
+    // elements (|u| ~ m, relative error ~ eps of the compute type: large when
+    // t sits in a gap of many s) and the rounding of t itself.
+    const double eps = wide_now ? DBL_EPSILON : Numerics<C>::eps;
+    const double tol = s * (Numerics<C>::step_tol + 4.0 * eps * r.m) + 4.0 * DBL_EPSILON * fabs(t);
+    if (wide_now || !wide) {  // a float evaluation of a wide row is not final
+      if (fabs(tm - t) <= tol || hi - lo <= tol) {
+        if (tm >= lo && tm <= hi) t = tm;  // converged: the step is below resolution
+        break;
+      }
+      // A root predicted just past a bound is that bound up to rounding (tied rows
+      // have their root exactly at the analytic t_hi or t_lo).
+      if (tm >= hi && tm - hi <= tol) {
+        t = hi;
+        break;
+      }
+      if (tm <= lo && lo - tm <= tol) {
+        t = lo;
+        break;
+      }
+    }
+    double next = tm;
+    if (!(tm > lo && tm < hi) || lg > lg_prev2 - kLn2) {  // |g - k| did not halve in 2 steps
+      next = lo + 0.5 * (hi - lo);
+      if (!(next > lo && next < hi)) break;  // bracket cannot shrink any more
+    }
+    lg_prev2 = lg_prev;
+    lg_prev = lg;
+    t = next;
+  }
+  return t;
+}
+
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
     soft_topk_fwd_kernel(const T* __restrict__ x, const double* __restrict__ kvec,
@@ -255,7 +421,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   // Dynamic smem: [scratch: min(n, kCap) candidates, or the histogram][row cache, if used]
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   unsigned char* scratch = dyn_smem;
-  __shared__ int sh_bin, sh_cum, sh_bin_hi, sh_cum_hi;
 
   const int tid = threadIdx.x, bd = blockDim.x;
   const int64_t row = blockIdx.x;
@@ -320,99 +485,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   bool use_cand = n <= kCap;  // short rows: the whole row goes to the buffer
   double cand_lo = -d_inf();
   if (!use_cand) {
-    if (ymax > ymin) {
-      int* hist = reinterpret_cast<int*>(scratch);
-      for (int b = tid; b < kHistBins; b += bd) hist[b] = 0;
-      if (tid == 0) sh_bin = sh_bin_hi = -1;
-      __syncthreads();
-      const C cmin = C(ymin);
-      const C scale = C(kHistBins) / (C(ymax) - cmin);  // 0 if the range overflows
-      // Uniform trip count so the whole warp takes part in the vote below.
-      for (int j0 = 0; j0 < nchunks; j0 += bd) {
-        const int j = j0 + tid;
-        const bool valid = j < nchunks;
-        Vec<T, V> v{};
-        if (valid) v = chunk(j);
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          int bin = -1;
-          if (valid) {
-            const C y = sgn * to_compute(v.v[q]);
-            bin = int(fmin(fmax((y - cmin) * scale, C(0)), C(kHistBins - 1)));
-          }
-          // Post-ReLU rows put whole warps into the zero bin: one atomic then.
-          const int b0 = __shfl_sync(kFullMask, bin, 0);
-          if (__all_sync(kFullMask, bin == b0)) {
-            if (lane_id() == 0 && b0 >= 0) atomicAdd(&hist[b0], 32);
-          } else if (bin >= 0) {
-            atomicAdd(&hist[bin], 1);
-          }
-        }
-      }
-      __syncthreads();
-      // Count from the top: thread 0 owns the highest bins, so an inclusive scan
-      // over threads gives count(bins >= own lowest bin).
-      const int per = kHistBins / bd;
-      const int top = kHistBins - tid * per;  // owns bins [top - per, top)
-      int mine = 0;
-      for (int b = top - per; b < top; ++b) mine += hist[b];
-      int total;
-      const int incl = block_inclusive_scan(mine, &total);
-      // Lower bound: the highest bin b with count(bins >= b) >= floor(k) + 2.
-      const double need = floor(k) + 2.0;
-      if (incl >= need && incl - mine < need) {  // exactly one thread
-        int cum = incl - mine;
-        for (int b = top - 1; b >= top - per; --b) {
-          cum += hist[b];
-          if (cum >= need) {
-            sh_bin = b;
-            sh_cum = cum;
-            break;
-          }
-        }
-      }
-      // Upper bound: the lowest bin b with count(bins >= b) <= k - 1.
-      const double most = k - 1.0;
-      if (incl > most && incl - mine <= most) {  // exactly one thread (none if k < 1)
-        int cum = incl - mine;
-        for (int b = top - 1; b >= top - per; --b) {
-          if (cum + hist[b] > most) {
-            sh_bin_hi = b + 1;
-            sh_cum_hi = cum;
-            break;
-          }
-          cum += hist[b];
-        }
-      }
-      __syncthreads();
-      const double binw = (ymax - ymin) / kHistBins;
-      if (sh_bin >= 0) {
-        // Every element of bins >= b lies above ymin + (b - 1) * binw (one bin of
-        // slack for rounding in the binning), so count(y >= L) >= m > k + 1 and
-        // g(L - c s) >= m F(c) >= k for c = ln(m / (2 (m - k))).
-        const double L = ymin + (sh_bin - 1) * binw;
-        const double m = sh_cum;
-        lo = fmax(lo, L - s * (fmax(0.0, log(m / (2.0 * (m - k)))) + 1.0));
-      }
-      if (sh_bin_hi >= 0) {
-        // Elements of bins < b lie below U = ymin + (b + 1) * binw (same slack), so
-        // with c = count(y > U) <= k - 1: g(U + s d) <= c + (n - c) e^-d / 2 <= k
-        // for d = ln((n - c) / (2 (k - c))).
-        const double U = ymin + (sh_bin_hi + 1) * binw;
-        const double c = sh_cum_hi;
-        hi = fmin(hi, U + s * fmax(0.0, log((n - c) / (2.0 * (k - c)))));
-      }
-      cand_lo = lo - kWindow * s;
-      // Upper bound on the candidate count: bins from one below cand_lo's bin up.
-      const double bc_d = floor((cand_lo - ymin) / binw) - 1.0;
-      const int bc = bc_d <= 0.0 ? 0 : (bc_d >= kHistBins ? kHistBins : int(bc_d));
-      int est = 0;
-      for (int b = max(top - per, bc); b < top; ++b) est += hist[b];
-      est = block_allreduce(IntSum{est}).v;  // leading barrier: hist reads done
-      use_cand = est <= kCap;
-    } else {
-      cand_lo = lo - kWindow * s;  // all elements tie
-    }
+    use_cand = histogram_bounds<T, V>(chunk, nchunks, sgn, ymin, ymax, k, s, n,
+                                      reinterpret_cast<int*>(scratch), kCap, lo, hi);
+    cand_lo = lo - kWindow * s;
   }
 
   // Compact candidates into scratch, in row order (deterministic sums).
@@ -480,59 +555,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     return sums([&](C y) { return pv.u(y); });
   };
 
-  double t = lo;  // g(lo) >= k; for small s lo is close to the root
-  double lg_prev = d_inf(), lg_prev2 = d_inf();  // log |g - k| of the last two steps
-  bool wide = false;
-  for (int it = 0; it < kMaxIter; ++it) {
-    const bool wide_now = wide;
-    const FwdAcc r = eval(t, wide_now);  // identical in every thread, so is all control flow
-    wide = sizeof(C) < sizeof(double) && r.m > kWideShift;
-    const double a = double(r.cnt) - k;
-    // g(t) - k = a - (P - Q) e^-m. With t in a wide gap and integer k, a = 0 and
-    // e^-m underflows: take sign and size from the rescaled P, Q.
-    double sign, lg;
-    if (a == 0.0) {
-      sign = r.Q > r.P ? 1.0 : (r.Q < r.P ? -1.0 : 0.0);
-      lg = log(fabs(r.Q - r.P)) - r.m;
-    } else {
-      const double G = a - (r.P - r.Q) * exp(-r.m);
-      sign = G > 0.0 ? 1.0 : (G < 0.0 ? -1.0 : 0.0);
-      lg = log(fabs(G));
-    }
-    if (sign == 0.0) break;
-    if (sign > 0.0) lo = t;
-    else hi = t;
-    const double tm = t + s * model_log_step(a, r.P, r.Q, r.m);
-    // Resolution of t: the step tolerance, the rounding of u for the dominant
-    // elements (|u| ~ m, relative error ~ eps of the compute type: large when
-    // t sits in a gap of many s) and the rounding of t itself.
-    const double eps = wide_now ? DBL_EPSILON : Numerics<C>::eps;
-    const double tol = s * (Numerics<C>::step_tol + 4.0 * eps * r.m) + 4.0 * DBL_EPSILON * fabs(t);
-    if (wide_now || !wide) {  // a float evaluation of a wide row is not final
-      if (fabs(tm - t) <= tol || hi - lo <= tol) {
-        if (tm >= lo && tm <= hi) t = tm;  // converged: the step is below resolution
-        break;
-      }
-      // A root predicted just past a bound is that bound up to rounding (tied rows
-      // have their root exactly at the analytic t_hi or t_lo).
-      if (tm >= hi && tm - hi <= tol) {
-        t = hi;
-        break;
-      }
-      if (tm <= lo && lo - tm <= tol) {
-        t = lo;
-        break;
-      }
-    }
-    double next = tm;
-    if (!(tm > lo && tm < hi) || lg > lg_prev2 - kLn2) {  // |g - k| did not halve in 2 steps
-      next = lo + 0.5 * (hi - lo);
-      if (!(next > lo && next < hi)) break;  // bracket cannot shrink any more
-    }
-    lg_prev2 = lg_prev;
-    lg_prev = lg;
-    t = next;
-  }
+  const double t = solve_threshold<C>(eval, lo, hi, k, s);
   if (tid == 0) tout[row] = t;
 
   // ---- D: output.
