@@ -8,6 +8,7 @@ All inputs live in the model's normalised space; x, x_hat (B, d), pre (B, n), k_
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,9 +20,16 @@ def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).pow(2).sum(-1).mean()
 
 
-def k_loss(k_hat: Tensor, k_target: float, beta: float = 5.0) -> Tensor:
-    """softplus(mean(k_hat) - K_target, beta): penalises a mean budget above K_target."""
-    return F.softplus(k_hat.mean() - k_target, beta=beta)
+def k_loss(k_hat: Tensor, k_target: float, beta: float = 5.0, group: dist.ProcessGroup | None = None) -> Tensor:
+    """softplus(mean(k_hat) - K_target, beta): penalises a mean budget above K_target.
+
+    ``group`` (data parallel): the mean is over all ranks' rows (``softsae.distributed.global_mean``;
+    its backward sums the upstream gradients over the ranks, see softsae.distributed.data_parallel)."""
+    if group is None:
+        return F.softplus(k_hat.mean() - k_target, beta=beta)
+    from softsae.distributed.stats import global_mean
+
+    return F.softplus(global_mean(k_hat, group) - k_target, beta=beta)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -30,7 +38,7 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def auxk_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor, k_aux: int,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", group: dist.ProcessGroup | None = None) -> Tensor:
     """AuxK loss (Gao et al. 2024): the top ``k_aux`` dead latents of each row regress the residual.
 
     Args:
@@ -41,6 +49,10 @@ def auxk_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
         k_aux: latents per row (clipped to the number of dead latents); d // 2 in the recipe.
 
     Returns ``||e - e_hat||^2 / ||e - mean(e)||^2`` (both batch means), 0 when nothing is dead.
+
+    ``group`` (data parallel, ``dead`` identical on every rank): the means are over all ranks' rows
+    and the result is this rank's SHARE (its rows' numerator over the global row count, divided by the
+    global denominator): the shares sum to the global loss. Two all-reduces ((d + 1,) and (1,)).
 
     No host-device sync on CUDA: the top ``min(k_aux, n)`` of the dead-masked activations are
     taken with a static width and the non-dead picks padded out (idx -1), which selects the
@@ -56,8 +68,17 @@ def auxk_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
     valid = dead[idx]
     vals, idx = torch.where(valid, vals, 0.0), torch.where(valid, idx, -1)
     e_hat = sparse_decode(vals, idx, W_dec, None, backend=backend)
-    num = (e - e_hat).pow(2).sum(-1).mean()
-    den = (e - e.mean(0)).pow(2).sum(-1).mean()
+    if group is None:
+        num = (e - e_hat).pow(2).sum(-1).mean()
+        den = (e - e.mean(0)).pow(2).sum(-1).mean()
+    else:
+        buf = torch.cat([e.to(torch.float64).sum(0), e.new_tensor([e.shape[0]], dtype=torch.float64)])
+        dist.all_reduce(buf, group=group)
+        rows = buf[-1]
+        sq = (e - (buf[:-1] / rows).to(e.dtype)).pow(2).sum().to(torch.float64).reshape(1)
+        dist.all_reduce(sq, group=group)
+        num = (e - e_hat).pow(2).sum() / rows.to(e.dtype)
+        den = (sq[0] / rows).to(e.dtype)
     loss = torch.nan_to_num(num / den, nan=0.0, posinf=0.0, neginf=0.0)
     return torch.where(dead.any(), loss, 0.0)
 

@@ -334,6 +334,7 @@ class BatchTopKSAE(SparseAutoencoder):
         self.threshold_beta = float(threshold_beta)
         self.register_buffer("threshold", torch.full((), -1.0))  # < 0: not estimated yet
         self.k_train: int | None = None  # trainer's annealed K (training only; eval uses the threshold)
+        self.dp_group = None  # trainer: data-parallel process group (rows split over ranks); None: one process
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "threshold_beta": self.threshold_beta}
@@ -345,12 +346,20 @@ class BatchTopKSAE(SparseAutoencoder):
             # (one host read-back on CUDA at inference); training below has none.
             above = (pre > self.threshold).sum(-1)
             return self._hard_codes(pre, torch.where(self.threshold < 0, self.k, above)), None
-        flat = pre.detach().reshape(-1)
         k = self.k_train if self.k_train is not None else self.k
-        top = torch.topk(flat, min(k * B, flat.numel()), sorted=False)
-        keep = top.values > 0
-        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=pre.device).scatter_(0, top.indices, keep)
-        self._update_threshold(torch.where(keep, top.values, float("inf")).min(), keep.any())
+        if self.dp_group is not None:  # data parallel: top k * B_total over ALL ranks' rows, global minimum
+            from softsae.distributed.sharded_ops import sharded_batch_topk
+
+            _, idx, low = sharded_batch_topk(pre.detach(), int(k), self.dp_group, split="rows", positive_only=True)
+            full = torch.zeros(B, self.n + 1, dtype=torch.bool, device=pre.device)
+            mask = full.scatter_(1, torch.where(idx >= 0, idx, self.n), True)[:, : self.n].reshape(-1)
+            self._update_threshold(low.to(self.threshold.dtype), ~torch.isnan(low))
+        else:
+            flat = pre.detach().reshape(-1)
+            top = torch.topk(flat, min(k * B, flat.numel()), sorted=False)
+            keep = top.values > 0
+            mask = torch.zeros(flat.numel(), dtype=torch.bool, device=pre.device).scatter_(0, top.indices, keep)
+            self._update_threshold(torch.where(keep, top.values, float("inf")).min(), keep.any())
         if self._use_sparse(True):  # padded width = the batch's largest row count: one read-back on CUDA
             return self._hard_codes(pre, mask.view(B, self.n).sum(-1)), None
         return Codes(self.n, dense=pre * mask.view(B, self.n)), None  # no host sync

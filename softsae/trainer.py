@@ -80,6 +80,12 @@ from torch import Tensor
 
 from softsae.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, save_sae
 from softsae.data import check_finite_batch, load_activations, normalization_stats
+from softsae.distributed.data_parallel import (
+    DataParallel,
+    allreduce_grads_,
+    broadcast_module_,
+    setup_data_parallel,
+)
 from softsae.logger import LOGGERS, METRICS_FILE, MetricsLogger, open_logger
 from softsae.losses import DeadLatentTracker, auxk_loss, k_loss, reconstruction_loss
 from softsae.models import ARCHS, BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE, build_model
@@ -132,6 +138,7 @@ class TrainConfig:
     log: str = "jsonl"  # metrics logger: "jsonl" (metrics.jsonl only) | "tensorboard" | "wandb" (offline)
     checkpoint_every: int = 1000  # 0: only at the end
     progress: bool = True
+    parallel: str = "none"  # "none" | "data" (torchrun; batch_size is the global batch, see train())
 
     def resolved(self, d: int) -> TrainConfig:
         """A copy with every default filled in and checked against activation dim ``d``."""
@@ -148,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"normalize must be 'none', 'scale' or 'center_scale', got {c.normalize!r}")
         if c.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {c.amp!r}")
+        if c.parallel not in ("none", "data"):
+            raise ValueError(f"parallel must be 'none' or 'data', got {c.parallel!r}")
         if c.log not in LOGGERS:
             raise ValueError(f"log must be one of {LOGGERS}, got {c.log!r}")
         c.lr = c.lr if c.lr is not None else 2e-4 / math.sqrt(c.dict_size / 2**14)
@@ -264,8 +273,17 @@ def new_model(c: TrainConfig, d: int) -> SparseAutoencoder:
 
 
 def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: DeadLatentTracker, x: Tensor,
-               step: int, c: TrainConfig) -> dict[str, Tensor]:
-    """One optimisation step on a raw batch x (B, d); returns the loss terms (tensors, no sync)."""
+               step: int, c: TrainConfig, dp: DataParallel | None = None) -> dict[str, Tensor]:
+    """One optimisation step on a raw batch x (B, d); returns the loss terms (tensors, no sync).
+
+    ``dp`` (data parallel): x is this rank's rows of the global batch; every batch statistic is
+    global, the gradients are SUM-all-reduced (convention in softsae.distributed.data_parallel) and
+    the returned terms are the global values, identical on every rank.
+    """
+    group = dp.group if dp is not None else None
+    world = dp.world_size if dp is not None else 1
+    if isinstance(model, BatchTopKSAE):
+        model.dp_group = group
     for g in opt.param_groups:
         g["lr"] = lr_at(step, c)
     hard = is_hard_phase(step, c)
@@ -281,31 +299,68 @@ def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: De
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
         out = model.forward_train(x_n)
     x_hat = out.x_hat.float()
-    recon = reconstruction_loss(x_n, x_hat)
+    rows = x.shape[0]
+    rows_total = dp.global_rows(rows, x.device) if dp is not None else rows
+    recon = reconstruction_loss(x_n, x_hat) * (rows / rows_total)  # this rank's share of the global mean
     loss = recon
     terms: dict[str, Tensor] = {"recon": recon.detach()}
     if out.k_hat is not None:
-        terms["mean_k"] = out.k_hat.detach().mean()
+        if dp is None:
+            terms["mean_k"] = out.k_hat.detach().mean()
         if not hard and c.w_k > 0:
-            kl = k_loss(out.k_hat.float(), k_target_at(step, c, model.d), beta=c.k_loss_beta)
-            loss = loss + c.w_k * kl
+            kl = k_loss(out.k_hat.float(), k_target_at(step, c, model.d), beta=c.k_loss_beta, group=group)
+            loss = loss + c.w_k * kl / world  # identical on every rank: 1/W each sums to the global term
             terms["k_loss"] = kl.detach()
     if c.auxk_alpha > 0:
-        aux = auxk_loss(out.pre.float(), x_n - x_hat, tracker.dead_mask(), model.W_dec, c.k_aux, model.backend)
+        aux = auxk_loss(out.pre.float(), x_n - x_hat, tracker.dead_mask(), model.W_dec, c.k_aux, model.backend,
+                        group=group)
         loss = loss + c.auxk_alpha * aux
         terms["auxk"] = aux.detach()
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if dp is not None:
+        allreduce_grads_(model.parameters(), group)
     model.project_decoder_grad()
     if c.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
     opt.step()
     model.normalize_decoder()
-    tracker.update(out.codes.fired(), x.shape[0])
-    terms["loss"] = loss.detach()
-    terms["l0"] = out.codes.l0().float().mean()
-    terms["fvu"] = (recon * x.shape[0] / (x_n - x_n.mean(0)).pow(2).sum().clamp_min(1e-30)).detach()
-    return terms
+    if dp is None:
+        tracker.update(out.codes.fired(), x.shape[0])
+        terms["loss"] = loss.detach()
+        terms["l0"] = out.codes.l0().float().mean()
+        terms["fvu"] = (recon * x.shape[0] / (x_n - x_n.mean(0)).pow(2).sum().clamp_min(1e-30)).detach()
+        return terms
+    from softsae.distributed.stats import merge_fired
+
+    tracker.update(*merge_fired(out.codes.fired(), rows, group))
+    return _global_terms(terms, loss, out, x_n, rows_total, group)
+
+
+def _global_terms(terms: dict[str, Tensor], loss: Tensor, out, x_n: Tensor, rows_total: int, group
+                  ) -> dict[str, Tensor]:
+    """Data parallel: the logged terms over the global batch (two small all-reduces)."""
+    import torch.distributed as dist
+
+    shares = ["recon", "auxk"] if "auxk" in terms else ["recon"]
+    d = x_n.shape[1]
+    k_sum = out.k_hat.detach().double().sum().reshape(1) if out.k_hat is not None else x_n.new_zeros(1).double()
+    buf = torch.cat([torch.stack([terms[s].double() for s in shares] + [loss.detach().double(),
+                                                                          out.codes.l0().double().sum()]),
+                     k_sum, x_n.detach().double().sum(0)])
+    dist.all_reduce(buf, group=group)
+    m = len(shares)
+    mu = buf[m + 3:m + 3 + d] / rows_total
+    var = (x_n.detach().double() - mu).pow(2).sum().reshape(1)
+    dist.all_reduce(var, group=group)
+    res = {s: buf[i].float() for i, s in enumerate(shares)}
+    res.update(loss=buf[m].float(), l0=(buf[m + 1] / rows_total).float())
+    if out.k_hat is not None:
+        res["mean_k"] = (buf[m + 2] / rows_total).float()
+    if "k_loss" in terms:
+        res["k_loss"] = terms["k_loss"]
+    res["fvu"] = (buf[0] * rows_total / var[0].clamp_min(1e-30)).float()
+    return res
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -343,10 +398,23 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
 
     ``resume=True`` continues from ``out_dir/trainer_state.pt`` when it exists. ``model`` may
     supply an already built SAE (its normalisation is recomputed unless ``normalize="none"``).
+
+    ``parallel="data"`` (launch with torchrun; joins the existing process group or
+    ``softsae.distributed.init_from_env``): ``batch_size`` is the GLOBAL batch. All ranks share the
+    sampling stream (each draws the same global batch and keeps its rows, see
+    softsae.distributed.data_parallel); every batch statistic (normalisation, b_dec's geometric
+    median, mean k_hat, BatchTopK's selection and threshold, dead latents, aux-k's means) is global,
+    gradients are all-reduced, so the run matches the one-process run with the same settings. Only
+    rank 0 writes files (metrics, checkpoints, the model); every rank returns the same model.
     """
     source = load_activations(data)
     c = config.resolved(source.d)
     device = torch.device(c.device)
+    dp: DataParallel | None = None
+    if c.parallel == "data":
+        dp, device = setup_data_parallel(device, c.batch_size)
+    main = dp is None or dp.is_main
+    lo, hi = dp.rows(c.batch_size) if dp is not None else (0, c.batch_size)
     out = Path(out_dir) if out_dir is not None else None
     state_path = out / STATE_FILE if out is not None else None
     torch.manual_seed(c.seed)
@@ -369,6 +437,8 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     if model.d != source.d:
         raise ValueError(f"model expects d={model.d} but the activations have d={source.d}")
     model = model.to(device).train()
+    if dp is not None:
+        broadcast_module_(model, dp.group)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.999))
     tracker = DeadLatentTracker(model.n, c.dead_feature_threshold, device)
     start = 0
@@ -378,7 +448,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
-        if out is not None:
+        if out is not None and main:
             _trim_metrics(out / METRICS_FILE, start - 1)
     else:
         shift, scale = normalization_stats(source, c.normalize)
@@ -387,19 +457,26 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         first = source.sample(min(c.batch_size, 8192), rng).to(device)
         check_finite_batch(first, getattr(source, "name", "data"))
         with torch.no_grad():
-            model.b_dec.copy_(geometric_median(model.normalize(first), c.geometric_median_iters))
-            if out is not None and (out / METRICS_FILE).exists():
+            if dp is None:
+                model.b_dec.copy_(geometric_median(model.normalize(first), c.geometric_median_iters))
+            else:
+                from softsae.distributed.stats import geometric_median as global_geometric_median
+
+                f_lo, f_hi = dp.rows(first.shape[0])
+                model.b_dec.copy_(global_geometric_median(model.normalize(first[f_lo:f_hi]),
+                                                          c.geometric_median_iters, group=dp.group))
+            if out is not None and main and (out / METRICS_FILE).exists():
                 (out / METRICS_FILE).unlink()
 
     if out is None and c.log != "jsonl":
         raise ValueError(f"log={c.log!r} needs an out_dir to write into")
     logger: MetricsLogger | None = None
-    if out is not None:
+    if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "train_config.json", dataclasses.asdict(c))
         logger = open_logger(c.log, out, dataclasses.asdict(c))
     bar = None
-    if c.progress:
+    if c.progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=start, desc=f"train {c.arch}", dynamic_ncols=True)
@@ -407,10 +484,15 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     t0 = time.perf_counter()
     try:
         for step in range(start, c.steps):
-            x = source.sample(c.batch_size, rng).to(device, non_blocking=True)
-            if device.type == "cpu" or step % c.log_every == 0:
+            x = source.sample(c.batch_size, rng)  # data parallel: the global batch, identical on every rank
+            if dp is not None:  # so every rank checks all of it and raises the same error, then keeps its rows
                 check_finite_batch(x, getattr(source, "name", "data"))
-            terms = train_step(model, opt, tracker, x, step, c)
+                x = x[lo:hi]
+            x = x.to(device, non_blocking=True)
+            if dp is None and (device.type == "cpu" or step % c.log_every == 0):
+                check_finite_batch(x, getattr(source, "name", "data"))
+            terms = train_step(model, opt, tracker, x, step, c) if dp is None else \
+                train_step(model, opt, tracker, x, step, c, dp)
             if step % c.log_every == 0 or step == c.steps - 1:
                 last = {k: float(v) for k, v in terms.items()}
                 last.update(step=step, lr=lr_at(step, c), dead=tracker.n_dead(), hard=is_hard_phase(step, c),
@@ -426,7 +508,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
                                     k=f"{last.get('mean_k', last['l0']):.2f}", dead=last["dead"], refresh=False)
             if bar is not None:
                 bar.update(1)
-            if state_path is not None and c.checkpoint_every > 0 and (step + 1) % c.checkpoint_every == 0 \
+            if state_path is not None and main and c.checkpoint_every > 0 and (step + 1) % c.checkpoint_every == 0 \
                     and step + 1 < c.steps:
                 _save_state(state_path, model, opt, tracker, step + 1, rng, c)
     finally:
@@ -439,8 +521,10 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         model.straight_through, model.hard_encoder_grad = False, True
     elif isinstance(model, (TopKSAE, BatchTopKSAE)):
         model.k_train = None
+    if isinstance(model, BatchTopKSAE):
+        model.dp_group = None
     model.eval()
-    if out is not None:
+    if out is not None and main:
         save_sae(model, out, extra={"train_config": dataclasses.asdict(c)})
         if state_path.exists():
             os.unlink(state_path)
