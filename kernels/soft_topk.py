@@ -56,6 +56,20 @@ S_MIN = 1e-30  # s is clamped to >= S_MIN in-kernel (float64), so float32 1/s st
 
 
 @triton.jit
+def _load_row_chunk(xrow, start, n, BLOCK: tl.constexpr, LARGEST: tl.constexpr, CDT: tl.constexpr,
+                    EVICT: tl.constexpr):
+    """Chunk [start, start + BLOCK) of a row: (idx, mask, x, y) with x in CDT (0 past n) and
+    y = x (largest) or -x."""
+    idx = start + tl.arange(0, BLOCK)
+    msk = idx < n
+    xv = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy=EVICT).to(CDT)
+    y = xv
+    if not LARGEST:
+        y = -xv
+    return idx, msk, xv, y
+
+
+@triton.jit
 def _laplace_cdf(u):
     e = 0.5 * tl.exp(-tl.abs(u))
     return tl.where(u < 0, e, 1.0 - e)
@@ -252,11 +266,7 @@ def _row_extremes(xrow, n, LARGEST: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.c
     M = tl.full([BLOCK], -INF, CDT)
     mn_v = tl.full([BLOCK], INF, CDT)
     for start in range(0, n, BLOCK):
-        idx = start + offs
-        msk = idx < n
-        y = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
-        if not LARGEST:
-            y = -y
+        idx, msk, _, y = _load_row_chunk(xrow, start, n, BLOCK, LARGEST, CDT, "evict_last")
         M = tl.maximum(M, tl.where(msk, y, -INF), propagate_nan=NANP)
         mn_v = tl.minimum(mn_v, tl.where(msk, y, INF), propagate_nan=NANP)
     lane_ok = offs < n
@@ -306,18 +316,13 @@ def _compact_candidates(xrow, crow, n, cap, cut, hi1, ymin,
     entries, which may exceed cap; #{y >= hi1}, counted as exactly 1; #{y == ymin in range},
     kept as one weighted group: the post-ReLU zeros).
     """
-    offs = tl.arange(0, BLOCK)
     # The previous row's search may still be reading the scratch in other threads.
     tl.debug_barrier()
     cnt = 0
     one_v = tl.zeros([BLOCK], dtype=tl.int32)
     min_v = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, n, BLOCK):
-        idx = start + offs
-        msk = idx < n
-        y = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
-        if not LARGEST:
-            y = -y
+        idx, msk, _, y = _load_row_chunk(xrow, start, n, BLOCK, LARGEST, CDT, "evict_last")
         inside = msk & (y >= cut) & (y < hi1)
         is_min = inside & (y == ymin)
         is_c = inside & (y != ymin)
@@ -422,17 +427,11 @@ def _search_threshold(xrow, crow, n, cap, k, s, inv_s, lo, hi, bad, cut, hi1, ym
 def _write_output(xrow, orow, n, t_fin, k, inv_s, bad,
                   LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 3: p = F((y - t) / s) (or x * p when GATE) into ``orow``; p = k when n == 1, NaN rows stay NaN."""
-    offs = tl.arange(0, BLOCK)
     piv1 = t_fin.to(CDT)
     off1 = (t_fin - piv1.to(tl.float64)).to(CDT)
     k_c = k.to(CDT)
     for start in range(0, n, BLOCK):
-        idx = start + offs
-        msk = idx < n
-        xv = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_first").to(CDT)
-        y = xv
-        if not LARGEST:
-            y = -xv
+        idx, msk, xv, y = _load_row_chunk(xrow, start, n, BLOCK, LARGEST, CDT, "evict_first")
         p = _laplace_cdf(((y - piv1) - off1) * inv_s)
         p = tl.where(n == 1, k_c, p)
         if GATE:
@@ -463,7 +462,6 @@ def soft_topk_bwd_kernel(
     inv_s = (1.0 / s).to(CDT)
     piv = t.to(CDT)
     off = (t - piv.to(tl.float64)).to(CDT)
-    offs = tl.arange(0, BLOCK)
 
     # ---- pass 1: S, A, C scaled by e^{min|u|} (online, like a streaming softmax), so the
     # ratios A/S, C/S survive when every f underflows (t in a wide gap).
@@ -472,12 +470,7 @@ def soft_topk_bwd_kernel(
     A = tl.zeros([], dtype=tl.float64)
     C = tl.zeros([], dtype=tl.float64)
     for start in range(0, n, BLOCK):
-        idx = start + offs
-        msk = idx < n
-        xv = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_last").to(CDT)
-        y = xv
-        if not LARGEST:
-            y = -xv
+        idx, msk, xv, y = _load_row_chunk(xrow, start, n, BLOCK, LARGEST, CDT, "evict_last")
         u = ((y - piv) - off) * inv_s
         au = tl.where(msk, tl.abs(u), INF)
         mnew = tl.minimum(mrun, tl.min(au))
@@ -507,12 +500,7 @@ def soft_topk_bwd_kernel(
     cos = c_over_s.to(CDT)
     ds = tl.zeros([], dtype=tl.float64)
     for start in range(0, n, BLOCK):
-        idx = start + offs
-        msk = idx < n
-        xv = tl.load(xrow + idx, mask=msk, other=0.0, eviction_policy="evict_first").to(CDT)
-        y = xv
-        if not LARGEST:
-            y = -xv
+        idx, msk, xv, y = _load_row_chunk(xrow, start, n, BLOCK, LARGEST, CDT, "evict_first")
         u = ((y - piv) - off) * inv_s
         f = 0.5 * tl.exp(-tl.abs(u))
         if GATE:
