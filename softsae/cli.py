@@ -38,6 +38,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--backend", help="ops backend: auto | reference | cpu | triton | cuda (default auto; "
                    "the SOFTSAE_BACKEND environment variable replaces auto)")
+    p.add_argument("--parallel", choices=("none", "data"),
+                   help="data: data-parallel over the processes of a torchrun launch (--batch-size is the global "
+                   "batch; rank 0 writes the run); none: one process (the default)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"),
                    help="bf16 autocast: auto (on CUDA only, the default) | bf16 (always) | off")
     p.add_argument("--log", choices=("jsonl", "tensorboard", "wandb"),
@@ -188,13 +191,18 @@ def cmd_train(a) -> int:
     from softsae.trainer import STATE_FILE, TrainConfig, train
 
     out = Path(a.out)
+    cfg = TrainConfig(**train_settings(a))
+    main_rank = _join_data_parallel() if cfg.parallel == "data" else True
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (a.resume or a.overwrite):
         raise FileExistsError(f"--out {out} is not empty; pass --resume to continue a run there or --overwrite")
-    if a.resume and not (out / STATE_FILE).exists():
+    if cfg.parallel == "data":
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has checked --out before rank 0 writes to it
+    if a.resume and not (out / STATE_FILE).exists() and main_rank:
         print(f"softsae: no {STATE_FILE} in {out}; starting a new run", file=sys.stderr)
-    cfg = TrainConfig(**train_settings(a))
     require_logger(cfg.log)  # a missing tensorboard / wandb fails before any data is read
     source = load_activations(a.data)  # validates shape, dtype and finiteness before anything is written
     resolved = cfg.resolved(source.d)
@@ -202,15 +210,29 @@ def cmd_train(a) -> int:
     created = not out.exists()
     try:
         result = train(source, cfg, out_dir=out, resume=a.resume)
+        if not main_rank:
+            return 0  # every rank holds the same model; rank 0 evaluates and reports
         report = evaluate(result.model, load_activations(a.data, check_finite=False), max_rows=a.eval_rows)
         atomic_write_json(out / "eval.json", report)
     except BaseException:
-        if created and out.exists() and not (out / STATE_FILE).exists():
+        if main_rank and created and out.exists() and not (out / STATE_FILE).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     print(format_report(report))
     print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl, eval.json)")
     return 0
+
+
+def _join_data_parallel() -> bool:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); True on rank 0."""
+    import os
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--parallel data needs a torchrun launch (RANK / WORLD_SIZE are not set): "
+                         "torchrun --nproc_per_node N -m softsae train ... --parallel data")
+    from softsae.distributed.process import init_from_env
+
+    return init_from_env().rank == 0
 
 
 def _check_backend(backend: str, device: str) -> None:
