@@ -32,6 +32,16 @@ __all__ = [
 
 
 @triton.jit
+def _load_pairs(idx_ptr, vals_ptr, row, K, k0, BK: tl.constexpr, ACC: tl.constexpr):
+    """Pairs k0 .. k0 + BK of a row: (ix (BK,) int64, -1 past K; valid = ix >= 0; vals in ACC, 0 where invalid)."""
+    kk = k0 + tl.arange(0, BK)
+    ix = tl.load(idx_ptr + row * K + kk, mask=kk < K, other=-1)
+    valid = ix >= 0
+    v = tl.load(vals_ptr + row * K + kk, mask=valid, other=0.0).to(ACC)
+    return ix, valid, v
+
+
+@triton.jit
 def sparse_decode_fwd_kernel(vals_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, K, d,
                              HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                              BK: tl.constexpr, BD: tl.constexpr):
@@ -41,11 +51,7 @@ def sparse_decode_fwd_kernel(vals_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, K, d,
     cmask = cols < d
     acc = tl.zeros([BD], dtype=ACC)
     for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        ix = tl.load(idx_ptr + row * K + kk, mask=kmask, other=-1)
-        valid = ix >= 0
-        v = tl.load(vals_ptr + row * K + kk, mask=valid, other=0.0).to(ACC)
+        ix, valid, v = _load_pairs(idx_ptr, vals_ptr, row, K, k0, BK, ACC)
         w = tl.load(w_ptr + ix[:, None] * d + cols[None, :],
                     mask=valid[:, None] & cmask[None, :], other=0.0).to(ACC)
         acc += tl.sum(v[:, None] * w, axis=0)
@@ -56,7 +62,7 @@ def sparse_decode_fwd_kernel(vals_ptr, idx_ptr, w_ptr, b_ptr, out_ptr, K, d,
 
 @triton.jit
 def sparse_decode_bwd_dvals_kernel(grad_ptr, idx_ptr, w_ptr, dvals_ptr, K, d,
-                               ACC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+                                   ACC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """Program (row, K-tile): dvals[b, j] = <grad[b], W[idx[b, j]]>, 0 at padding."""
     row = tl.program_id(0).to(tl.int64)
     kk = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -77,7 +83,7 @@ def sparse_decode_bwd_dvals_kernel(grad_ptr, idx_ptr, w_ptr, dvals_ptr, K, d,
 
 @triton.jit
 def sparse_decode_bwd_dW_sorted_kernel(grad_ptr, vals_ptr, perm_ptr, seg_ptr, dw_ptr, K, d,
-                            ACC: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr):
+                                       ACC: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr):
     """Program (latent i, d-tile): dW[i] = sum over its sorted pairs p of vals[p] * grad[p // K].
 
     perm: (B*K,) int64 flat pair positions sorted by latent; seg: (n+1,) int64 offsets.
@@ -102,18 +108,14 @@ def sparse_decode_bwd_dW_sorted_kernel(grad_ptr, vals_ptr, perm_ptr, seg_ptr, dw
 
 @triton.jit
 def sparse_decode_bwd_dW_atomic_kernel(grad_ptr, vals_ptr, idx_ptr, dw_ptr, K, d,
-                                   ACC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+                                       ACC: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """Program (row, d-tile): dW[idx[b, j]] += vals[b, j] * grad[b] with atomics (dw: ACC)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     cmask = cols < d
     g = tl.load(grad_ptr + row * d + cols, mask=cmask, other=0.0).to(ACC)
     for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        ix = tl.load(idx_ptr + row * K + kk, mask=kmask, other=-1)
-        valid = ix >= 0
-        v = tl.load(vals_ptr + row * K + kk, mask=valid, other=0.0).to(ACC)
+        ix, valid, v = _load_pairs(idx_ptr, vals_ptr, row, K, k0, BK, ACC)
         tl.atomic_add(dw_ptr + ix[:, None] * d + cols[None, :], v[:, None] * g[None, :],
                       mask=valid[:, None] & cmask[None, :], sem="relaxed")
 
