@@ -210,6 +210,10 @@ def cmd_train(a) -> int:
     created = not out.exists()
     try:
         result = train(source, cfg, out_dir=out, resume=a.resume)
+        if cfg.parallel == "data":
+            from softsae.distributed.process import shutdown
+
+            shutdown()  # leave the group together (rank 0's evaluation below needs no collective)
         if not main_rank:
             return 0  # every rank holds the same model; rank 0 evaluates and reports
         report = evaluate(result.model, load_activations(a.data, check_finite=False), max_rows=a.eval_rows)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from softsae.distributed.process import shutdown
 from softsae.losses import DeadLatentTracker
 from softsae.trainer import TrainConfig, geometric_median, new_model, train, train_step
 
@@ -91,7 +92,7 @@ def _rank_main(rank: int, world: int, store: str, data: str, tmp: str) -> None:
             results["small_batch_error"] = str(e)
         torch.save(results, Path(tmp) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def _spawn(world: int, data: Path, tmp: Path) -> None:

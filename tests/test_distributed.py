@@ -46,7 +46,7 @@ def _entry(rank: int, world: int, fn_name: str, store_path: str, port: int | Non
     try:
         globals()[fn_name](rank, world)
     finally:
-        dist.destroy_process_group()
+        sd.shutdown()
 
 
 def _free_port() -> int:

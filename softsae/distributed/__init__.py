@@ -18,6 +18,7 @@ from softsae.distributed.process import (
     init_from_env,
     shard_range,
     shard_sizes,
+    shutdown,
 )
 from softsae.distributed.sharded_ops import (
     copy_to_shards,
@@ -45,6 +46,7 @@ __all__ = [
     "reduce_from_shards",
     "shard_range",
     "shard_sizes",
+    "shutdown",
     "sharded_batch_topk",
     "sharded_decode",
     "sharded_soft_topk",

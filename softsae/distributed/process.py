@@ -109,6 +109,20 @@ def init_from_env(backend: str | None = None, timeout: timedelta | float | None 
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
+def shutdown() -> None:
+    """Leave the default process group cleanly: a barrier, then ``destroy_process_group``.
+
+    Without the barrier a rank that finishes first tears its connections down while a peer's gloo
+    threads still use them, and the peer can die with SIGABRT ("terminate called without an active
+    exception"). No-op when no group is initialised.
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def shard_sizes(n: int, world_size: int) -> list[int]:
     """Sizes of ``n`` items split over ``world_size`` ranks as ``torch.tensor_split`` does
     (the first ``n % world_size`` ranks get one more). Uneven splits are allowed."""
