@@ -33,10 +33,12 @@ it and the outputs keep the first ``max_tokens`` rows of the document stream.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -71,18 +73,51 @@ def default_texts() -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _without_checkout_on_path() -> Iterator[None]:
+    """Hide a softsae source checkout's root from ``sys.path`` while transformers loads.
+
+    The checkout keeps the Triton kernels in a top-level ``kernels/`` folder (installed as
+    ``softsae.kernels``). Run from the checkout (``python -m pytest``, ``python -m softsae``), the
+    root is on ``sys.path`` and that folder shadows Hugging Face's ``kernels`` package, which
+    transformers imports: loading a model then fails with an ImportError from inside transformers.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "kernels" / "launch_config.py").exists():  # an installed copy: nothing shadows
+        yield
+        return
+
+    def is_root(entry: str) -> bool:
+        try:
+            return Path(entry or os.getcwd()).resolve() == root
+        except OSError:
+            return False
+
+    saved = list(sys.path)
+    ours = sys.modules.get("kernels")
+    if ours is not None and Path(getattr(ours, "__file__", "") or "").resolve().parent == root / "kernels":
+        del sys.modules["kernels"]  # our folder, imported as a top-level package: not HF's
+    sys.path[:] = [e for e in sys.path if not is_root(e)]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def _load(model_path: str | Path | None, device: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError:
-        raise FileNotFoundError("activation extraction needs the package 'transformers'") from None
     path = Path(model_path) if model_path is not None else packaged_model_path()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: model directory not found (a local Hugging Face model directory is needed)")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    with _without_checkout_on_path():
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError:
+            raise FileNotFoundError("activation extraction needs the package 'transformers'") from None
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: model directory not found (a local Hugging Face model directory "
+                                    "is needed)")
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
     return tok, model
 
 
