@@ -246,7 +246,8 @@ def cmd_train(a) -> int:
             shutil.rmtree(out, ignore_errors=True)
         raise
     print(format_report(report))
-    print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl, eval.json)")
+    print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl, eval.json"
+          f"{', stream.json' if stream is not None else ''})")
     return 0
 
 

@@ -308,7 +308,14 @@ def open_stream(model_path: str | Path | None = None, layer: str = DEFAULT_LAYER
         texts = document_texts(python_docs_corpus())
     texts = list(texts)
     model_dir = Path(model_path) if model_path is not None else packaged_model_path()
-    tok, model = _load(model_dir, device)
+    try:
+        tok, model = _load(model_dir, device)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError) as err:  # e.g. an SAE directory given as the language model
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model {model_dir}: cannot load a Hugging Face tokenizer and model from this "
+                         f"directory ({first})") from None
     producer = WindowStream(tok, LayerCapture(model, layer), texts, seq_len=seq_len, batch_size=batch_size,
                             device=device, keep_special=keep_special, cycle=cycle)
     settings = {"model": str(model_dir.resolve()), "layer": layer, "seq_len": seq_len, "keep_special": keep_special,

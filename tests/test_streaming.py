@@ -233,7 +233,11 @@ def test_cli_stream_errors(minilm, tmp_path, capsys):
     assert "at least 2 x --batch-size" in capsys.readouterr().err
     assert main(_train_args(text, tmp_path / "d", "--layer", "encoder.layer.99")) == 2
     assert "not found" in capsys.readouterr().err
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "config.json").write_text("{}")  # not a language model (e.g. an SAE directory)
+    assert main(_train_args(text, tmp_path / "e", "--model", str(tmp_path / "sae"))) == 2
+    assert "cannot load a Hugging Face tokenizer and model" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_resumed_streamed_run_equals_uninterrupted(minilm, tmp_path, monkeypatch):
