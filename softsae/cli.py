@@ -19,14 +19,27 @@ USER_ERRORS = (DataError, ValueError, FileNotFoundError, FileExistsError, NotADi
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train an SAE on an activation file",
+    p = sub.add_parser("train", help="train an SAE on an activation file or on activations streamed from a model",
                        description="Train SoftSAE / TopK / BatchTopK on activations; save, evaluate, log metrics. "
+                       "Activations come from --data, or are computed on the fly (--model / --layer / --text) "
+                       "through a shuffling buffer of --buffer-tokens rows, refilled when half empty. "
                        "Settings come from TrainConfig's defaults, then --config, then the flags given here; "
-                       "the resolved settings are saved as OUT/train_config.json.",
+                       "the resolved settings are saved as OUT/train_config.json (a stream's as OUT/stream.json).",
                        argument_default=argparse.SUPPRESS)  # unset flags must not override --config values
     p.add_argument("--config", default=None, help="run.json or run.yaml: a mapping of TrainConfig fields "
                    "(dict_size, k, steps, lr, log, ...); flags given on the command line override it")
-    p.add_argument("--data", required=True, help="activations (.npy, .safetensors[:KEY], .pt[:KEY]), shape (N, d)")
+    p.add_argument("--data", help="activations (.npy, .safetensors[:KEY], .pt[:KEY]), shape (N, d); "
+                   "or stream them with --model / --layer / --text instead")
+    s = p.add_argument_group("streamed activations (instead of --data)")
+    s.add_argument("--model", default=None, help="local Hugging Face model directory (default: the packaged "
+                   "all-MiniLM-L6-v2)")
+    s.add_argument("--layer", default=None, help="module name whose output is recorded (default encoder.layer.3)")
+    s.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
+                   "blank-line-separated paragraph, read in order and again when they end (default: the Python "
+                   "docs corpus, softsae.corpus)")
+    s.add_argument("--buffer-tokens", type=int, default=None, help="rows (tokens) held by the shuffling buffer, "
+                   "at least 2 x --batch-size; memory about buffer x d x 4 bytes (default 262144)")
+    s.add_argument("--seq-len", type=int, default=None, help="tokens per model window (default 128)")
     p.add_argument("--arch", choices=("softsae", "topk", "batchtopk"), help="default softsae")
     p.add_argument("--dict-size", type=int, help="number of latents n (required, here or in --config)")
     p.add_argument("--k", type=float, help="K: latents per input (SoftSAE: target mean budget; required)")
@@ -74,7 +87,8 @@ def _add_train(sub) -> None:
     p.add_argument("--normalize", choices=("none", "scale", "center_scale"), help="default scale")
     p.add_argument("--checkpoint-every", type=int, help="default 1000")
     p.add_argument("--log-every", type=int, help="default 10")
-    p.add_argument("--eval-rows", type=int, default=100_000, help="rows of --data evaluated after training")
+    p.add_argument("--eval-rows", type=int, default=100_000, help="rows of --data (a stream: its next rows) "
+                   "evaluated after training")
     p.add_argument("--resume", action="store_true", default=False, help="continue from OUT/trainer_state.pt")
     p.add_argument("--overwrite", action="store_true", default=False, help="allow a non-empty OUT")
     p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
@@ -118,8 +132,8 @@ def _add_activations(sub) -> None:
     p.add_argument("--out", required=True, help="output .npy path (with a held-out split: its stem)")
     p.add_argument("--model", default=None, help="local Hugging Face model directory (default: packaged MiniLM)")
     p.add_argument("--layer", default=None, help="module name (default encoder.layer.3)")
-    p.add_argument("--text", default=None, help="UTF-8 text file, one document per blank-line-separated "
-                   "paragraph (default: the Python docs corpus, softsae.corpus)")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
+                   "blank-line-separated paragraph (default: the Python docs corpus, softsae.corpus)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
     p.add_argument("--heldout-frac", type=float, default=0.0,
                    help="fraction of documents (by a hash of their id) written to OUT.heldout.npy (default 0)")
@@ -204,11 +218,17 @@ def cmd_train(a) -> int:
     if a.resume and not (out / STATE_FILE).exists() and main_rank:
         print(f"softsae: no {STATE_FILE} in {out}; starting a new run", file=sys.stderr)
     require_logger(cfg.log)  # a missing tensorboard / wandb fails before any data is read
-    source = load_activations(a.data)  # validates shape, dtype and finiteness before anything is written
+    stream = _stream_options(a, cfg)
+    if stream is None:
+        source = load_activations(a.data)  # validates shape, dtype and finiteness before anything is written
+    else:
+        source = _open_stream(stream)  # loads the model and finds the layer before anything is written
     resolved = cfg.resolved(source.d)
     _check_backend(resolved.backend, resolved.device)
     created = not out.exists()
     try:
+        if stream is not None:
+            atomic_write_json(out / "stream.json", stream)
         result = train(source, cfg, out_dir=out, resume=a.resume)
         if cfg.parallel == "data":
             from softsae.distributed.process import shutdown
@@ -216,15 +236,68 @@ def cmd_train(a) -> int:
             shutdown()  # leave the group together (rank 0's evaluation below needs no collective)
         if not main_rank:
             return 0  # every rank holds the same model; rank 0 evaluates and reports
-        report = evaluate(result.model, load_activations(a.data, check_finite=False), max_rows=a.eval_rows)
+        if stream is not None:  # where training left the stream, before evaluation reads on from there
+            atomic_write_json(out / "stream.json", _stream_report(stream, source, result.model, resolved.normalize))
+        data = source if stream is not None else load_activations(a.data, check_finite=False)
+        report = evaluate(result.model, data, max_rows=a.eval_rows)
         atomic_write_json(out / "eval.json", report)
     except BaseException:
         if main_rank and created and out.exists() and not (out / STATE_FILE).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     print(format_report(report))
-    print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl, eval.json)")
+    print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl, eval.json"
+          f"{', stream.json' if stream is not None else ''})")
     return 0
+
+
+def _stream_options(a: argparse.Namespace, cfg) -> dict | None:
+    """Settings of a streamed run (``softsae train --model/--layer/--text``), or None with --data."""
+    from softsae.activations import DEFAULT_LAYER, packaged_model_path
+    from softsae.stream import DEFAULT_BUFFER_TOKENS
+
+    given = [f for f in ("model", "layer", "text", "buffer_tokens", "seq_len") if getattr(a, f, None) is not None]
+    data = getattr(a, "data", None)
+    if data is not None:
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"--data reads activations from a file; {flags} stream them from a model: give one")
+        return None
+    if not given:
+        raise ValueError("give --data FILE, or stream activations from a model with --model / --layer / --text")
+    if cfg.parallel != "none":
+        raise ValueError(f"--parallel {cfg.parallel} does not take streamed activations (every process would "
+                         "run the model); extract them with softsae activations and pass --data")
+    buffer_tokens = a.buffer_tokens if a.buffer_tokens is not None else DEFAULT_BUFFER_TOKENS
+    if buffer_tokens < 2 * cfg.batch_size:
+        raise ValueError(f"--buffer-tokens {buffer_tokens} must be at least 2 x --batch-size ({2 * cfg.batch_size})")
+    seq_len = a.seq_len if a.seq_len is not None else 128
+    device = cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Path(a.model) if a.model is not None else packaged_model_path()
+    return {"model": str(model), "layer": a.layer or DEFAULT_LAYER, "text": a.text, "buffer_tokens": buffer_tokens,
+            "seq_len": seq_len, "seed": cfg.seed, "device": device}
+
+
+def _open_stream(stream: dict):
+    from softsae.activations import read_text_documents
+    from softsae.stream import document_texts, open_stream
+
+    texts = document_texts(read_text_documents(stream["text"])) if stream["text"] is not None else None
+    return open_stream(stream["model"], stream["layer"], texts, buffer_tokens=stream["buffer_tokens"],
+                       seq_len=stream["seq_len"], device=stream["device"], seed=stream["seed"])
+
+
+def _stream_report(stream: dict, source, model, normalize: str) -> dict:
+    """stream.json after training: the settings, where the stream stopped, the normalisation it gave
+    (computed from the first buffer; the model holds it as norm_shift / norm_scale)."""
+    epoch, text, window = source.producer.position()
+    return {**stream, "epoch": epoch, "next_text": text, "next_window": window, "refills": source.refills,
+            "rows_served": source.rows_served, "normalize": normalize, "normalization_from": "first buffer",
+            "norm_scale": float(model.norm_scale)}
 
 
 def _join_data_parallel() -> bool:
@@ -302,16 +375,9 @@ def cmd_demo(a) -> int:
 
 
 def cmd_activations(a) -> int:
-    from softsae.activations import DEFAULT_LAYER, extract_corpus
-    from softsae.corpus import Document
+    from softsae.activations import DEFAULT_LAYER, extract_corpus, read_text_documents
 
-    docs = None
-    if a.text is not None:
-        path = Path(a.text)
-        if not path.is_file():
-            raise FileNotFoundError(f"--text {path}: no such file")
-        paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        docs = [Document(f"text/{i}", "text", p) for i, p in enumerate(paras)]
+    docs = read_text_documents(a.text) if a.text is not None else None
     if not str(a.out).endswith(".npy"):
         raise ValueError(f"--out must be a .npy path, got {a.out}")
     meta = extract_corpus(a.out, docs, model_path=a.model, layer=a.layer or DEFAULT_LAYER,

@@ -1,7 +1,8 @@
 """Activation sources for training and evaluation, with validation and normalisation statistics.
 
 ``load_activations(obj)`` accepts a path (``.npy``, ``.safetensors``, ``.pt``/``.pth``), a numpy
-array, a torch tensor, or an iterable of (b, d) batches, and returns a source with
+array, a torch tensor, an iterable of (b, d) batches, or a source object such as a stream of a
+model's activations (``softsae.stream``), and returns a source with
 
     d, n_rows                                   (n_rows is None for iterators)
     sample(batch_size, rng) -> (B, d) float32   random rows (with replacement)
@@ -223,9 +224,15 @@ def _split_key(path: str | Path) -> tuple[Path, str | None]:
     return Path(s), None
 
 
+def _is_source(obj) -> bool:
+    """A source built elsewhere (e.g. ``softsae.stream.ActivationBuffer``): it has ``d``, ``sample`` and
+    ``iter_batches`` (and ``peek`` when its normalisation statistics must not consume rows)."""
+    return all(hasattr(obj, a) for a in ("d", "n_rows", "sample", "iter_batches"))
+
+
 def load_activations(obj, check_finite: bool = True) -> ArraySource | IteratorSource:
     """Wrap ``obj`` (path, array, tensor or iterable of batches) as a validated activation source."""
-    if isinstance(obj, (ArraySource, IteratorSource)):
+    if isinstance(obj, (ArraySource, IteratorSource)) or _is_source(obj):
         return obj
     if isinstance(obj, (np.ndarray, Tensor)):
         return ArraySource(obj, "array", check_finite)
@@ -263,7 +270,7 @@ def normalization_stats(source, mode: str = "scale", max_rows: int = 65536,
         raise ValueError(f"normalize must be 'none', 'scale' or 'center_scale', got {mode!r}")
     if mode == "none":
         return None, 1.0
-    if isinstance(source, IteratorSource):
+    if hasattr(source, "peek"):  # a stream: the statistics come from the rows it holds, left in it
         batches = [source.peek(max_rows)]
     else:
         batches = list(source.iter_batches(batch_size, max_rows))

@@ -2,9 +2,12 @@
 
 Reports the package version, each backend and why it is or is not available, the CUDA architectures
 the extension was built for, torch / triton / compiler versions, and the CPU features in play. Build-time
-facts (compiler, CUDA architectures, SIMD width) come from ``softsae/_build_info.json`` when the build
-wrote one, else from the compiled module itself (``build_info()``) when it exposes it; otherwise they
-are reported as "not recorded" rather than guessed.
+facts come from ``softsae/_build_info.json``, which setup.py writes at every build (compiler, the CPU
+extension's flags and compile-time SIMD baseline, TORCH_CUDA_ARCH_LIST and the -gencode flags). The
+CUDA architectures are otherwise read from the built extension with ``cuobjdump`` when a toolkit is
+present; the SIMD level the CPU kernels use at run time comes from the extension itself when it
+exposes it (``softsae._C.cpu_isa()``, runtime dispatch). What is known neither way is reported as
+"not recorded" rather than guessed.
 """
 
 from __future__ import annotations
@@ -124,6 +127,57 @@ def _nvcc() -> str | None:
     return lines[0].strip() if lines else None
 
 
+def parse_cuobjdump(elf_listing: str, ptx_listing: str = "") -> list[str]:
+    """Architectures in ``cuobjdump --list-elf`` / ``--list-ptx`` output: ["sm_80", "sm_90", "compute_90 (PTX)"]."""
+    import re
+
+    archs = sorted(set(re.findall(r"\.(sm_\d+[a-z]?)\.cubin", elf_listing)), key=lambda a: (len(a), a))
+    ptx = sorted(set(re.findall(r"\.(sm_\d+[a-z]?)\.ptx", ptx_listing)), key=lambda a: (len(a), a))
+    return archs + [f"compute_{a[3:]} (PTX)" for a in ptx]
+
+
+def parse_gencode(flags: list[str]) -> list[str]:
+    """Architectures of nvcc ``-gencode=arch=compute_XX,code=...`` flags, in ``parse_cuobjdump``'s form."""
+    import re
+
+    codes = {c for f in flags for c in re.findall(r"code=\[?([\w,]+)\]?", f) for c in c.split(",")}
+    sms = sorted((c for c in codes if c.startswith("sm_")), key=lambda a: (len(a), a))
+    ptx = sorted((c for c in codes if c.startswith("compute_")), key=lambda a: (len(a), a))
+    return sms + [f"{c} (PTX)" for c in ptx]
+
+
+def cuda_archs_in_binary(path: str | None) -> list[str] | None:
+    """The architectures compiled into ``path`` (a .so), by ``cuobjdump``; None without a toolkit."""
+    home = _cuda_home()
+    tool = os.path.join(home, "bin", "cuobjdump") if home else shutil.which("cuobjdump")
+    if not path or not tool or not os.path.isfile(tool):
+        return None
+    try:
+        elf, ptx = (subprocess.run([tool, flag, path], capture_output=True, text=True, timeout=30, check=False).stdout
+                    for flag in ("--list-elf", "--list-ptx"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_cuobjdump(elf, ptx) or None
+
+
+def cpu_simd(ext: Any, record: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(SIMD level of the CPU kernels, where that comes from): the extension's runtime choice when it
+    exposes one (``cpu_isa()``, or ``build_info()["simd"]``), else the build record's compile-time baseline."""
+    if ext is not None and callable(getattr(ext, "cpu_isa", None)):
+        try:
+            return str(ext.cpu_isa()), "runtime dispatch (softsae._C.cpu_isa())"
+        except Exception:  # noqa: BLE001 - report the next source instead
+            pass
+    if ext is not None and callable(getattr(ext, "build_info", None)):
+        simd = ext.build_info().get("simd")
+        if simd:
+            return str(simd), "softsae._C.build_info()"
+    if record.get("cpu_simd"):
+        flags = " ".join(f for f in record.get("cpu_flags") or [] if not f.startswith("-D"))
+        return record["cpu_simd"], f"compile-time baseline of the build flags: {flags or 'none recorded'}"
+    return None, None
+
+
 def cpu_features() -> dict[str, Any]:
     """CPU flags of this machine (x86: from /proc/cpuinfo), torch's ATen capability, softsae's threads."""
     flags: list[str] = []
@@ -149,7 +203,17 @@ def collect() -> dict[str, Any]:
 
     record = _build_record()
     ext = _backends.cpu_ext()
-    ext_info = ext.build_info() if ext is not None and hasattr(ext, "build_info") else {}
+    ext_info = ext.build_info() if ext is not None and callable(getattr(ext, "build_info", None)) else {}
+    simd, simd_source = cpu_simd(ext, record)
+    cuda_ext = _backends.cuda_ext()
+    archs, archs_source = None, None
+    if cuda_ext is not None:
+        if record.get("cuda_archs"):  # only a build that compiled the CUDA extension records them
+            archs = parse_gencode(record.get("cuda_gencode") or []) or record["cuda_archs"]
+            archs_source = f"recorded at build: TORCH_CUDA_ARCH_LIST={';'.join(record['cuda_archs'])}"
+        else:
+            archs = cuda_archs_in_binary(getattr(cuda_ext, "__file__", None))
+            archs_source = "cuobjdump of the extension" if archs else None
     try:
         import triton
 
@@ -166,9 +230,12 @@ def collect() -> dict[str, Any]:
         "triton": triton_version,
         "gpus": gpus,
         "backends": backends(),
-        "cuda_extension": _backends.cuda_ext() is not None,
-        "cuda_archs_built": record.get("cuda_archs") if _backends.cuda_ext() is not None else None,
-        "cpu_simd": ext_info.get("simd") or record.get("cpu_simd"),
+        "cuda_extension": cuda_ext is not None,
+        "cuda_archs_built": archs,
+        "cuda_archs_source": archs_source,
+        "cuda_gencode": record.get("cuda_gencode") if record.get("cuda_archs") and cuda_ext is not None else None,
+        "cpu_simd": simd,
+        "cpu_simd_source": simd_source,
         "compiler_at_build": ext_info.get("compiler") or record.get("compiler"),
         "compiler_now": _compiler(),
         "nvcc_now": _nvcc(),
@@ -187,12 +254,18 @@ def format_text(info: dict[str, Any]) -> str:
         mark = "yes" if b["available"] else "no "
         where = f" [{', '.join(b['devices'])}]" if b["devices"] else ""
         lines.append(f"  {name:<9} {mark}{where}  {b['reason']}")
-    archs = (info["cuda_archs_built"] or nr) if info["cuda_extension"] else "n/a (no CUDA extension)"
+    if not info["cuda_extension"]:
+        archs = "n/a (no CUDA extension)"
+    elif info["cuda_archs_built"]:
+        archs = f"{', '.join(info['cuda_archs_built'])}  ({info['cuda_archs_source']})"
+    else:
+        archs = "not recorded (no softsae/_build_info.json from this build, and no cuobjdump to read the binary)"
     lines.append(f"CUDA architectures built: {archs}")
     lines.append(f"compiler at build: {info['compiler_at_build'] or nr}")
     lines.append(f"compiler now: {info['compiler_now'] or 'none found'}; nvcc now: {info['nvcc_now'] or 'none found'}")
     cpu = info["cpu"]
     lines.append(f"CPU: {cpu['machine']}, {cpu['cores']} cores, torch threads {cpu['torch_threads']}, "
                  f"flags {' '.join(cpu['flags']) or 'n/a'}, torch ATen capability {cpu['torch_cpu_capability']}")
-    lines.append(f"softsae CPU kernels' SIMD: {info['cpu_simd'] or nr}")
+    simd = f"{info['cpu_simd']}  ({info['cpu_simd_source']})" if info["cpu_simd"] else nr
+    lines.append(f"softsae CPU kernels' SIMD: {simd}")
     return "\n".join(lines)

@@ -384,11 +384,12 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
-def _save_state(path: Path, model, opt, tracker, step, rng, c: TrainConfig) -> None:
+def _save_state(path: Path, model, opt, tracker, step, rng, c: TrainConfig, source=None) -> None:
     atomic_torch_save({
         "step": step, "model_config": model.config(), "model": model.state_dict(), "optimizer": opt.state_dict(),
         "tracker": tracker.state_dict(), "rng": _rng_state(rng), "torch_rng": torch.get_rng_state(),
         "train_config": dataclasses.asdict(c),
+        "source": source.state_dict() if hasattr(source, "state_dict") else None,  # a stream's position
     }, path)
 
 
@@ -447,6 +448,8 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         tracker.load_state_dict(state["tracker"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if hasattr(source, "load_state_dict") and state.get("source") is not None:
+            source.load_state_dict(state["source"])  # a stream resumes where the checkpoint left it
         start = int(state["step"])
         if out is not None and main:
             _trim_metrics(out / METRICS_FILE, start - 1)
@@ -510,7 +513,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
                 bar.update(1)
             if state_path is not None and main and c.checkpoint_every > 0 and (step + 1) % c.checkpoint_every == 0 \
                     and step + 1 < c.steps:
-                _save_state(state_path, model, opt, tracker, step + 1, rng, c)
+                _save_state(state_path, model, opt, tracker, step + 1, rng, c, source)
     finally:
         if bar is not None:
             bar.close()
