@@ -17,6 +17,7 @@
 
 #include "cpu/soft_topk.h"
 #include "cpu/sparse_decode.h"
+#include "cpu/sparse_encoder.h"  // sparse encoder block (helper sparseenc)
 
 namespace {
 
@@ -209,6 +210,99 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
   return {dvals, dW};
 }
 
+// ------------------------------------------------ sparse encoder (begin; helper sparseenc)
+// Backward of pre = x @ W^T + b at the pairs (dvals, idx) where dpre is non-zero; dx and dW
+// reuse the sparse decode kernels (x in place of the gradient), db shares dW's counting sort.
+
+std::tuple<Tensor, Tensor, Tensor> sparse_encoder_bwd(const Tensor& dvals, const Tensor& idx,
+                                                      const Tensor& x, const Tensor& W,
+                                                      bool need_x, bool need_W, bool need_b,
+                                                      bool deterministic) {
+  (void)deterministic;  // the CPU path is always deterministic
+  check_pairs(dvals, idx, W);
+  check_float_matrix(x, "x");
+  check_same(x, "x", W, "W");
+  const int64_t B = dvals.size(0), K = dvals.size(1), n = W.size(0), d = W.size(1);
+  TORCH_CHECK(x.size(0) == B && x.size(1) == d, "x must have shape (", B, ", ", d, "), got ",
+              x.sizes());
+  Tensor dx = need_x ? at::empty({B, d}, x.options()) : at::empty({0}, x.options());
+  Tensor dW = need_W ? at::empty({n, d}, W.options()) : at::empty({0}, W.options());
+  Tensor db = need_b ? at::empty({n}, W.options()) : at::empty({0}, W.options());
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "sparse_encoder_bwd", [&] {
+    const scalar_t* vp = dvals.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    if (need_x && B > 0 && d > 0) {
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, B, row_grain((K + 1) * d), [&](int64_t begin, int64_t end) {
+        softsae::cpu::sparse_decode_fwd_rows<scalar_t>(vp, ip, wp, nullptr, dxp, K, d, begin,
+                                                       end);
+      });
+    }
+    if ((need_W || need_b) && n > 0) {
+      std::vector<int64_t> offsets(n + 1), order(B * K);
+      const int64_t nnz = softsae::cpu::sparse_decode_group_by_latent(ip, B, K, n,
+                                                                      offsets.data(),
+                                                                      order.data());
+      if (need_W && d > 0) {
+        scalar_t* dwp = dW.data_ptr<scalar_t>();
+        const int64_t per_latent = (nnz / n + 1) * d;
+        at::parallel_for(0, n, row_grain(per_latent), [&](int64_t begin, int64_t end) {
+          softsae::cpu::sparse_decode_bwd_dW_sorted<scalar_t>(xp, vp, offsets.data(),
+                                                              order.data(), K, d, dwp, begin,
+                                                              end);
+        });
+      }
+      if (need_b) {
+        scalar_t* dbp = db.data_ptr<scalar_t>();
+        at::parallel_for(0, n, row_grain(nnz / n + 1), [&](int64_t begin, int64_t end) {
+          softsae::cpu::sparse_encoder_bwd_db_sorted<scalar_t>(vp, offsets.data(), order.data(),
+                                                               dbp, begin, end);
+        });
+      }
+    }
+  });
+  return {dx, dW, db};
+}
+
+// The non-zeros of grad * (pre > 0) (or of grad when pre is None) per row, padded to the
+// largest row count: (vals (B, K) grad.dtype, idx (B, K) int64, -1 = padding).
+std::tuple<Tensor, Tensor> sparse_encoder_compact(const Tensor& grad,
+                                                  const c10::optional<Tensor>& pre) {
+  check_float_matrix(grad, "grad");
+  Tensor mask;
+  if (pre.has_value() && pre->defined()) {
+    check_float_matrix(*pre, "pre");
+    check_same(*pre, "pre", grad, "grad");
+    TORCH_CHECK(pre->sizes() == grad.sizes(), "pre ", pre->sizes(), " and grad ", grad.sizes(),
+                " must have the same shape");
+    mask = *pre;
+  }
+  const int64_t B = grad.size(0), n = grad.size(1);
+  Tensor count = at::empty({B}, grad.options().dtype(at::kLong));
+  Tensor vals, idx;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "sparse_encoder_compact", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* pp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+    int64_t* cp = count.data_ptr<int64_t>();
+    at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+      softsae::cpu::sparse_encoder_count_rows<scalar_t>(gp, pp, n, cp, begin, end);
+    });
+    int64_t K = 0;
+    for (int64_t b = 0; b < B; ++b) K = std::max(K, cp[b]);
+    vals = at::empty({B, K}, grad.options());
+    idx = at::empty({B, K}, grad.options().dtype(at::kLong));
+    scalar_t* vp = vals.data_ptr<scalar_t>();
+    int64_t* ip = idx.data_ptr<int64_t>();
+    at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+      softsae::cpu::sparse_encoder_compact_rows<scalar_t>(gp, pp, n, K, vp, ip, begin, end);
+    });
+  });
+  return {vals, idx};
+}
+// -------------------------------------------------- sparse encoder (end; helper sparseenc)
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -230,4 +324,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("deterministic") = true,
         "Sparse decode backward. grad (B, d). Returns (dvals (B, K) or empty, dW (n, d) or "
         "empty); dW is grouped per latent by a counting sort: deterministic, atomic-free.");
+
+  // sparse encoder (helper sparseenc)
+  m.def("sparse_encoder_bwd", &sparse_encoder_bwd, py::arg("dvals"), py::arg("idx"),
+        py::arg("x"), py::arg("W"), py::arg("need_x"), py::arg("need_W"), py::arg("need_b"),
+        py::arg("deterministic") = true,
+        "Sparse encoder backward of pre = x W^T + b at the pairs (dvals, idx) (B, K): returns "
+        "(dx (B, d), dW (n, d), db (n,)), each empty when not needed; deterministic.");
+  m.def("sparse_encoder_compact", &sparse_encoder_compact, py::arg("grad"),
+        py::arg("pre") = py::none(),
+        "Padded (vals, idx) of the non-zeros of grad * (pre > 0) (grad alone when pre is None), "
+        "width = the largest row count, increasing index order, -1 = padding.");
 }
