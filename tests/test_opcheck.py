@@ -49,10 +49,20 @@ def _workloads(backend: str):
         b = torch.randn(7, generator=g, dtype=dtype).requires_grad_() if with_bias else None
         softsae.sparse_decode(vals, idx, W, b, backend=backend).square().sum().backward()
 
+    def encoder(with_bias: bool, dtype: torch.dtype):  # the sparse encoder backward (max_density=1)
+        from softsae.ops.sparse_encoder import encoder_pre
+
+        x = torch.randn(6, 7, generator=g, dtype=dtype).requires_grad_()
+        W = torch.randn(40, 7, generator=g, dtype=dtype).requires_grad_()
+        b = torch.randn(40, generator=g, dtype=dtype).requires_grad_() if with_bias else None
+        pre = encoder_pre(x, W, b, backend=backend, max_density=1.0)
+        torch.topk(pre, 3, dim=1).values.square().sum().backward()
+
     for dtype in (torch.float32, torch.float64):
         for flag in (False, True):
             yield f"soft_topk(gate={flag}, {dtype})", lambda f=flag, d=dtype: soft(f, d)
             yield f"sparse_decode(bias={flag}, {dtype})", lambda f=flag, d=dtype: decode(f, d)
+            yield f"sparse_encoder(bias={flag}, {dtype})", lambda f=flag, d=dtype: encoder(f, d)
 
 
 def _record(backend: str) -> list[tuple[str, torch._ops.OpOverload, tuple, dict]]:

@@ -267,9 +267,11 @@ std::tuple<Tensor, Tensor, Tensor> sparse_encoder_bwd(const Tensor& dvals, const
 }
 
 // The non-zeros of grad * (pre > 0) (or of grad when pre is None) per row, padded to the
-// largest row count: (vals (B, K) grad.dtype, idx (B, K) int64, -1 = padding).
-std::tuple<Tensor, Tensor> sparse_encoder_compact(const Tensor& grad,
-                                                  const c10::optional<Tensor>& pre) {
+// largest row count K: (vals (B, K) grad.dtype, idx (B, K) int64 with -1 = padding, K). When
+// max_width >= 0 and K > max_width, only K is computed and vals, idx are empty (0, 0).
+std::tuple<Tensor, Tensor, int64_t> sparse_encoder_compact(const Tensor& grad,
+                                                           const c10::optional<Tensor>& pre,
+                                                           int64_t max_width) {
   check_float_matrix(grad, "grad");
   Tensor mask;
   if (pre.has_value() && pre->defined()) {
@@ -282,6 +284,7 @@ std::tuple<Tensor, Tensor> sparse_encoder_compact(const Tensor& grad,
   const int64_t B = grad.size(0), n = grad.size(1);
   Tensor count = at::empty({B}, grad.options().dtype(at::kLong));
   Tensor vals, idx;
+  int64_t K = 0;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "sparse_encoder_compact", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* pp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
@@ -289,8 +292,12 @@ std::tuple<Tensor, Tensor> sparse_encoder_compact(const Tensor& grad,
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
       softsae::cpu::sparse_encoder_count_rows<scalar_t>(gp, pp, n, cp, begin, end);
     });
-    int64_t K = 0;
     for (int64_t b = 0; b < B; ++b) K = std::max(K, cp[b]);
+    if (max_width >= 0 && K > max_width) {
+      vals = at::empty({0, 0}, grad.options());
+      idx = at::empty({0, 0}, grad.options().dtype(at::kLong));
+      return;
+    }
     vals = at::empty({B, K}, grad.options());
     idx = at::empty({B, K}, grad.options().dtype(at::kLong));
     scalar_t* vp = vals.data_ptr<scalar_t>();
@@ -299,7 +306,7 @@ std::tuple<Tensor, Tensor> sparse_encoder_compact(const Tensor& grad,
       softsae::cpu::sparse_encoder_compact_rows<scalar_t>(gp, pp, n, K, vp, ip, begin, end);
     });
   });
-  return {vals, idx};
+  return {vals, idx, K};
 }
 // -------------------------------------------------- sparse encoder (end; helper sparseenc)
 
@@ -332,7 +339,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Sparse encoder backward of pre = x W^T + b at the pairs (dvals, idx) (B, K): returns "
         "(dx (B, d), dW (n, d), db (n,)), each empty when not needed; deterministic.");
   m.def("sparse_encoder_compact", &sparse_encoder_compact, py::arg("grad"),
-        py::arg("pre") = py::none(),
-        "Padded (vals, idx) of the non-zeros of grad * (pre > 0) (grad alone when pre is None), "
-        "width = the largest row count, increasing index order, -1 = padding.");
+        py::arg("pre") = py::none(), py::arg("max_width") = -1,
+        "(vals, idx, K): padded non-zeros of grad * (pre > 0) (grad alone when pre is None), "
+        "width K = the largest row count, increasing index order, -1 = padding; vals and idx "
+        "are empty (0, 0) when max_width >= 0 and K > max_width.");
 }

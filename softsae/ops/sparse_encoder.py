@@ -140,14 +140,16 @@ def sparse_encoder_bwd(
                    bool(need_x), bool(need_W), bool(need_b), bool(deterministic), name)
 
 
-def compact_nonzero(grad: Tensor, pre: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Padded (vals, idx) (B, K) of the non-zeros of ``grad * (pre > 0)`` (of ``grad`` if pre is
-    None), increasing index per row; K = the largest row count (a host read-back on CUDA)."""
+def compact_nonzero(grad: Tensor, pre: Tensor | None = None, backend: str = "auto",
+                    max_width: int = -1) -> tuple[Tensor, Tensor, int]:
+    """(vals, idx, K): padded (B, K) non-zeros of ``grad * (pre > 0)`` (of ``grad`` if pre is None),
+    increasing index per row; K = the largest row count (a host read-back on CUDA). When
+    ``max_width >= 0`` and K > max_width, vals and idx come back empty (0, 0)."""
     name = _backends.resolve(backend, grad.device)
-    ext = _backends.cpu_ext()
     if name == "cpu" and grad.dtype in (torch.float32, torch.float64) and (pre is None or pre.dtype == grad.dtype):
-        return ext.sparse_encoder_compact(grad.contiguous(), None if pre is None else pre.contiguous())
-    return compact_nonzero_ref(grad, pre)
+        pre = None if pre is None else pre.contiguous()
+        return _backends.cpu_ext().sparse_encoder_compact(grad.contiguous(), pre, int(max_width))
+    return compact_nonzero_ref(grad, pre, int(max_width))
 
 
 class _EncoderPre(torch.autograd.Function):
@@ -172,8 +174,9 @@ class _EncoderPre(torch.autograd.Function):
         if not (need_x or need_W or need_b):
             return None, None, None, None, None, None
         wd = W.dtype
-        vals, idx = compact_nonzero(grad.to(pre.dtype), pre, ctx.backend)
-        if vals.shape[1] <= ctx.max_density * W.shape[0]:
+        max_width = int(ctx.max_density * W.shape[0])
+        vals, idx, width = compact_nonzero(grad.to(pre.dtype), pre, ctx.backend, max_width)
+        if width <= max_width:
             gx, gW, gb = sparse_encoder_bwd(vals.to(wd), idx, x.to(wd), W, need_x, need_W, need_b,
                                             backend=ctx.backend, deterministic=ctx.deterministic, validate=False)
         else:  # dense: as autograd through F.relu(F.linear(x, W, b)) computes it

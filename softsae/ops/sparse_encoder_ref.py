@@ -32,14 +32,17 @@ def sparse_encoder_bwd_ref(
     return dx, dW, db
 
 
-def compact_nonzero_ref(grad: Tensor, pre: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Padded (vals, idx) (B, K) of the non-zeros of ``grad * (pre > 0)`` (``grad`` when pre is
-    None), per row in increasing index order; K = the largest row count; padding (0, -1)."""
+def compact_nonzero_ref(grad: Tensor, pre: Tensor | None, max_width: int = -1) -> tuple[Tensor, Tensor, int]:
+    """(vals, idx, K): padded (B, K) non-zeros of ``grad * (pre > 0)`` (of ``grad`` when pre is
+    None), per row in increasing index order; K = the largest row count; padding (0, -1).
+    When ``max_width >= 0`` and K > max_width, vals and idx are empty (0, 0) (K is still returned)."""
     g = grad if pre is None else torch.where(pre > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
     nz = g != 0
     B, n = g.shape
     counts = nz.sum(1)
     K = int(counts.max()) if g.numel() else 0
+    if 0 <= max_width < K:
+        return g.new_empty(0, 0), torch.empty(0, 0, dtype=torch.int64, device=g.device), K
     rows, cols = nz.nonzero(as_tuple=True)  # row-major: rows ascending, cols ascending per row
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(rows.numel(), device=g.device) - starts[rows]
@@ -47,4 +50,4 @@ def compact_nonzero_ref(grad: Tensor, pre: Tensor | None) -> tuple[Tensor, Tenso
     idx = torch.full((B, K), -1, dtype=torch.int64, device=g.device)
     vals[rows, pos] = g[rows, cols]
     idx[rows, pos] = cols
-    return vals, idx
+    return vals, idx, K
