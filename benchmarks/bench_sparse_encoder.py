@@ -6,6 +6,8 @@
 The encoder is ``pre = relu(x @ W_enc.T + b_enc)`` (B, n), fp32, followed by a top-K gate, so the
 gradient reaching pre is non-zero at K latents per row. Timed (each p20/p50/p80 over --repeat runs):
 
+Only backward passes are timed (the forward GEMM runs once and its graph is re-differentiated).
+
 - ``dense``: autograd through ``F.relu(F.linear(x, W, b))`` given that (B, n) gradient: dx, dW, db
   by the two dense GEMMs (what a model without the sparse path runs);
 - ``encoder_pre``: the same backward through ``softsae.ops.sparse_encoder.encoder_pre`` (compaction of
@@ -57,11 +59,15 @@ def main() -> None:
         idx = torch.where(top.values > 0, top.indices, -1)
     nnz = int((idx >= 0).sum())
 
+    # Backward only: the forward runs once, its graph is kept (retain_graph) and re-differentiated.
+    pre_dense = F.relu(F.linear(x, W, b))
+    pre_sparse = {bk: encoder_pre(x, W, b, backend=bk) for bk in softsae.available_backends(dev)}
+
     def dense():
-        return torch.autograd.grad(F.relu(F.linear(x, W, b)), leaves, grad)
+        return torch.autograd.grad(pre_dense, leaves, grad, retain_graph=True)
 
     def sparse(backend: str):
-        return torch.autograd.grad(encoder_pre(x, W, b, backend=backend), leaves, grad)
+        return torch.autograd.grad(pre_sparse[backend], leaves, grad, retain_graph=True)
 
     backends = [bk for bk in softsae.available_backends(dev) if bk not in ("reference", "triton")]
     want = dense()
@@ -76,7 +82,7 @@ def main() -> None:
         print(f"{label:40s} p20 {p['p20_ms']:9.2f}  p50 {p['p50_ms']:9.2f}  p80 {p['p80_ms']:9.2f} ms", flush=True)
 
     print(f"B={B} d={d} n={n} K={K} nnz={nnz} device={dev} threads={torch.get_num_threads()}")
-    time("dense autograd (2 GEMMs + sum)", dense)
+    time("dense autograd backward (2 GEMMs + sum)", dense)
     for bk in backends:
         time(f"encoder_pre backward [{bk}]", lambda bk=bk: sparse(bk))
         time(f"sparse_encoder_bwd op [{bk}]",

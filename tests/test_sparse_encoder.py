@@ -263,7 +263,11 @@ def _encoder_grads(model, x, sparse_grad: bool):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "softsae-hard", "softsae-soft"])
-def test_models_sparse_encoder_grad_equals_dense(arch):
+def test_models_sparse_encoder_grad_equals_dense(arch, monkeypatch):
+    calls = []
+    real = se.sparse_encoder_bwd
+    monkeypatch.setattr(se, "sparse_encoder_bwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(se, "MAX_DENSITY", 0.25)  # n = 128: the sparse path up to 32 pairs per row
     torch.manual_seed(1)
     d, n, k = 16, 128, 4
     if arch.startswith("softsae"):
@@ -276,7 +280,9 @@ def test_models_sparse_encoder_grad_equals_dense(arch):
     model.train()
     x = torch.randn(32, d, dtype=torch.float64)
     dense = _encoder_grads(model, x, False)
+    assert not calls
     sparse = _encoder_grads(model, x, True)
+    assert calls, "the sparse encoder backward was not taken"
     assert dense.keys() == sparse.keys()
     assert {"W_enc", "b_enc"} <= dense.keys()
     for name in dense:

@@ -37,9 +37,10 @@ from softsae import _backends
 from softsae.ops.sparse_decode import _FLOAT_DTYPES, _should_validate
 from softsae.ops.sparse_encoder_ref import compact_nonzero_ref, sparse_encoder_bwd_ref
 
-# encoder_pre's backward goes sparse when its densest row has <= this fraction of n non-zeros
-# (CPU, d = 768, n = 16384: the sparse backward wins by far below it; benchmarks/bench_sparse_encoder.py).
-MAX_DENSITY = 1.0 / 16
+# encoder_pre's backward goes sparse when its densest row has <= this fraction of n non-zeros. CPU,
+# B = 4096, d = 768, n = 16384 (benchmarks/results/sparse_encoder.md): dense backward 5.7 s; sparse
+# op 0.4 s at K = 32, 2.3 s at K = 512 (= n / 32), break-even near n / 14.
+MAX_DENSITY = 1.0 / 32
 
 BwdFn = Callable[[Tensor, Tensor, Tensor, Tensor, bool, bool, bool, bool], tuple[Tensor, Tensor, Tensor]]
 
@@ -195,12 +196,14 @@ class _EncoderPre(torch.autograd.Function):
 
 def encoder_pre(
     x: Tensor, W_enc: Tensor, b_enc: Tensor | None = None, backend: str = "auto", deterministic: bool = True,
-    max_density: float = MAX_DENSITY,
+    max_density: float | None = None,
 ) -> Tensor:
     """``relu(x @ W_enc.T + b_enc)`` (B, n) whose backward takes the sparse encoder path whenever
     ``dpre * (pre > 0)`` has at most ``max_density * n`` non-zeros in every row (else the dense
-    GEMMs). x (B, d), W_enc (n, d), b_enc (n,) or None. Gradients equal autograd's through
-    ``F.relu(F.linear(x, W_enc, b_enc))`` up to summation order."""
+    GEMMs); None: the module's ``MAX_DENSITY``. x (B, d), W_enc (n, d), b_enc (n,) or None.
+    Gradients equal autograd's through ``F.relu(F.linear(x, W_enc, b_enc))`` up to summation order."""
+    if max_density is None:
+        max_density = MAX_DENSITY
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a (B, d) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(W_enc, Tensor) or W_enc.dim() != 2 or W_enc.shape[1] != x.shape[1]:
