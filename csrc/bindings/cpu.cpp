@@ -17,7 +17,11 @@
 
 #include "cpu/soft_topk.h"
 #include "cpu/sparse_decode.h"
-#include "cpu/sparse_encoder.h"  // sparse encoder block (helper sparseenc)
+#include "cpu/soft_topk_sparse.h"  // sparse encoder block (helper sparseenc)
+#include "cpu/sparse_encoder.h"    // sparse encoder block (helper sparseenc)
+
+#include <algorithm>
+#include <mutex>
 
 namespace {
 
@@ -308,6 +312,64 @@ std::tuple<Tensor, Tensor, int64_t> sparse_encoder_compact(const Tensor& grad,
   });
   return {vals, idx, K};
 }
+// Fused sparse soft top-k gate: (vals (R, K), idx (R, K) int64 with -1 = padding, t (R,) f64),
+// the non-zeros of x * p per row in increasing index order, K = the largest row count or
+// min(max_count, n) when max_count >= 0 (a row with more keeps its K lowest indices).
+std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, const Tensor& k,
+                                                             double s, bool largest,
+                                                             int64_t max_count) {
+  check_float_matrix(x, "x");
+  const int64_t R = x.size(0), n = x.size(1);
+  check_vector(k, "k", at::kDouble, R);
+  check_scale(s);
+  if (R > 0 && n > 0) {
+    TORCH_CHECK_VALUE(((k > 0) & (k < static_cast<double>(n))).all().item<bool>(),
+                      "k must lie in (0, n) = (0, ", n, ") for every row (clamp it first)");
+  }
+  Tensor t = at::zeros({R}, x.options().dtype(at::kDouble));
+  Tensor count = at::zeros({R}, x.options().dtype(at::kLong));
+  Tensor vals, idx;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_topk_gate_sparse_fwd", [&] {
+    struct Chunk {
+      int64_t begin;
+      std::vector<scalar_t> v;
+      std::vector<int64_t> i;
+    };
+    std::vector<Chunk> chunks;
+    std::mutex mu;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const double* kp = k.data_ptr<double>();
+    double* tp = t.data_ptr<double>();
+    int64_t* cp = count.data_ptr<int64_t>();
+    if (n > 0) {
+      at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+        Chunk c{begin, {}, {}};
+        std::vector<scalar_t> scratch(static_cast<size_t>(n));
+        softsae::cpu::soft_topk_gate_sparse_rows<scalar_t>(xp, kp, tp, cp, n, begin, end, s,
+                                                           largest, scratch.data(), c.v, c.i);
+        const std::lock_guard<std::mutex> lock(mu);
+        chunks.push_back(std::move(c));
+      });
+    }
+    int64_t K = 0;
+    for (int64_t r = 0; r < R; ++r) K = std::max(K, cp[r]);
+    if (max_count >= 0) K = std::min(max_count, n);
+    vals = at::zeros({R, K}, x.options());
+    idx = at::full({R, K}, -1, x.options().dtype(at::kLong));
+    scalar_t* vp = vals.data_ptr<scalar_t>();
+    int64_t* ip = idx.data_ptr<int64_t>();
+    for (const Chunk& c : chunks) {
+      int64_t pos = 0;
+      for (int64_t r = c.begin; pos < static_cast<int64_t>(c.v.size()); ++r) {
+        const int64_t m = std::min(cp[r], K);
+        std::copy(c.v.begin() + pos, c.v.begin() + pos + m, vp + r * K);
+        std::copy(c.i.begin() + pos, c.i.begin() + pos + m, ip + r * K);
+        pos += cp[r];
+      }
+    }
+  });
+  return {vals, idx, t};
+}
 // -------------------------------------------------- sparse encoder (end; helper sparseenc)
 
 }  // namespace
@@ -343,4 +405,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(vals, idx, K): padded non-zeros of grad * (pre > 0) (grad alone when pre is None), "
         "width K = the largest row count, increasing index order, -1 = padding; vals and idx "
         "are empty (0, 0) when max_width >= 0 and K > max_width.");
+  m.def("soft_topk_gate_sparse_fwd", &soft_topk_gate_sparse_fwd, py::arg("x"), py::arg("k"),
+        py::arg("s"), py::arg("largest"), py::arg("max_count") = -1,
+        "Fused sparse soft top-k gate. x (R, n), k (R,) float64 in (0, n), s > 0. Returns (vals "
+        "(R, K), idx (R, K) int64 (-1 = padding), t (R,) float64): the non-zeros of x * p, "
+        "increasing index; K = the largest row count, or min(max_count, n) when max_count >= 0.");
 }
