@@ -187,7 +187,10 @@ def test_compact_nonzero(backend, relu_only):
     torch.testing.assert_close(densify(vals, idx, 40), masked, atol=0, rtol=0)
     assert vals.shape[1] == int((masked != 0).sum(1).max())
     small = se.compact_nonzero(g, pre, backend, max_width=width - 1)
-    assert small[0].shape == small[1].shape == (0, 0) and small[2] == width
+    assert small[0].shape == small[1].shape == (0, 0) and small[2] > width - 1
+    for bound in (width, width + 5, 1000):  # the one-pass bounded path equals the unbounded one
+        v, i, w = se.compact_nonzero(g, pre, backend, max_width=bound)
+        assert w == width and torch.equal(v, vals) and torch.equal(i, idx)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

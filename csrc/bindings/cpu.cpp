@@ -271,8 +271,9 @@ std::tuple<Tensor, Tensor, Tensor> sparse_encoder_bwd(const Tensor& dvals, const
 }
 
 // The non-zeros of grad * (pre > 0) (or of grad when pre is None) per row, padded to the
-// largest row count K: (vals (B, K) grad.dtype, idx (B, K) int64 with -1 = padding, K). When
-// max_width >= 0 and K > max_width, only K is computed and vals, idx are empty (0, 0).
+// largest row count K: (vals (B, K) grad.dtype, idx (B, K) int64 with -1 = padding, K). With
+// max_width >= 0 it is one pass into (B, max_width) buffers; when a row has more non-zeros, vals
+// and idx are empty (0, 0) and the returned width only says "> max_width" (>= max_width + 1).
 std::tuple<Tensor, Tensor, int64_t> sparse_encoder_compact(const Tensor& grad,
                                                            const c10::optional<Tensor>& pre,
                                                            int64_t max_width) {
@@ -293,15 +294,30 @@ std::tuple<Tensor, Tensor, int64_t> sparse_encoder_compact(const Tensor& grad,
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const scalar_t* pp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     int64_t* cp = count.data_ptr<int64_t>();
+    if (max_width >= 0) {  // one pass into (B, max_width), abandoned once a row overflows
+      const int64_t Wd = std::min(max_width, n);
+      Tensor v = at::empty({B, Wd}, grad.options());
+      Tensor ix = at::empty({B, Wd}, grad.options().dtype(at::kLong));
+      scalar_t* vp = v.data_ptr<scalar_t>();
+      int64_t* ip = ix.data_ptr<int64_t>();
+      at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+        softsae::cpu::sparse_encoder_compact_rows_bounded<scalar_t>(gp, pp, n, Wd, vp, ip, cp,
+                                                                    begin, end);
+      });
+      for (int64_t b = 0; b < B; ++b) K = std::max(K, cp[b]);
+      if (K > Wd) {
+        vals = at::empty({0, 0}, grad.options());
+        idx = at::empty({0, 0}, grad.options().dtype(at::kLong));
+      } else {
+        vals = K == Wd ? v : v.narrow(1, 0, K).contiguous();
+        idx = K == Wd ? ix : ix.narrow(1, 0, K).contiguous();
+      }
+      return;
+    }
     at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
       softsae::cpu::sparse_encoder_count_rows<scalar_t>(gp, pp, n, cp, begin, end);
     });
     for (int64_t b = 0; b < B; ++b) K = std::max(K, cp[b]);
-    if (max_width >= 0 && K > max_width) {
-      vals = at::empty({0, 0}, grad.options());
-      idx = at::empty({0, 0}, grad.options().dtype(at::kLong));
-      return;
-    }
     vals = at::empty({B, K}, grad.options());
     idx = at::empty({B, K}, grad.options().dtype(at::kLong));
     scalar_t* vp = vals.data_ptr<scalar_t>();
@@ -404,7 +420,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pre") = py::none(), py::arg("max_width") = -1,
         "(vals, idx, K): padded non-zeros of grad * (pre > 0) (grad alone when pre is None), "
         "width K = the largest row count, increasing index order, -1 = padding; vals and idx "
-        "are empty (0, 0) when max_width >= 0 and K > max_width.");
+        "are empty (0, 0) when max_width >= 0 and K > max_width (K then only bounds it from below).");
   m.def("soft_topk_gate_sparse_fwd", &soft_topk_gate_sparse_fwd, py::arg("x"), py::arg("k"),
         py::arg("s"), py::arg("largest"), py::arg("max_count") = -1,
         "Fused sparse soft top-k gate. x (R, n), k (R,) float64 in (0, n), s > 0. Returns (vals "

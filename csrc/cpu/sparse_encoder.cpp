@@ -61,6 +61,40 @@ void sparse_encoder_compact_rows(const T* grad, const T* pre, int64_t n, int64_t
   }
 }
 
+template <typename T>
+void sparse_encoder_compact_rows_bounded(const T* grad, const T* pre, int64_t n, int64_t W,
+                                         T* vals, int64_t* idx, int64_t* count,
+                                         int64_t row_begin, int64_t row_end) {
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    const T* g = grad + b * n;
+    const T* x = pre == nullptr ? nullptr : pre + b * n;
+    T* v = vals + b * W;
+    int64_t* ix = idx + b * W;
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!keep(g, x, i)) continue;
+      if (c == W) {
+        c = W + 1;
+        break;
+      }
+      v[c] = g[i];
+      ix[c] = i;
+      ++c;
+    }
+    count[b] = c;
+    for (int64_t q = c; q < W; ++q) {
+      v[q] = T(0);
+      ix[q] = -1;
+    }
+  }
+}
+
+template void sparse_encoder_compact_rows_bounded<float>(const float*, const float*, int64_t,
+                                                         int64_t, float*, int64_t*, int64_t*,
+                                                         int64_t, int64_t);
+template void sparse_encoder_compact_rows_bounded<double>(const double*, const double*, int64_t,
+                                                          int64_t, double*, int64_t*, int64_t*,
+                                                          int64_t, int64_t);
 template void sparse_encoder_bwd_db_sorted<float>(const float*, const int64_t*, const int64_t*,
                                                   float*, int64_t, int64_t);
 template void sparse_encoder_bwd_db_sorted<double>(const double*, const int64_t*,

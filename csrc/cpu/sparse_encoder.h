@@ -36,6 +36,14 @@ template <typename T>
 void sparse_encoder_compact_rows(const T* grad, const T* pre, int64_t n, int64_t K, T* vals,
                                  int64_t* idx, int64_t row_begin, int64_t row_end);
 
+// One pass with a width bound: rows [row_begin, row_end) written as by compact_rows with K = W,
+// count[b] = the row's number of non-zeros, or W + 1 as soon as it exceeds W (the row is then
+// abandoned; the caller falls back to the dense path).   vals (B, W) T, idx (B, W) int64.
+template <typename T>
+void sparse_encoder_compact_rows_bounded(const T* grad, const T* pre, int64_t n, int64_t W,
+                                         T* vals, int64_t* idx, int64_t* count,
+                                         int64_t row_begin, int64_t row_end);
+
 extern template void sparse_encoder_bwd_db_sorted<float>(const float*, const int64_t*,
                                                          const int64_t*, float*, int64_t,
                                                          int64_t);
@@ -52,6 +60,15 @@ extern template void sparse_encoder_compact_rows<float>(const float*, const floa
 extern template void sparse_encoder_compact_rows<double>(const double*, const double*, int64_t,
                                                          int64_t, double*, int64_t*, int64_t,
                                                          int64_t);
+
+extern template void sparse_encoder_compact_rows_bounded<float>(const float*, const float*,
+                                                                int64_t, int64_t, float*,
+                                                                int64_t*, int64_t*, int64_t,
+                                                                int64_t);
+extern template void sparse_encoder_compact_rows_bounded<double>(const double*, const double*,
+                                                                 int64_t, int64_t, double*,
+                                                                 int64_t*, int64_t*, int64_t,
+                                                                 int64_t);
 
 }  // namespace cpu
 }  // namespace softsae

@@ -145,7 +145,8 @@ def compact_nonzero(grad: Tensor, pre: Tensor | None = None, backend: str = "aut
                     max_width: int = -1) -> tuple[Tensor, Tensor, int]:
     """(vals, idx, K): padded (B, K) non-zeros of ``grad * (pre > 0)`` (of ``grad`` if pre is None),
     increasing index per row; K = the largest row count (a host read-back on CUDA). When
-    ``max_width >= 0`` and K > max_width, vals and idx come back empty (0, 0)."""
+    ``max_width >= 0`` and K > max_width, vals and idx come back empty (0, 0) and K is only known
+    to exceed max_width (the CPU kernel stops counting there: one pass, no second one)."""
     name = _backends.resolve(backend, grad.device)
     if name == "cpu" and grad.dtype in (torch.float32, torch.float64) and (pre is None or pre.dtype == grad.dtype):
         pre = None if pre is None else pre.contiguous()
