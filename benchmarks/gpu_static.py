@@ -42,7 +42,7 @@ def _compile_task(i: int) -> aot.CompileResult:
 def compile_grid(full: bool, targets: list[str], jobs: int) -> tuple[list[tuple[aot.CompileResult, list[str]]], dict]:
     """Compile every unique specialisation of the grid; (result, labels) each, and counts."""
     aot.require_compiler()
-    calls = aot.soft_topk_calls(full) + aot.sparse_decode_calls(full)
+    calls = aot.soft_topk_calls(full) + aot.sparse_decode_calls(full) + aot.sparse_encoder_calls(full)
     launches = aot.record_launches(calls)
     _UNIQUE.clear()
     for tn in targets:
@@ -179,7 +179,8 @@ def cuda_hot_spills(cuda: list[CudaResult]) -> list[str]:
     """CUDA kernels that spill in hot use: soft top-k in float / bfloat16, any sparse decode."""
     bad = []
     for c in cuda:
-        hot = c.kernel.startswith("sparse_decode") or any(f"<{t}," in c.kernel for t in ("float", "__nv_bfloat16"))
+        hot = c.kernel.startswith(("sparse_decode", "sparse_encoder")) or any(
+            f"<{t}," in c.kernel for t in ("float", "__nv_bfloat16"))
         if hot and c.spill_stores + c.spill_loads > 0:
             bad.append(f"HOT SPILL {c.spill_stores}+{c.spill_loads} bytes in CUDA {c.kernel} [{c.target}]")
     return bad

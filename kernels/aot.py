@@ -38,6 +38,7 @@ __all__ = [
     "label_fields",
     "record_launches",
     "require_compiler",
+    "sparse_encoder_calls",
 ]
 
 TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
@@ -68,10 +69,10 @@ class Launch:
 
 
 def _all_kernels() -> list[Any]:
-    from softsae.kernels import soft_topk, sparse_decode
+    from softsae.kernels import soft_topk, sparse_decode, sparse_encoder
 
     out = []
-    for mod in (soft_topk, sparse_decode):
+    for mod in (soft_topk, sparse_decode, sparse_encoder):
         for name in mod.__all__:
             obj = getattr(mod, name)
             if isinstance(obj, triton.runtime.JITFunction):
@@ -365,6 +366,32 @@ def sparse_decode_calls(full: bool) -> list[tuple[str, Callable[[], Any]]]:
     return calls
 
 
+def sparse_encoder_calls(full: bool) -> list[tuple[str, Callable[[], Any]]]:
+    """Launcher calls of the sparse encoder backward (both deterministic modes) over the grid: its
+    dx / dW launches are the sparse decode kernels with x in place of the gradient, plus db."""
+    import torch
+    from softsae.kernels import sparse_encoder as se
+
+    if full:
+        pairs = [(K, d) for K in (0, 1, 2, 17, 32, 64, 1024) for d in (1, 3, 16, 17, 512, 768, 2304, 4097)]
+    else:
+        pairs = [(0, 3), (1, 1), (17, 17), (32, 768)]
+    calls: list[tuple[str, Callable[[], Any]]] = []
+    for dt in DTYPES:
+        for K, d in pairs:
+            for det in (True, False):
+                lab = f"dtype={dt} K={K} d={d} deterministic={det} encoder=True"
+
+                def run(dt=dt, K=K, d=d, det=det) -> None:
+                    B, n = 3, 5
+                    dtype = getattr(torch, dt)
+                    se.launch_sparse_encoder_bwd(torch.zeros(B, K, dtype=dtype), torch.zeros(B, K, dtype=torch.int64),
+                                                 torch.zeros(B, d, dtype=dtype), torch.zeros(n, d, dtype=dtype),
+                                                 True, True, True, det)
+                calls.append((lab, run))
+    return calls
+
+
 def unique_launches(launches: list[Launch], target_name: str) -> list[tuple[Launch, tuple[Any, dict, str], list[str]]]:
     """Dedupe launches by their compiled specialisation: (launch, spec, all labels) each."""
     seen: dict[str, tuple[Launch, tuple[Any, dict, str], list[str]]] = {}
@@ -384,8 +411,11 @@ def label_fields(label: str) -> dict[str, str]:
 
 def is_hot(kernel: str, label: str) -> bool:
     """Hot configurations (must not spill): soft top-k fwd/bwd at n >= 4096 in fp32/bf16;
-    sparse decode at d >= 512."""
+    sparse decode at d >= 512 (also when the sparse encoder backward launches it); the sparse
+    encoder's db kernel always."""
     m = label_fields(label)
+    if kernel.startswith("sparse_encoder"):
+        return True
     if kernel.startswith("soft_topk"):
         return m.get("dtype") in ("float32", "bfloat16") and int(m.get("n", 0)) >= 4096
     return int(m.get("d", 0)) >= 512

@@ -14,7 +14,15 @@ import functools
 import torch
 from triton import next_power_of_2
 
-__all__ = ["SoftTopkConfig", "SparseDecodeConfig", "program_count", "soft_topk_config", "sparse_decode_config"]
+__all__ = [
+    "SoftTopkConfig",
+    "SparseDecodeConfig",
+    "SparseEncoderDbConfig",
+    "program_count",
+    "soft_topk_config",
+    "sparse_decode_config",
+    "sparse_encoder_db_config",
+]
 
 COMPACT_MIN = 2048  # soft top-k rows longer than this get the candidate compaction
 CAP = 2048  # candidate scratch per program (entries of the compute dtype)
@@ -82,3 +90,17 @@ def sparse_decode_config(d: int, dtype: torch.dtype) -> SparseDecodeConfig:
     top = 128 if dtype == torch.float64 else 256
     bd = max(16, min(top, next_power_of_2(d)))
     return SparseDecodeConfig(bk=16, bd=bd, num_warps=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseEncoderDbConfig:
+    """bl: latents per program of the sparse encoder's db kernel; num_warps."""
+
+    bl: int
+    num_warps: int
+
+
+def sparse_encoder_db_config() -> SparseEncoderDbConfig:
+    """db of the sparse encoder backward: one lane per latent, 128 latents per 4-warp program (its
+    dx and dW run the sparse decode kernels with ``sparse_decode_config``)."""
+    return SparseEncoderDbConfig(bl=128, num_warps=4)

@@ -17,6 +17,13 @@ keeps the top K; BatchTopKSAE keeps the K*B largest over the batch while trainin
 learned threshold at inference. The ops come from ``softsae.ops`` and are dispatched by
 ``backend=`` ("auto", "reference", "cpu", "triton", "cuda").
 
+Encoder backward: with ``sparse_encoder_grad`` on (default: for CPU tensors), ``pre`` comes from
+``softsae.ops.sparse_encoder.encoder_pre``, whose backward computes W_enc's, b_enc's and the input's
+gradients from the non-zero (row, latent) pairs of dpre alone when the selection made it sparse
+(TopK, BatchTopK, the hard phase, the soft phase at small alpha) instead of the two dense GEMMs;
+same gradients up to summation order. On CUDA it is off by default (its compaction reads one
+width back to the host per backward); set ``model.sparse_encoder_grad = True`` to use it there.
+
 Public methods take and return *unnormalised* activations: ``encode(x)``, ``decode(codes)``,
 ``forward(x) -> x_hat``. ``forward_train(x_n)`` works in normalised space and returns
 everything the trainer needs (``SAEOutput``).
@@ -34,6 +41,7 @@ from torch import Tensor, nn
 
 from softsae.ops.soft_topk import nonzero_per_row, soft_topk, soft_topk_gate
 from softsae.ops.sparse_decode import sparse_decode
+from softsae.ops.sparse_encoder import encoder_pre
 from softsae.ops.topk_per_row import topk_per_row
 
 ARCHS = ("softsae", "topk", "batchtopk")
@@ -121,6 +129,8 @@ class SparseAutoencoder(nn.Module):
         self.d, self.n, self.k = d, n, k
         self.backend, self.decode_mode = backend, decode_mode
         self.hard = False  # hard top-k phase flag (SoftSAE); eval mode is always hard
+        # sparse encoder backward: None = auto (on for CPU tensors), True / False force it
+        self.sparse_encoder_grad: bool | None = None
         W = torch.randn(n, d)
         W = W / W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W)
@@ -155,8 +165,15 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def pre_acts(self, x_n: Tensor) -> Tensor:
-        """Post-ReLU encoder activations (B, n) of normalised input (B, d)."""
-        return F.relu(F.linear(x_n - self.b_dec, self.W_enc, self.b_enc))
+        """Post-ReLU encoder activations (B, n) of normalised input (B, d); with the sparse encoder
+        backward when ``sparse_encoder_grad`` (None: CPU tensors only) and autograd is recording."""
+        x = x_n - self.b_dec
+        use = self.sparse_encoder_grad
+        if use is None:
+            use = x.device.type == "cpu"
+        if use and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return encoder_pre(x, self.W_enc, self.b_enc, backend=self.backend)
+        return F.relu(F.linear(x, self.W_enc, self.b_enc))
 
     def _use_sparse(self, hard: bool) -> bool:
         return self.decode_mode == "sparse" or (self.decode_mode == "auto" and hard)

@@ -65,7 +65,7 @@ def test_compile_gate(tmp_path):
     # Every kernel of kernels/ was reached on both targets (the grid is not silently empty).
     for name in ("soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "sparse_decode_fwd_kernel",
                  "sparse_decode_bwd_dvals_kernel", "sparse_decode_bwd_dW_sorted_kernel",
-                 "sparse_decode_bwd_dW_atomic_kernel"):
+                 "sparse_decode_bwd_dW_atomic_kernel", "sparse_encoder_bwd_db_sorted_kernel"):
         for tgt in ("sm_80", "sm_90"):
             assert (name, tgt) in kernels, f"{name} never compiled for {tgt}"
     assert all(r["ok"] for r in results)
@@ -141,6 +141,7 @@ def test_hot_classification():
     assert not is_hot("soft_topk_fwd_kernel", "dtype=float32 n=4095 R=3 largest=True gate=False")
     assert not is_hot("soft_topk_fwd_kernel", "dtype=float64 n=8192 R=3 largest=True gate=False")
     assert is_hot("sparse_decode_bwd_dW_sorted_kernel", "dtype=float16 K=1 d=512 bias=False deterministic=True")
+    assert is_hot("sparse_encoder_bwd_db_sorted_kernel", "dtype=float32 K=1 d=1 deterministic=True encoder=True")
     assert not is_hot("sparse_decode_fwd_kernel", "dtype=float32 K=64 d=511 bias=True deterministic=True")
 
 
@@ -156,5 +157,6 @@ def test_cuda_kernels_hot_instantiations_do_not_spill():
         pytest.skip("nvcc not found")
     cuda = gpu_static.cuda_resources(["sm_90"])
     names = {c.kernel.split("<")[0] for c in cuda}
-    assert {"soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "sparse_decode_fwd_kernel"} <= names, names
+    assert {"soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "sparse_decode_fwd_kernel",
+            "sparse_encoder_bwd_db_sorted_kernel"} <= names, names
     assert gpu_static.cuda_hot_spills(cuda) == []

@@ -49,10 +49,28 @@ def _workloads(backend: str):
         b = torch.randn(7, generator=g, dtype=dtype).requires_grad_() if with_bias else None
         softsae.sparse_decode(vals, idx, W, b, backend=backend).square().sum().backward()
 
+    def encoder(with_bias: bool, dtype: torch.dtype):  # the sparse encoder backward (max_density=1)
+        from softsae.ops.sparse_encoder import encoder_pre
+
+        x = torch.randn(6, 7, generator=g, dtype=dtype).requires_grad_()
+        W = torch.randn(40, 7, generator=g, dtype=dtype).requires_grad_()
+        b = torch.randn(40, generator=g, dtype=dtype).requires_grad_() if with_bias else None
+        pre = encoder_pre(x, W, b, backend=backend, max_density=1.0)
+        torch.topk(pre, 3, dim=1).values.square().sum().backward()
+
+    def gate_sparse(dtype: torch.dtype):  # the fused sparse gate (CPU tensors), static width
+        x = torch.randn(5, 33, generator=g, dtype=dtype).requires_grad_()
+        k = (torch.rand(5, generator=g, dtype=torch.float64) * 20 + 1).requires_grad_()
+        alpha = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+        vals, _ = softsae.soft_topk_gate(x, k, alpha, backend=backend, sparse=True, max_count=33)
+        vals.square().sum().backward()
+
     for dtype in (torch.float32, torch.float64):
+        yield f"soft_topk_gate(sparse=True, {dtype})", lambda d=dtype: gate_sparse(d)
         for flag in (False, True):
             yield f"soft_topk(gate={flag}, {dtype})", lambda f=flag, d=dtype: soft(f, d)
             yield f"sparse_decode(bias={flag}, {dtype})", lambda f=flag, d=dtype: decode(f, d)
+            yield f"sparse_encoder(bias={flag}, {dtype})", lambda f=flag, d=dtype: encoder(f, d)
 
 
 def _record(backend: str) -> list[tuple[str, torch._ops.OpOverload, tuple, dict]]:

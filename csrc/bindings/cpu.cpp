@@ -17,6 +17,11 @@
 
 #include "cpu/soft_topk.h"
 #include "cpu/sparse_decode.h"
+#include "cpu/soft_topk_sparse.h"  // sparse encoder block (helper sparseenc)
+#include "cpu/sparse_encoder.h"    // sparse encoder block (helper sparseenc)
+
+#include <algorithm>
+#include <mutex>
 
 namespace {
 
@@ -209,6 +214,180 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
   return {dvals, dW};
 }
 
+// ------------------------------------------------ sparse encoder (begin; helper sparseenc)
+// Backward of pre = x @ W^T + b at the pairs (dvals, idx) where dpre is non-zero; dx and dW
+// reuse the sparse decode kernels (x in place of the gradient), db shares dW's counting sort.
+
+std::tuple<Tensor, Tensor, Tensor> sparse_encoder_bwd(const Tensor& dvals, const Tensor& idx,
+                                                      const Tensor& x, const Tensor& W,
+                                                      bool need_x, bool need_W, bool need_b,
+                                                      bool deterministic) {
+  (void)deterministic;  // the CPU path is always deterministic
+  check_pairs(dvals, idx, W);
+  check_float_matrix(x, "x");
+  check_same(x, "x", W, "W");
+  const int64_t B = dvals.size(0), K = dvals.size(1), n = W.size(0), d = W.size(1);
+  TORCH_CHECK(x.size(0) == B && x.size(1) == d, "x must have shape (", B, ", ", d, "), got ",
+              x.sizes());
+  Tensor dx = need_x ? at::empty({B, d}, x.options()) : at::empty({0}, x.options());
+  Tensor dW = need_W ? at::empty({n, d}, W.options()) : at::empty({0}, W.options());
+  Tensor db = need_b ? at::empty({n}, W.options()) : at::empty({0}, W.options());
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "sparse_encoder_bwd", [&] {
+    const scalar_t* vp = dvals.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
+    if (need_x && B > 0 && d > 0) {
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, B, row_grain((K + 1) * d), [&](int64_t begin, int64_t end) {
+        softsae::cpu::sparse_decode_fwd_rows<scalar_t>(vp, ip, wp, nullptr, dxp, K, d, begin,
+                                                       end);
+      });
+    }
+    if ((need_W || need_b) && n > 0) {
+      std::vector<int64_t> offsets(n + 1), order(B * K);
+      const int64_t nnz = softsae::cpu::sparse_decode_group_by_latent(ip, B, K, n,
+                                                                      offsets.data(),
+                                                                      order.data());
+      if (need_W && d > 0) {
+        scalar_t* dwp = dW.data_ptr<scalar_t>();
+        const int64_t per_latent = (nnz / n + 1) * d;
+        at::parallel_for(0, n, row_grain(per_latent), [&](int64_t begin, int64_t end) {
+          softsae::cpu::sparse_decode_bwd_dW_sorted<scalar_t>(xp, vp, offsets.data(),
+                                                              order.data(), K, d, dwp, begin,
+                                                              end);
+        });
+      }
+      if (need_b) {
+        scalar_t* dbp = db.data_ptr<scalar_t>();
+        at::parallel_for(0, n, row_grain(nnz / n + 1), [&](int64_t begin, int64_t end) {
+          softsae::cpu::sparse_encoder_bwd_db_sorted<scalar_t>(vp, offsets.data(), order.data(),
+                                                               dbp, begin, end);
+        });
+      }
+    }
+  });
+  return {dx, dW, db};
+}
+
+// The non-zeros of grad * (pre > 0) (or of grad when pre is None) per row, padded to the
+// largest row count K: (vals (B, K) grad.dtype, idx (B, K) int64 with -1 = padding, K). With
+// max_width >= 0 it is one pass into (B, max_width) buffers; when a row has more non-zeros, vals
+// and idx are empty (0, 0) and the returned width only says "> max_width" (>= max_width + 1).
+std::tuple<Tensor, Tensor, int64_t> sparse_encoder_compact(const Tensor& grad,
+                                                           const c10::optional<Tensor>& pre,
+                                                           int64_t max_width) {
+  check_float_matrix(grad, "grad");
+  Tensor mask;
+  if (pre.has_value() && pre->defined()) {
+    check_float_matrix(*pre, "pre");
+    check_same(*pre, "pre", grad, "grad");
+    TORCH_CHECK(pre->sizes() == grad.sizes(), "pre ", pre->sizes(), " and grad ", grad.sizes(),
+                " must have the same shape");
+    mask = *pre;
+  }
+  const int64_t B = grad.size(0), n = grad.size(1);
+  Tensor count = at::empty({B}, grad.options().dtype(at::kLong));
+  Tensor vals, idx;
+  int64_t K = 0;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "sparse_encoder_compact", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* pp = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
+    int64_t* cp = count.data_ptr<int64_t>();
+    if (max_width >= 0) {  // one pass into (B, max_width), abandoned once a row overflows
+      const int64_t Wd = std::min(max_width, n);
+      Tensor v = at::empty({B, Wd}, grad.options());
+      Tensor ix = at::empty({B, Wd}, grad.options().dtype(at::kLong));
+      scalar_t* vp = v.data_ptr<scalar_t>();
+      int64_t* ip = ix.data_ptr<int64_t>();
+      at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+        softsae::cpu::sparse_encoder_compact_rows_bounded<scalar_t>(gp, pp, n, Wd, vp, ip, cp,
+                                                                    begin, end);
+      });
+      for (int64_t b = 0; b < B; ++b) K = std::max(K, cp[b]);
+      if (K > Wd) {
+        vals = at::empty({0, 0}, grad.options());
+        idx = at::empty({0, 0}, grad.options().dtype(at::kLong));
+      } else {
+        vals = K == Wd ? v : v.narrow(1, 0, K).contiguous();
+        idx = K == Wd ? ix : ix.narrow(1, 0, K).contiguous();
+      }
+      return;
+    }
+    at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+      softsae::cpu::sparse_encoder_count_rows<scalar_t>(gp, pp, n, cp, begin, end);
+    });
+    for (int64_t b = 0; b < B; ++b) K = std::max(K, cp[b]);
+    vals = at::empty({B, K}, grad.options());
+    idx = at::empty({B, K}, grad.options().dtype(at::kLong));
+    scalar_t* vp = vals.data_ptr<scalar_t>();
+    int64_t* ip = idx.data_ptr<int64_t>();
+    at::parallel_for(0, B, row_grain(n), [&](int64_t begin, int64_t end) {
+      softsae::cpu::sparse_encoder_compact_rows<scalar_t>(gp, pp, n, K, vp, ip, begin, end);
+    });
+  });
+  return {vals, idx, K};
+}
+// Fused sparse soft top-k gate: (vals (R, K), idx (R, K) int64 with -1 = padding, t (R,) f64),
+// the non-zeros of x * p per row in increasing index order, K = the largest row count or
+// min(max_count, n) when max_count >= 0 (a row with more keeps its K lowest indices).
+std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, const Tensor& k,
+                                                             double s, bool largest,
+                                                             int64_t max_count) {
+  check_float_matrix(x, "x");
+  const int64_t R = x.size(0), n = x.size(1);
+  check_vector(k, "k", at::kDouble, R);
+  check_scale(s);
+  if (R > 0 && n > 0) {
+    TORCH_CHECK_VALUE(((k > 0) & (k < static_cast<double>(n))).all().item<bool>(),
+                      "k must lie in (0, n) = (0, ", n, ") for every row (clamp it first)");
+  }
+  Tensor t = at::zeros({R}, x.options().dtype(at::kDouble));
+  Tensor count = at::zeros({R}, x.options().dtype(at::kLong));
+  Tensor vals, idx;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_topk_gate_sparse_fwd", [&] {
+    struct Chunk {
+      int64_t begin;
+      std::vector<scalar_t> v;
+      std::vector<int64_t> i;
+    };
+    std::vector<Chunk> chunks;
+    std::mutex mu;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const double* kp = k.data_ptr<double>();
+    double* tp = t.data_ptr<double>();
+    int64_t* cp = count.data_ptr<int64_t>();
+    if (n > 0) {
+      at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+        Chunk c{begin, {}, {}};
+        std::vector<scalar_t> scratch(static_cast<size_t>(n));
+        softsae::cpu::soft_topk_gate_sparse_rows<scalar_t>(xp, kp, tp, cp, n, begin, end, s,
+                                                           largest, scratch.data(), c.v, c.i);
+        const std::lock_guard<std::mutex> lock(mu);
+        chunks.push_back(std::move(c));
+      });
+    }
+    int64_t K = 0;
+    for (int64_t r = 0; r < R; ++r) K = std::max(K, cp[r]);
+    if (max_count >= 0) K = std::min(max_count, n);
+    vals = at::zeros({R, K}, x.options());
+    idx = at::full({R, K}, -1, x.options().dtype(at::kLong));
+    scalar_t* vp = vals.data_ptr<scalar_t>();
+    int64_t* ip = idx.data_ptr<int64_t>();
+    for (const Chunk& c : chunks) {
+      int64_t pos = 0;
+      for (int64_t r = c.begin; pos < static_cast<int64_t>(c.v.size()); ++r) {
+        const int64_t m = std::min(cp[r], K);
+        std::copy(c.v.begin() + pos, c.v.begin() + pos + m, vp + r * K);
+        std::copy(c.i.begin() + pos, c.i.begin() + pos + m, ip + r * K);
+        pos += cp[r];
+      }
+    }
+  });
+  return {vals, idx, t};
+}
+// -------------------------------------------------- sparse encoder (end; helper sparseenc)
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -230,4 +409,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("deterministic") = true,
         "Sparse decode backward. grad (B, d). Returns (dvals (B, K) or empty, dW (n, d) or "
         "empty); dW is grouped per latent by a counting sort: deterministic, atomic-free.");
+
+  // sparse encoder (helper sparseenc)
+  m.def("sparse_encoder_bwd", &sparse_encoder_bwd, py::arg("dvals"), py::arg("idx"),
+        py::arg("x"), py::arg("W"), py::arg("need_x"), py::arg("need_W"), py::arg("need_b"),
+        py::arg("deterministic") = true,
+        "Sparse encoder backward of pre = x W^T + b at the pairs (dvals, idx) (B, K): returns "
+        "(dx (B, d), dW (n, d), db (n,)), each empty when not needed; deterministic.");
+  m.def("sparse_encoder_compact", &sparse_encoder_compact, py::arg("grad"),
+        py::arg("pre") = py::none(), py::arg("max_width") = -1,
+        "(vals, idx, K): padded non-zeros of grad * (pre > 0) (grad alone when pre is None), "
+        "width K = the largest row count, increasing index order, -1 = padding; vals and idx "
+        "are empty (0, 0) when max_width >= 0 and K > max_width (K then only bounds it from below).");
+  m.def("soft_topk_gate_sparse_fwd", &soft_topk_gate_sparse_fwd, py::arg("x"), py::arg("k"),
+        py::arg("s"), py::arg("largest"), py::arg("max_count") = -1,
+        "Fused sparse soft top-k gate. x (R, n), k (R,) float64 in (0, n), s > 0. Returns (vals "
+        "(R, K), idx (R, K) int64 (-1 = padding), t (R,) float64): the non-zeros of x * p, "
+        "increasing index; K = the largest row count, or min(max_count, n) when max_count >= 0.");
 }

@@ -244,6 +244,80 @@ std::tuple<Tensor, Tensor> sparse_decode_bwd(const Tensor& grad, const Tensor& v
   return {dvals, dW};
 }
 
+// ------------------------------------------------ sparse encoder (begin; helper sparseenc)
+// Backward of pre = x @ W^T + b at the pairs (dvals, idx) where dpre is non-zero:
+// dx = sparse_decode_fwd(dvals, idx, W); dW = the sparse decode dW with x as the gradient;
+// db over the same stable sort of the pairs (deterministic) or index_add (atomics).
+std::tuple<Tensor, Tensor, Tensor> sparse_encoder_bwd(const Tensor& dvals, const Tensor& idx,
+                                                      const Tensor& x, const Tensor& W,
+                                                      bool need_x, bool need_W, bool need_b,
+                                                      bool deterministic) {
+  const sc::DType dt = check_sparse(dvals, idx, W);
+  const int64_t B = dvals.size(0), K = dvals.size(1), n = W.size(0), d = W.size(1);
+  check_matrix(x, "x", W);
+  TORCH_CHECK_TYPE(x.scalar_type() == W.scalar_type(), "x (", x.scalar_type(), ") and W (",
+                   W.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK(x.size(0) == B && x.size(1) == d, "x must have shape (", B, ", ", d, "), got ",
+              x.sizes());
+  const c10::cuda::CUDAGuard guard(W.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  Tensor dx = at::empty({0}, x.options());
+  if (need_x) {
+    dx = at::empty({B, d}, x.options());
+    if (B > 0 && d > 0)
+      check_launch(sc::sparse_decode_fwd(dvals.data_ptr(), idx.data_ptr<int64_t>(), W.data_ptr(),
+                                         nullptr, dx.data_ptr(), B, K, n, d, dt, stream),
+                   "sparse_encoder_bwd (dx)");
+  }
+  Tensor dW = at::empty({0}, W.options()), db = at::empty({0}, W.options());
+  const bool empty = B * K == 0 || n == 0;
+  if (need_W && (empty || d == 0)) dW = at::zeros_like(W);
+  if (need_b && empty) db = at::zeros({n}, W.options());
+  const bool do_W = need_W && !empty && d > 0, do_b = need_b && !empty;
+  if (!(do_W || do_b)) return {dx, dW, db};
+  if (deterministic) {
+    const Tensor flat = idx.reshape(-1);
+    const auto sorted = flat.masked_fill(flat < 0, n).sort(/*stable=*/true, 0, false);
+    const Tensor order = std::get<1>(sorted).contiguous();
+    const Tensor seg =
+        at::searchsorted(std::get<0>(sorted), at::arange(n + 1, idx.options())).contiguous();
+    if (do_W) {
+      dW = at::empty_like(W);
+      check_launch(sc::sparse_decode_bwd_dW_sorted(x.data_ptr(), dvals.data_ptr(),
+                                                  order.data_ptr<int64_t>(),
+                                                  seg.data_ptr<int64_t>(), dW.data_ptr(), K, n,
+                                                  d, dt, stream),
+                   "sparse_encoder_bwd (dW)");
+    }
+    if (do_b) {
+      db = at::empty({n}, W.options());
+      check_launch(sc::sparse_encoder_bwd_db_sorted(dvals.data_ptr(), order.data_ptr<int64_t>(),
+                                                    seg.data_ptr<int64_t>(), db.data_ptr(), n,
+                                                    dt, stream),
+                   "sparse_encoder_bwd (db)");
+    }
+    return {dx, dW, db};
+  }
+  const at::ScalarType acc_t = W.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (do_W) {
+    Tensor acc = at::zeros({n, d}, W.options().dtype(acc_t));
+    check_launch(sc::sparse_decode_bwd_dW_atomic(x.data_ptr(), dvals.data_ptr(),
+                                                idx.data_ptr<int64_t>(), acc.data_ptr(), B, K,
+                                                d, dt, stream),
+                 "sparse_encoder_bwd (dW, atomic)");
+    dW = acc.scalar_type() == W.scalar_type() ? acc : acc.to(W.scalar_type());
+  }
+  if (do_b) {
+    const Tensor flat = idx.reshape(-1);
+    const Tensor src = dvals.reshape(-1).to(acc_t).masked_fill(flat < 0, 0);
+    db = at::zeros({n}, W.options().dtype(acc_t)).index_add_(0, flat.clamp_min(0), src);
+    if (db.scalar_type() != W.scalar_type()) db = db.to(W.scalar_type());
+  }
+  return {dx, dW, db};
+}
+// -------------------------------------------------- sparse encoder (end; helper sparseenc)
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -282,4 +356,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a gradient not needed is returned empty",
         py::arg("grad"), py::arg("vals"), py::arg("idx"), py::arg("W"), py::arg("need_vals"),
         py::arg("need_W"), py::arg("deterministic"));
+
+  // sparse encoder (helper sparseenc)
+  m.def("sparse_encoder_bwd", &sparse_encoder_bwd,
+        "(dvals (B, K), idx (B, K) int64, x (B, d), W (n, d), need_x, need_W, need_b, "
+        "deterministic) -> (dx (B, d), dW (n, d), db (n,)); a gradient not needed is empty",
+        py::arg("dvals"), py::arg("idx"), py::arg("x"), py::arg("W"), py::arg("need_x"),
+        py::arg("need_W"), py::arg("need_b"), py::arg("deterministic"));
 }

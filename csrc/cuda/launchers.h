@@ -62,5 +62,15 @@ cudaError_t sparse_decode_bwd_dW_atomic(const void* grad, const void* vals, cons
                                        void* dW_acc, int64_t B, int64_t K, int64_t d,
                                        DType dtype, cudaStream_t stream);
 
+// ------------------------------------------------------------ sparse encoder
+// Backward of pre = x @ W^T + b from dpre given as pairs (vals, idx) (B, K): dx and dW are
+// sparse_decode_fwd(vals, idx, W) and sparse_decode_bwd_dW_* with grad := x; this is db.
+// db[i] = sum_{p in [seg[i], seg[i+1])} vals_flat[order[p]] (order / seg as for
+// sparse_decode_bwd_dW_sorted), summed in p order (deterministic); db (n,) of `dtype`,
+// accumulated in float32 (float64 for float64). Requires n >= 1.
+cudaError_t sparse_encoder_bwd_db_sorted(const void* vals, const int64_t* order,
+                                         const int64_t* seg, void* db, int64_t n, DType dtype,
+                                         cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace softsae

@@ -263,13 +263,23 @@ def soft_topk_gate(
     more non-zeros keep their ``max_count`` lowest indices, so give ``n`` to be exact).
     The set is exact (an entry is listed iff it is non-zero in the dense result), because in
     floating point most soft weights underflow to exactly 0 at small alpha. ``vals`` is
-    differentiable. The sparse form is extracted from the dense result (not yet fused).
+    differentiable. CPU tensors (cpu and reference backends) take the fused path of
+    softsae/ops/soft_topk_sparse.py (no dense (..., n) output); CUDA tensors compact the dense result.
     """
+    if sparse:
+        from softsae.ops.soft_topk_sparse import fused_backend, soft_topk_gate_sparse
+
+        ndim, alpha_t = _check_inputs(x, k, alpha, dim, largest)
+        if ndim != x.dim() - 1:
+            raise ValueError(f"sparse=True needs dim=-1 (the rows on the last axis), got dim={dim}")
+        fused = fused_backend(x, backend)
+        if fused is not None and x.numel() > 0:
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            vals, idx = soft_topk_gate_sparse(x2, _rows_k(k, x), alpha_t, largest, max_count, fused)
+            return vals.reshape(*x.shape[:-1], vals.shape[-1]), idx.reshape(*x.shape[:-1], idx.shape[-1])
     z = _soft_topk(x, k, alpha, dim, largest, backend, gate=True)
     if not sparse:
         return z
-    if dim % x.dim() != x.dim() - 1:
-        raise ValueError(f"sparse=True needs dim=-1 (the rows on the last axis), got dim={dim}")
     return nonzero_per_row(z, max_count)
 
 
