@@ -229,6 +229,24 @@ def test_index_validation_flag(monkeypatch):
     assert _should_validate(None, cuda)
 
 
+@pytest.mark.parametrize("kind", ["randn", "ties", "relu", "constant"])
+@pytest.mark.parametrize("k_max", [None, 1, 7, 299, 300])
+def test_topk_per_row_cpu_path_equals_exact_path(kind, k_max):
+    """The CPU path (one narrow topk, boundary-tie rows redone exactly) equals the dense tie rule."""
+    from softsae.ops.topk_per_row import _topk_exact
+
+    torch.manual_seed(1)
+    z = {"randn": torch.randn(48, 300), "ties": torch.round(torch.randn(48, 300) * 2) / 2,
+         "relu": torch.relu(torch.randn(48, 300) - 1.5), "constant": torch.ones(48, 300)}[kind]
+    k = torch.randint(0, 301, (48,))
+    k[:3] = torch.tensor([0, 300, 1])
+    vals, idx = softsae.topk_per_row(z, k, k_max=k_max)
+    width = idx.shape[1]
+    want_vals, want_idx = _topk_exact(z, k.clamp(0, width), width)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(vals, want_vals)
+
+
 def test_topk_per_row_static_k_max():
     torch.manual_seed(0)
     z = torch.randn(6, 30)

@@ -58,6 +58,15 @@ def topk_per_row(z: Tensor, k, k_max: int | None = None, check_nan: bool | None 
     if k_max == 0:
         return z.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.int64, device=z.device)
 
+    if z.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _topk_cpu(z, kk, k_max)
+    return _topk_exact(z, kk, k_max)
+
+
+def _topk_exact(z: Tensor, kk: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
+    """The tie rule applied on the whole (B, n) row: several dense passes, no data-dependent shapes
+    (no host sync on CUDA)."""
+    B, n = z.shape
     # The k-th largest value v of each row; keep everything > v, then the lowest-index ties.
     top = torch.topk(z.detach(), k_max, dim=-1, sorted=True).values
     v = top.gather(1, (kk - 1).clamp(min=0)[:, None])
@@ -76,3 +85,31 @@ def topk_per_row(z: Tensor, k, k_max: int | None = None, check_nan: bool | None 
     idx, valid = idx.gather(1, order), valid.gather(1, order)
     vals = torch.where(valid, z.gather(1, idx), 0)
     return vals, torch.where(valid, idx, -1)
+
+
+def _topk_cpu(z: Tensor, kk: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
+    """Same result as ``_topk_exact`` from one ``torch.topk`` of width k_max + 1 and (B, k_max) work.
+
+    A row's kept set is ambiguous only when its k-th and (k+1)-th largest values are equal (a tie
+    at the boundary); such rows (rare for real-valued data) go through ``_topk_exact``. Elsewhere
+    the k_max + 1 largest are re-ordered by (value descending, index ascending), which is the tie
+    rule inside the kept set. Reads ``any()`` of the tie mask back: CPU only.
+    """
+    B, n = z.shape
+    width = min(k_max + 1, n)
+    zd = z.detach()
+    tv, ti = torch.topk(zd, width, dim=-1, sorted=True)
+    tied = (kk > 0) & (kk < n) & (tv.gather(1, (kk - 1).clamp(min=0)[:, None]) ==
+                                  tv.gather(1, kk.clamp(max=width - 1)[:, None])).squeeze(1)
+    idx = ti[:, :k_max].sort(dim=-1).values  # index ascending, then a stable sort by value
+    order = torch.sort(zd.gather(1, idx), dim=-1, descending=True, stable=True).indices
+    idx = idx.gather(1, order)
+    valid = torch.arange(k_max, device=z.device)[None, :] < kk[:, None]
+    vals = torch.where(valid, z.gather(1, idx), 0)
+    idx = torch.where(valid, idx, -1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        v_t, i_t = _topk_exact(z[rows], kk[rows], k_max)
+        vals = vals.index_put((rows,), v_t)
+        idx = idx.index_put((rows,), i_t)
+    return vals, idx
