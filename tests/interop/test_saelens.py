@@ -12,7 +12,17 @@ import softsae
 from softsae.interop import export_sae
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (run .ci/interop)")
-from interop_helpers import D, K, N, assert_close_rel, assert_same_codes, inputs, make_model  # noqa: E402
+from interop_helpers import (  # noqa: E402
+    D,
+    K,
+    N,
+    assert_close_rel,
+    assert_reads_same,
+    assert_same_codes,
+    inputs,
+    make_model,
+    randomize_,
+)
 from sae_lens import SAE  # noqa: E402
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE  # noqa: E402
 from sae_lens.saes.topk_sae import TopKSAE as LensTopK  # noqa: E402
@@ -44,16 +54,11 @@ def test_saelens_topk_reads_into_softsae(tmp_path):
     torch.manual_seed(3)
     cfg = TopKSAEConfig(d_in=D, d_sae=N, k=K, rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=False)
     lens = LensTopK(cfg)
-    with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(0.3 * torch.randn_like(p))
+    randomize_(lens)
     lens.save_model(tmp_path)
     model = softsae.load_sae(tmp_path)
     assert isinstance(model, softsae.TopKSAE) and model.k == K
-    x = inputs()
-    with torch.no_grad():
-        assert_same_codes(lens.encode(x), model.encode(x))
-        assert_close_rel(model(x), lens(x))
+    assert_reads_same(model, lens.encode, lens)
 
 
 def test_saelens_jumprelu_batchtopk_form_reads_into_softsae(tmp_path):
@@ -61,18 +66,14 @@ def test_saelens_jumprelu_batchtopk_form_reads_into_softsae(tmp_path):
 
     torch.manual_seed(4)
     lens = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=N))
+    randomize_(lens)
     with torch.no_grad():
-        for p in lens.parameters():
-            p.copy_(0.3 * torch.randn_like(p))
         lens.threshold.fill_(0.3)
     lens.save_model(tmp_path)
     with pytest.warns(UserWarning, match="no k recorded"):
         model = softsae.load_sae(tmp_path)
     assert isinstance(model, softsae.BatchTopKSAE)
-    x = inputs()
-    with torch.no_grad():
-        assert_same_codes(lens.encode(x), model.encode(x))
-        assert_close_rel(model(x), lens(x))
+    assert_reads_same(model, lens.encode, lens)
 
 
 def test_per_latent_jumprelu_is_refused(tmp_path):

@@ -9,7 +9,17 @@ import softsae
 from softsae.interop import export_sae
 
 pytest.importorskip("sparsify", reason="eai-sparsify is not installed (run .ci/interop)")
-from interop_helpers import D, K, N, assert_close_rel, assert_same_codes, inputs, make_model  # noqa: E402
+from interop_helpers import (  # noqa: E402
+    D,
+    K,
+    N,
+    assert_close_rel,
+    assert_reads_same,
+    assert_same_codes,
+    inputs,
+    make_model,
+    randomize_,
+)
 from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
 
 
@@ -32,17 +42,11 @@ def test_export_loads_in_sparsify(tmp_path):
 def test_sparsify_save_reads_into_softsae(tmp_path):
     torch.manual_seed(6)
     sc = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K))
-    with torch.no_grad():
-        for p in sc.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    randomize_(sc, add=True)
     sc.save_to_disk(tmp_path)
     model = softsae.load_sae(tmp_path)
     assert isinstance(model, softsae.TopKSAE) and model.k == K
-    x = inputs()
-    with torch.no_grad():
-        acts, idx, _ = sc.encode(x)
-        assert_same_codes(model.encode(x), _dense(acts, idx))
-        assert_close_rel(model(x), sc.decode(acts, idx))
+    assert_reads_same(model, lambda x: _dense(*sc.encode(x)[:2]), lambda x: sc.decode(*sc.encode(x)[:2]))
 
 
 @pytest.mark.parametrize("arch", ["softsae", "batchtopk"])
