@@ -417,13 +417,53 @@ template <class T, int V> __device__ __forceinline__ void fill_row_nan(T* r, int
   for (int j = int(threadIdx.x); j < nchunks; j += int(blockDim.x)) st_vec<T, V>(r + j * V, o);
 }
 
+// ---- n == 1: sum p = k forces p = k and t = y - s F^{-1}(k) (docs/math.md 1.1); a non-finite
+// element gives NaN for both. Only thread 0 works; no barrier.
+template <class T, class C>
+__device__ __forceinline__ void single_element_row(const T* xr, C sgn, double k, double s,
+                                                   bool gate, T* outr, double* t_out) {
+  if (threadIdx.x != 0) return;
+  const C xv = to_compute(xr[0]);
+  const double y = double(sgn * xv);
+  if (!isfinite(y)) {
+    outr[0] = from_compute<T>(C(d_nan()));
+    *t_out = d_nan();
+    return;
+  }
+  *t_out = y - s * laplace_icdf(k);
+  const C p = C(k);
+  outr[0] = from_compute<T>(gate ? xv * p : p);
+}
+
+// ---- A: one read of the row: max/min of y = sgn x and whether any y is non-finite (block-reduced,
+// identical in every thread). With use_cache the row is also copied to `cache` (nchunks * V
+// elements of shared memory). Every thread of the block calls it; its barriers publish the cache.
+template <class T, int V, class C>
+__device__ __forceinline__ MinMax<C> row_range(const T* xr, T* cache, bool use_cache, int nchunks,
+                                               C sgn) {
+  MinMax<C> mm = MinMax<C>::identity();
+  for (int j = int(threadIdx.x); j < nchunks; j += int(blockDim.x)) {
+    const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
+    if (use_cache) st_vec<T, V>(cache + j * V, v);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const C y = sgn * to_compute(v.v[q]);
+      mm.bad |= !isfinite(y);
+      mm.mx = fmax(mm.mx, y);
+      mm.mn = fmin(mm.mn, y);
+    }
+  }
+  return block_allreduce(mm);
+}
+
 // ---- B, compaction: every y = sgn x >= clo of the row (chunk(j) gives chunk j of x) goes to
 // cand, in row order (a block scan per round of blockDim.x chunks), so sums over the candidates
 // are deterministic. Returns their count, identical in every thread; entries past `cap` are
 // counted but not written (the caller then falls back to the whole row). Every thread of the
 // block calls it; it ends with a barrier, so the candidates are visible to every thread.
 template <class T, int V, class C, class Chunk>
-__device__ __forceinline__ int compact_candidates(Chunk chunk, int nchunks, C sgn, C clo, C* cand, int cap) {
+__device__ __forceinline__ int compact_candidates(Chunk chunk, int nchunks, C sgn, C clo, C* cand,
+                                                  int cap) {
   const int tid = threadIdx.x, bd = blockDim.x;
   int ncand = 0;
   for (int j0 = 0; j0 < nchunks; j0 += bd) {  // uniform trip count: every thread scans
@@ -459,8 +499,9 @@ __device__ __forceinline__ int compact_candidates(Chunk chunk, int nchunks, C sg
 // the candidate buffer holds the whole row in order as y = sgn x (rows with n <= kCap), so x is
 // not re-read; otherwise chunk(j) gives chunk j of x. No barrier.
 template <class T, int V, class C, class Chunk>
-__device__ __forceinline__ void write_output(Chunk chunk, const C* cand, bool from_cand, int nchunks, C sgn,
-                             bool gate, const Pivot<C> pv, T* outr) {
+__device__ __forceinline__ void write_output(Chunk chunk, const C* cand, bool from_cand,
+                                             int nchunks, C sgn, bool gate, const Pivot<C> pv,
+                                             T* outr) {
   const int tid = threadIdx.x, bd = blockDim.x;
   if (from_cand) {
     for (int j = tid; j < nchunks; j += bd) {
@@ -488,6 +529,7 @@ __device__ __forceinline__ void write_output(Chunk chunk, const C* cand, bool fr
   }
 }
 
+// The forward kernel: one block per row; passes A-D of the file header (docs/math.md 1).
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
     soft_topk_fwd_kernel(const T* __restrict__ x, const double* __restrict__ kvec,
@@ -512,43 +554,17 @@ __global__ void __launch_bounds__(kMaxThreads)
   auto chunk = [&](int j) {
     return use_cache ? ld_vec<T, V>(cache + j * V) : ld_vec<T, V>(xr + j * V);
   };
-  auto write_nan_row = [&]() {
-    fill_row_nan<T, V>(outr, nchunks);
-    if (tid == 0) tout[row] = d_nan();
-  };
 
-  if (n == 1) {  // p = k exactly
-    if (tid == 0) {
-      const C xv = to_compute(xr[0]);
-      const double y = double(sgn * xv);
-      if (!isfinite(y)) {
-        outr[0] = from_compute<T>(C(d_nan()));
-        tout[row] = d_nan();
-      } else {
-        tout[row] = y - s * laplace_icdf(k);
-        const C p = C(k);
-        outr[0] = from_compute<T>(gate ? xv * p : p);
-      }
-    }
+  if (n == 1) {
+    single_element_row(xr, sgn, k, s, gate, outr, tout + row);
     return;
   }
 
-  // ---- A: range of y, non-finite check, fill the shared-memory copy.
-  MinMax<C> mm = MinMax<C>::identity();
-  for (int j = tid; j < nchunks; j += bd) {
-    const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
-    if (use_cache) st_vec<T, V>(cache + j * V, v);
-#pragma unroll
-    for (int q = 0; q < V; ++q) {
-      const C y = sgn * to_compute(v.v[q]);
-      mm.bad |= !isfinite(y);
-      mm.mx = fmax(mm.mx, y);
-      mm.mn = fmin(mm.mn, y);
-    }
-  }
-  mm = block_allreduce(mm);  // its barriers also publish the cache
-  if (mm.bad) {              // NaN/inf in the row: NaN out, NaN t (design.md)
-    write_nan_row();
+  // ---- A
+  const MinMax<C> mm = row_range<T, V>(xr, cache, use_cache, nchunks, sgn);
+  if (mm.bad) {  // NaN/inf in the row: NaN out, NaN t (design.md)
+    fill_row_nan<T, V>(outr, nchunks);
+    if (tid == 0) tout[row] = d_nan();
     return;
   }
   const double ymax = double(mm.mx), ymin = double(mm.mn);
@@ -575,8 +591,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     use_cand = ncand <= kCap;  // the estimate rules overflow out; stay safe anyway
   }
 
-  // ---- C: safeguarded Newton on g(t) = k.
-  // Sums at t; u_of maps y to u (float pivot form, or double for wide rows).
+  // ---- C: safeguarded Newton on g(t) = k (solve_threshold). sums: the block-reduced FwdAcc at
+  // the t that u_of encodes (u_of maps y to u: float pivot form, or double for wide rows), over
+  // the candidates or the row's y >= clo. (Kept a lambda: as a __device__ helper it costs 5
+  // registers on sm_90.)
   auto sums = [&](auto u_of) {
     using U = decltype(u_of(C(0)));
     ThreadFwd<U, C> acc;
@@ -608,7 +626,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const double t = solve_threshold<C>(eval, lo, hi, k, s);
   if (tid == 0) tout[row] = t;
-
+  // ---- D
   write_output<T, V>(chunk, cand, n <= kCap, nchunks, sgn, gate, make_pivot<C>(t, s), outr);
 }
 
@@ -619,8 +637,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 // calls read the copies. Identical in every thread; every thread of the block calls it (its
 // barriers publish the copies).
 template <class T, int V, class C, class UOf>
-__device__ __forceinline__ BwdAcc backward_sums(UOf u_of, const T* xr, const T* gr, T* cx, T* cg, bool use_cache,
-                                bool first, int nchunks, C sgn, bool gate) {
+__device__ __forceinline__ BwdAcc backward_sums(UOf u_of, const T* xr, const T* gr, T* cx, T* cg,
+                                                bool use_cache, bool first, int nchunks, C sgn,
+                                                bool gate) {
   using U = decltype(u_of(C(0)));
   ThreadBwd<U, C> acc;
   acc.init();
@@ -642,13 +661,14 @@ __device__ __forceinline__ BwdAcc backward_sums(UOf u_of, const T* xr, const T* 
   return block_allreduce(acc.result());
 }
 
-// ---- Backward pass 2: dx = sgn f(u) / s (g - A/S) (+ grad p for the gate: d(x p)/dx = p + x dp/dx),
-// docs/math.md 1.2, with f the true (possibly underflowed) density, aos = A/S, u = pv.u(sgn x);
-// x and grad from the copies cx, cg when use_cache (pass 1 published them), else from xr, gr.
-// No barrier.
+// ---- Backward pass 2: dx = sgn f(u) / s (g - A/S), plus grad p for the gate (d(x p)/dx =
+// p + x dp/dx), docs/math.md 1.2, with f the true (possibly underflowed) density, aos = A/S and
+// u = pv.u(sgn x); x and grad from the copies cx, cg when use_cache (pass 1 published them), else
+// from xr, gr. No barrier.
 template <class T, int V, class C>
-__device__ __forceinline__ void write_dx(const T* xr, const T* gr, const T* cx, const T* cg, bool use_cache,
-                         int nchunks, C sgn, bool gate, const Pivot<C>& pv, C aos, T* dxr) {
+__device__ __forceinline__ void write_dx(const T* xr, const T* gr, const T* cx, const T* cg,
+                                         bool use_cache, int nchunks, C sgn, bool gate,
+                                         const Pivot<C>& pv, C aos, T* dxr) {
   for (int j = int(threadIdx.x); j < nchunks; j += int(blockDim.x)) {
     const Vec<T, V> xv = use_cache ? ld_vec<T, V>(cx + j * V) : ld_vec<T, V>(xr + j * V);
     const Vec<T, V> gv = use_cache ? ld_vec<T, V>(cg + j * V) : ld_vec<T, V>(gr + j * V);
