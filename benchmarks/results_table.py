@@ -8,7 +8,7 @@ A block ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->`` in a markdown file 
 the table of the latest run (the last ``run`` stamp) in ``ROWS_DIR/NAME.jsonl``, followed by one
 line naming where the rows came from (date, command, device, versions, note, source). Rows are
 appended by the benchmark scripts' ``--rows`` (``_timing.write_rows``); the table layout is chosen
-by the rows' ``op`` (soft_topk, sparse_decode or train_step). Ratios and GB/s are computed from the p50s.
+by the rows' ``op`` (soft_topk, sparse_decode, train_step or gpu_static). Ratios and GB/s are computed from the p50s.
 """
 
 from __future__ import annotations
@@ -134,7 +134,18 @@ def train_step_table(rows: list[dict]) -> str:
     return markdown_table(headers, table)
 
 
-RENDERERS = {"soft_topk": soft_topk_table, "sparse_decode": sparse_decode_table, "train_step": train_step_table}
+def gpu_static_table(rows: list[dict]) -> str:
+    """The compile gate of benchmarks/gpu_static.py: grid, targets, compiles, errors, spills, time."""
+    headers = ["grid", "targets", "Triton compiles", "compile errors", "specialisations that spill",
+               "hot ones that spill", "CUDA kernels (nvcc)", "CUDA kernels that spill", "time s"]
+    table = [[r["grid"], r["targets"], r["compiles"], r["errors"], r["spilling"], r["hot_spilling"],
+              r["cuda_kernels"], ", ".join(f"`{k}`" for k in r["cuda_spilling"]) or "none", r["seconds"]]
+             for r in rows]
+    return markdown_table(headers, table)
+
+
+RENDERERS = {"soft_topk": soft_topk_table, "sparse_decode": sparse_decode_table, "train_step": train_step_table,
+             "gpu_static": gpu_static_table}
 
 
 def provenance(rows: list[dict]) -> str:

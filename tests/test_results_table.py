@@ -75,6 +75,15 @@ def test_train_step_table_reflects_rows(tmp_path):
     assert hard[4] == "" and hard[8:] == ["59–61", "0.50x"]  # a backend missing from a row stays empty
 
 
+def test_gpu_static_table_reflects_rows(tmp_path):
+    row = {"op": "gpu_static", "grid": "ci", "targets": "sm_80,sm_90", "launches": 9, "compiles": 200, "errors": 0,
+           "spilling": 10, "hot_spilling": 0, "cuda_kernels": 96, "cuda_spilling": ["k<double, 2> [sm_90]"],
+           "seconds": 45.25}
+    _timing.write_rows(tmp_path / "gs.jsonl", [row], torch.device("cpu"), command="python benchmarks/gpu_static.py")
+    (cells,) = _cells(results_table.render("gs", tmp_path))
+    assert cells == ["ci", "sm_80,sm_90", "200", "0", "10", "0", "96", "`k<double, 2> [sm_90]`", "45.2"]
+
+
 def test_update_replaces_only_marker_blocks(tmp_path):
     rows = [_st("cpu", p, v) for p, v in (("fwd", 1.0), ("bwd", 1.0), ("fwd+bwd", 7.0))]
     _timing.write_rows(tmp_path / "st.jsonl", rows, torch.device("cpu"))
