@@ -186,6 +186,35 @@ def add_rows_args(ap: argparse.ArgumentParser, flag: str = "--rows") -> None:
     ap.add_argument("--note", default=None, help='machine label stored in the rows, e.g. "loaded 2-core machine"')
 
 
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of an op benchmark (bench_soft_topk.py, bench_sparse_decode.py): ``doc`` as its
+    help text and the common arguments (:func:`add_common_args`)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    return ap
+
+
+def device_and_backends(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
+    """``args.device`` and the backends to time: ``args.backends``, else every backend softsae has there."""
+    import softsae
+
+    device = torch.device(args.device)
+    return device, args.backends or softsae.available_backends(device)
+
+
+def write_outputs(args: argparse.Namespace, op: str, device: torch.device, title: str, headers: list[str],
+                  rows: list[list[object]], records: list[dict], baselines: list[dict], byte_model: str,
+                  **meta) -> None:
+    """Everything an op benchmark writes: the table (printed, and to ``--markdown``), the backends'
+    ``records`` to ``--json`` (with ``meta`` and the ``byte_model``) and ``baselines + records`` to
+    ``--rows`` (stamped by :func:`write_rows` with ``--note``)."""
+    report(title, headers, rows, args.markdown)
+    if args.json:
+        write_json(args.json, op, device, records, **meta, byte_model=byte_model)
+    if args.rows:
+        write_rows(args.rows, baselines + records, device, note=args.note)
+
+
 def report(title: str, headers: list[str], rows: list[list[object]], markdown=None) -> None:
     """Print the title and table; also write them to ``markdown`` (a Path) when given."""
     table = markdown_table(headers, rows)

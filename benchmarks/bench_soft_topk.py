@@ -18,23 +18,13 @@ which results_table.py renders RESULTS.md's table; on CPU the memory is the proc
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import (  # noqa: E402
-    add_common_args,
-    environment,
-    peak_memory,
-    percentiles_ms,
-    report,
-    row_mem_bytes,
-    write_json,
-    write_rows,
-)
+import _timing  # noqa: E402
 
 import softsae  # noqa: E402
 from softsae.ops.soft_topk_ref import _solve_threshold, laplace_cdf  # noqa: E402
@@ -76,8 +66,8 @@ def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat:
         def topk():
             return torch.topk(x, 220, dim=-1)
 
-        mem = peak_memory(topk, device)
-        t = percentiles_ms(topk, device, repeat=repeat)
+        mem = _timing.peak_memory(topk, device)
+        t = _timing.percentiles_ms(topk, device, repeat=repeat)
         topk_ms = t["p50_ms"]
         base.append({**shape, "backend": "torch.topk(x, 220)", "pass": "fwd", "repeat": repeat, **t, **mem})
         xs = x.float().clone().requires_grad_()
@@ -86,7 +76,7 @@ def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat:
             sort_based_soft_topk(xs, k, alpha).backward(g.float())
 
         # ~50x slower than the kernels: one warmup-free run (p20 = p50 = p80) is enough for the ratio.
-        t = percentiles_ms(sort_based, device, warmup=0, repeat=1)
+        t = _timing.percentiles_ms(sort_based, device, warmup=0, repeat=1)
         sort_ms = t["p50_ms"]
         base.append({**shape, "backend": "sort-based PyTorch", "pass": "fwd+bwd", "repeat": 1, **t,
                      "peak_mem_bytes": None, "extra_mem_bytes": None})
@@ -111,13 +101,13 @@ def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat:
         stats = {}
         for pass_, fn, nbytes in (("fwd", fwd, 2 * B * n * esize), ("bwd", bwd, 3 * B * n * esize),
                                   ("fwd+bwd", both, 5 * B * n * esize)):
-            mem = peak_memory(fn, device)  # first: on CPU the max-RSS growth is only seen once
-            t = percentiles_ms(fn, device, repeat=repeat)
+            mem = _timing.peak_memory(fn, device)  # first: on CPU the max-RSS growth is only seen once
+            t = _timing.percentiles_ms(fn, device, repeat=repeat)
             stats[pass_] = (t, mem)
             records.append({"op": "soft_topk", "backend": name, "B": B, "n": n, "dtype": dname, "pass": pass_,
                             "alpha": alpha, "bytes": nbytes, "repeat": repeat, **t, **mem})
         both_ms = stats["fwd+bwd"][0]["p50_ms"]
-        extra = row_mem_bytes(stats["fwd+bwd"][1])
+        extra = _timing.row_mem_bytes(stats["fwd+bwd"][1])
         gbps = 5 * B * n * esize / (both_ms * 1e-3) / 1e9
         rows.append([n, dname, name, stats["fwd"][0]["p50_ms"], stats["bwd"][0]["p50_ms"], both_ms, gbps,
                      topk_ms / both_ms if topk_ms else "", sort_ms / both_ms if sort_ms else "",
@@ -126,26 +116,21 @@ def _rows_for(device: torch.device, B: int, n: int, backends: list[str], repeat:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap)
+    ap = _timing.bench_parser(__doc__)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--alpha", type=float, default=1e-4)
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16", "float64"])
     args = ap.parse_args()
-    device = torch.device(args.device)
-    backends = args.backends or softsae.available_backends(device)
+    device, backends = _timing.device_and_backends(args)
     dtypes = tuple(getattr(torch, d) for d in args.dtypes)
     torch.manual_seed(0)
     headers, rows, records, base = run(device, args.B, args.n, backends, args.repeat, args.alpha, dtypes, args.quick)
     title = (f"Soft Top-K, B={args.B}, alpha={args.alpha}, k~U[20,220], {'/'.join(args.dtypes)} — "
-             f"{environment(device)}; medians of {args.repeat}")
-    report(title, headers, rows, args.markdown)
-    if args.json:
-        write_json(args.json, "soft_topk", device, records, B=args.B, alpha=args.alpha, repeat=args.repeat,
-                   byte_model="fwd: read x + write p = 2 B n e; bwd: read grad, x + write dx = 3 B n e; "
-                              "fwd+bwd: 5 B n e (e = element size; O(B) k/t/ds ignored)")
-    if args.rows:
-        write_rows(args.rows, base + records, device, note=args.note)
+             f"{_timing.environment(device)}; medians of {args.repeat}")
+    _timing.write_outputs(args, "soft_topk", device, title, headers, rows, records, base, B=args.B,
+                          alpha=args.alpha, repeat=args.repeat,
+                          byte_model="fwd: read x + write p = 2 B n e; bwd: read grad, x + write dx = 3 B n e; "
+                                     "fwd+bwd: 5 B n e (e = element size; O(B) k/t/ds ignored)")
 
 
 if __name__ == "__main__":

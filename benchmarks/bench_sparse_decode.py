@@ -20,7 +20,6 @@ RESULTS.md's table; on CPU the memory is the process max-RSS growth.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -29,16 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import (  # noqa: E402
-    add_common_args,
-    environment,
-    peak_memory,
-    percentiles_ms,
-    report,
-    row_mem_bytes,
-    write_json,
-    write_rows,
-)
+import _timing  # noqa: E402
 
 import softsae  # noqa: E402
 from softsae.ops.sparse_decode_ref import densify  # noqa: E402
@@ -93,8 +83,9 @@ def _rows_for(device, B, n, d, k_mean, backends, repeat, quick=False, with_refer
         shape = {"op": "sparse_decode", "B": B, "n": n, "d": d, "k_mean": k_mean, "K": int(idx.shape[1]), "nnz": nnz,
                  "dtype": "float32", "pass": "fwd+bwd", "bytes": bytes_moved, "repeat": repeat}
         for label, fn in (("dense z @ W", dense), ("F.embedding_bag", bag)):
-            mem = peak_memory(fn, device)
-            base.append({**shape, "backend": label, **percentiles_ms(fn, device, warmup=1, repeat=repeat), **mem})
+            mem = _timing.peak_memory(fn, device)
+            t = _timing.percentiles_ms(fn, device, warmup=1, repeat=repeat)
+            base.append({**shape, "backend": label, **t, **mem})
         dense_ms, bag_ms = base[0]["p50_ms"], base[1]["p50_ms"]
         rows.append([n, d, k_mean, "dense z @ W", dense_ms, "", 1.0, "", ""])
         rows.append([n, d, k_mean, "F.embedding_bag", bag_ms, bytes_moved / bag_ms / 1e6, dense_ms / bag_ms, 1.0,
@@ -106,13 +97,13 @@ def _rows_for(device, B, n, d, k_mean, backends, repeat, quick=False, with_refer
         def ours(name=name):
             torch.autograd.backward(softsae.sparse_decode(vals, idx, W, b, backend=name), g)
 
-        mem = peak_memory(ours, device)  # first: on CPU the max-RSS growth is only seen once
-        t = percentiles_ms(ours, device, repeat=repeat)
+        mem = _timing.peak_memory(ours, device)  # first: on CPU the max-RSS growth is only seen once
+        t = _timing.percentiles_ms(ours, device, repeat=repeat)
         ms = t["p50_ms"]
         records.append({"op": "sparse_decode", "backend": name, "B": B, "n": n, "d": d, "k_mean": k_mean,
                         "K": int(idx.shape[1]), "nnz": nnz, "dtype": "float32", "pass": "fwd+bwd",
                         "bytes": bytes_moved, "repeat": repeat, **t, **mem})
-        extra = row_mem_bytes(mem)
+        extra = _timing.row_mem_bytes(mem)
         rows.append([n, d, k_mean, f"softsae {name}", ms, bytes_moved / ms / 1e6,
                      dense_ms / ms if dense_ms else "", bag_ms / ms if bag_ms else "",
                      extra / 2**20 if extra is not None else ""])
@@ -120,26 +111,21 @@ def _rows_for(device, B, n, d, k_mean, backends, repeat, quick=False, with_refer
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(ap)
+    ap = _timing.bench_parser(__doc__)
     ap.add_argument("--full", action="store_true",
                     help="d in {512, 2304}, n in {16384, 65536}, k in {32, 64, 128, 220}")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    backends = args.backends or softsae.available_backends(device)
+    device, backends = _timing.device_and_backends(args)
     grid = (list(itertools.product([16384, 65536], [512, 2304], [32, 64, 128, 220])) if args.full
             else [(16384, 512, k) for k in (32, 64, 128, 220)])
     torch.manual_seed(0)
     headers, rows, records, base = run(device, args.B, grid, backends, args.repeat, args.quick,
-                                 with_reference=bool(args.backends and "reference" in args.backends))
-    title = f"Sparse decode fwd+bwd, B={args.B}, float32 — {environment(device)}; medians of {args.repeat}"
-    report(title, headers, rows, args.markdown)
-    if args.json:
-        write_json(args.json, "sparse_decode", device, records, B=args.B, repeat=args.repeat,
-                   byte_model="(3 nnz d + 2 B d) e + 12 nnz: W rows gathered twice (fwd, dvals) and written once "
-                              "(dW), x_hat and grad, vals + idx")
-    if args.rows:
-        write_rows(args.rows, base + records, device, note=args.note)
+                                       with_reference=bool(args.backends and "reference" in args.backends))
+    title = f"Sparse decode fwd+bwd, B={args.B}, float32 — {_timing.environment(device)}; medians of {args.repeat}"
+    _timing.write_outputs(args, "sparse_decode", device, title, headers, rows, records, base, B=args.B,
+                          repeat=args.repeat,
+                          byte_model="(3 nnz d + 2 B d) e + 12 nnz: W rows gathered twice (fwd, dvals) and written "
+                                     "once (dW), x_hat and grad, vals + idx")
 
 
 if __name__ == "__main__":

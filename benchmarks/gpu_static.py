@@ -3,12 +3,15 @@
     python benchmarks/gpu_static.py                      # CI grid, writes benchmarks/results/gpu_static.md
     python benchmarks/gpu_static.py --grid full --jobs 2 # the full launch grid (slow: ~1000 compiles)
     python benchmarks/gpu_static.py --gate --no-table    # the compile gate only (what CI runs)
+    python benchmarks/gpu_static.py --gate --rows benchmarks/results/rows/gpu_static.jsonl  # + a summary row
 
 Triton kernels: every launch the real launchers make over the grid (kernels/aot.py) is
 compiled with Triton for each target; a compile error, or a spill in a hot configuration
 (soft top-k n >= 4096 in fp32/bf16, sparse decode d >= 512), is a gate failure (exit 1, each
 failing configuration named). CUDA kernels (csrc/cuda/*.cu): nvcc -Xptxas -v per target.
-Set TRITON_CACHE_DIR to reuse compiled kernels between runs.
+Set TRITON_CACHE_DIR to reuse compiled kernels between runs. --rows FILE.jsonl appends one summary
+row (grid, compiles, errors, spills, time; _timing.write_rows) from which results_table.py renders
+RESULTS.md's compile-gate table.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from softsae.kernels import aot
 from softsae.kernels.aot import is_hot
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _timing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,6 +260,19 @@ def write_md(path: Path, results: list[tuple[aot.CompileResult, list[str]]], cud
     path.write_text("\n".join(lines) + "\n")
 
 
+def summary_row(results: list[tuple[aot.CompileResult, list[str]]], cuda: list[CudaResult], counts: dict,
+                grid: str, targets: list[str], seconds: float) -> dict:
+    """One JSON row for results_table.py: what this run compiled and what failed or spilled."""
+    return {"op": "gpu_static", "grid": grid, "targets": ",".join(targets), "launches": counts["launches"],
+            "compiles": counts["unique"], "errors": sum(not r.ok for r, _ in results),
+            "spilling": sum(r.ok and r.spills > 0 for r, _ in results),
+            "hot_spilling": sum(r.ok and r.spills > 0 and any(is_hot(r.kernel, la) for la in labs)
+                                for r, labs in results),
+            "cuda_kernels": len(cuda), "cuda_spilling": sorted(f"{c.kernel} [{c.target}]" for c in cuda
+                                                              if c.spill_stores + c.spill_loads),
+            "seconds": seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", choices=["ci", "full"], default=os.environ.get("SOFTSAE_COMPILE_GRID", "ci"))
@@ -262,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-table", action="store_true", help="skip the md (and the CUDA compile)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_static.md")
     ap.add_argument("--json", type=Path, default=None, help="also dump every compile result here")
+    _timing.add_rows_args(ap)
     a = ap.parse_args(argv)
     # The kernels must be the real @triton.jit objects: no interpreter (they are created lazily).
     os.environ.pop("TRITON_INTERPRET", None)
@@ -283,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in cuda:
             if c.spill_stores + c.spill_loads:
                 print(f"note: CUDA kernel {c.kernel} [{c.target}] spills {c.spill_stores + c.spill_loads} bytes")
+    if a.rows:
+        row = summary_row(results, cuda, counts, a.grid, targets, secs)
+        _timing.write_rows(a.rows, [row], torch.device("cpu"), note=a.note)
     bad = gate_failures(results) + cuda_hot_spills(cuda)
     for line in bad:
         print(line)

@@ -8,7 +8,7 @@ A block ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->`` in a markdown file 
 the table of the latest run (the last ``run`` stamp) in ``ROWS_DIR/NAME.jsonl``, followed by one
 line naming where the rows came from (date, command, device, versions, note, source). Rows are
 appended by the benchmark scripts' ``--rows`` (``_timing.write_rows``); the table layout is chosen
-by the rows' ``op`` (soft_topk or sparse_decode). Ratios and GB/s are computed from the p50s.
+by the rows' ``op`` (soft_topk, sparse_decode, train_step or gpu_static). Ratios and GB/s are computed from the p50s.
 """
 
 from __future__ import annotations
@@ -114,7 +114,38 @@ def sparse_decode_table(rows: list[dict]) -> str:
     return markdown_table(headers, table)
 
 
-RENDERERS = {"soft_topk": soft_topk_table, "sparse_decode": sparse_decode_table}
+def train_step_table(rows: list[dict]) -> str:
+    """n, variant, p50 ms per step and tokens/s per backend, the fastest non-reference backend's
+    p20–p80, and its speed-up over the reference."""
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fast = [b for b in backends if b != "reference"]
+    headers = (["n", "variant"] + [f"{b} ms" for b in backends] + [f"{b} tok/s" for b in backends]
+               + (["fastest p20–p80 ms", "best fast / reference"] if fast and "reference" in backends else []))
+    table = []
+    for (n, variant), group in _groups(rows, ("n", "variant")).items():
+        by = {r["backend"]: r for r in group}
+        line = [n, variant] + [_ms(_p50(by.get(b))) for b in backends]
+        line += [by[b]["tokens_per_s"] if b in by else "" for b in backends]
+        if fast and "reference" in backends:
+            best = min((by[b] for b in fast if b in by), key=lambda r: r["p50_ms"], default=None)
+            ratio = _ratio(_p50(by.get("reference")), _p50(best))
+            line += [_spread(best), f"{ratio:.2f}x" if ratio != "" else ""]
+        table.append(line)
+    return markdown_table(headers, table)
+
+
+def gpu_static_table(rows: list[dict]) -> str:
+    """The compile gate of benchmarks/gpu_static.py: grid, targets, compiles, errors, spills, time."""
+    headers = ["grid", "targets", "Triton compiles", "compile errors", "specialisations that spill",
+               "hot ones that spill", "CUDA kernels (nvcc)", "CUDA kernels that spill", "time s"]
+    table = [[r["grid"], r["targets"], r["compiles"], r["errors"], r["spilling"], r["hot_spilling"],
+              r["cuda_kernels"], ", ".join(f"`{k}`" for k in r["cuda_spilling"]) or "none", r["seconds"]]
+             for r in rows]
+    return markdown_table(headers, table)
+
+
+RENDERERS = {"soft_topk": soft_topk_table, "sparse_decode": sparse_decode_table, "train_step": train_step_table,
+             "gpu_static": gpu_static_table}
 
 
 def provenance(rows: list[dict]) -> str:

@@ -88,3 +88,30 @@ def bisection_oracle(y: torch.Tensor, k: torch.Tensor, s: float, iters: int = 20
         g = laplace_cdf((y - mid[:, None]) / s).sum(-1)
         lo, hi = torch.where(g > k, mid, lo), torch.where(g > k, hi, mid)
     return laplace_cdf((y - (0.5 * (lo + hi))[:, None]) / s)
+
+
+def make_sae(arch: str, d: int, n: int, k: int, seed: int = 0, scale: float = 2.5,
+             alpha: float | None = None) -> softsae.models.SparseAutoencoder:
+    """A softsae model of ``arch`` ("topk", "batchtopk", "softsae"; d inputs, n latents, budget k)
+    with random, non-trivial weights, in eval mode: every parameter perturbed by 0.3 N(0, 1), decoder
+    rows renormalised, input normalisation shift ~ N(0, 1) and scale ``scale`` (so a wrong fold of
+    the normalisation shows in the reconstructions), BatchTopK threshold 0.25. SoftSAE gets
+    k_max = 3k and ``alpha`` when given. Seeds torch's global generator with ``seed``."""
+    torch.manual_seed(seed)
+    soft_kw = {} if alpha is None else {"alpha": alpha}
+    model = {"topk": lambda: softsae.TopKSAE(d, n, k), "batchtopk": lambda: softsae.BatchTopKSAE(d, n, k),
+             "softsae": lambda: softsae.SoftSAE(d, n, float(k), k_max=3.0 * k, **soft_kw)}[arch]()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        model.normalize_decoder()
+        model.set_normalization(torch.randn(d), scale)
+        if arch == "batchtopk":
+            model.threshold.fill_(0.25)
+    return model.eval()
+
+
+def sae_inputs(d: int, rows: int, seed: int = 1) -> torch.Tensor:
+    """(rows, d) float32 activations 3 N(0, 1) + 0.5 (off-centre, not unit scale), from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return 3.0 * torch.randn(rows, d, generator=g) + 0.5

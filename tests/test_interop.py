@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import make_sae, sae_inputs
 from safetensors import safe_open
 
 import softsae
@@ -20,22 +21,11 @@ D, N, K = 12, 48, 4
 
 
 def make_model(arch: str, seed: int = 0, scale: float = 2.5) -> softsae.models.SparseAutoencoder:
-    torch.manual_seed(seed)
-    model = {"topk": lambda: softsae.TopKSAE(D, N, K), "batchtopk": lambda: softsae.BatchTopKSAE(D, N, K),
-             "softsae": lambda: softsae.SoftSAE(D, N, float(K), k_max=3.0 * K, alpha=3e-3)}[arch]()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        model.normalize_decoder()
-        model.set_normalization(torch.randn(D), scale)
-        if arch == "batchtopk":
-            model.threshold.fill_(0.25)
-    return model.eval()
+    return make_sae(arch, D, N, K, seed=seed, scale=scale, alpha=3e-3)
 
 
 def inputs(rows: int = 40) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return 3.0 * torch.randn(rows, D, generator=g) + 0.5
+    return sae_inputs(D, rows)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -59,6 +59,31 @@ def test_sparse_decode_table_and_latest_run(tmp_path):
     assert cells[0][6] == "" and cells[0][8] == ""
 
 
+def test_train_step_table_reflects_rows(tmp_path):
+    def ts(variant, backend, p50):
+        return {"op": "train_step", "n": 64, "variant": variant, "backend": backend, "p20_ms": p50 - 1,
+                "p50_ms": p50, "p80_ms": p50 + 1, "tokens_per_s": 1024 / p50 * 1e3}
+
+    rows = [ts("TopK", "reference", 40.0), ts("TopK", "cpu", 10.0), ts("TopK", "triton", 20.0),
+            ts("hard", "reference", 30.0), ts("hard", "cpu", 60.0)]
+    _timing.write_rows(tmp_path / "tt.jsonl", rows, torch.device("cpu"), command="python bench_train")
+    text = results_table.render("tt", tmp_path)
+    assert text.splitlines()[0].split(" | ")[2:5] == ["reference ms", "cpu ms", "triton ms"]
+    topk, hard = _cells(text)
+    assert topk[:5] == ["64", "TopK", "40", "10", "20"] and float(topk[6]) == pytest.approx(1024 / 10 * 1e3)
+    assert topk[8:] == ["9–11", "4.00x"]  # the fastest non-reference backend: cpu
+    assert hard[4] == "" and hard[8:] == ["59–61", "0.50x"]  # a backend missing from a row stays empty
+
+
+def test_gpu_static_table_reflects_rows(tmp_path):
+    row = {"op": "gpu_static", "grid": "ci", "targets": "sm_80,sm_90", "launches": 9, "compiles": 200, "errors": 0,
+           "spilling": 10, "hot_spilling": 0, "cuda_kernels": 96, "cuda_spilling": ["k<double, 2> [sm_90]"],
+           "seconds": 45.25}
+    _timing.write_rows(tmp_path / "gs.jsonl", [row], torch.device("cpu"), command="python benchmarks/gpu_static.py")
+    (cells,) = _cells(results_table.render("gs", tmp_path))
+    assert cells == ["ci", "sm_80,sm_90", "200", "0", "10", "0", "96", "`k<double, 2> [sm_90]`", "45.2"]
+
+
 def test_update_replaces_only_marker_blocks(tmp_path):
     rows = [_st("cpu", p, v) for p, v in (("fwd", 1.0), ("bwd", 1.0), ("fwd+bwd", 7.0))]
     _timing.write_rows(tmp_path / "st.jsonl", rows, torch.device("cpu"))

@@ -409,6 +409,127 @@ __device__ double solve_threshold(Eval eval, double lo, double hi, const double 
   return t;
 }
 
+// ---- Rows with a non-finite element: NaN in every output element of the row (design.md).
+template <class T, int V> __device__ __forceinline__ void fill_row_nan(T* r, int nchunks) {
+  Vec<T, V> o;
+#pragma unroll
+  for (int q = 0; q < V; ++q) o.v[q] = from_compute<T>(compute_t<T>(d_nan()));
+  for (int j = int(threadIdx.x); j < nchunks; j += int(blockDim.x)) st_vec<T, V>(r + j * V, o);
+}
+
+// ---- n == 1: sum p = k forces p = k and t = y - s F^{-1}(k) (docs/math.md 1.1); a non-finite
+// element gives NaN for both. Only thread 0 works; no barrier.
+template <class T, class C>
+__device__ __forceinline__ void single_element_row(const T* xr, C sgn, double k, double s,
+                                                   bool gate, T* outr, double* t_out) {
+  if (threadIdx.x != 0) return;
+  const C xv = to_compute(xr[0]);
+  const double y = double(sgn * xv);
+  if (!isfinite(y)) {
+    outr[0] = from_compute<T>(C(d_nan()));
+    *t_out = d_nan();
+    return;
+  }
+  *t_out = y - s * laplace_icdf(k);
+  const C p = C(k);
+  outr[0] = from_compute<T>(gate ? xv * p : p);
+}
+
+// ---- A: one read of the row: max/min of y = sgn x and whether any y is non-finite (block-reduced,
+// identical in every thread). With use_cache the row is also copied to `cache` (nchunks * V
+// elements of shared memory). Every thread of the block calls it; its barriers publish the cache.
+template <class T, int V, class C>
+__device__ __forceinline__ MinMax<C> row_range(const T* xr, T* cache, bool use_cache, int nchunks,
+                                               C sgn) {
+  MinMax<C> mm = MinMax<C>::identity();
+  for (int j = int(threadIdx.x); j < nchunks; j += int(blockDim.x)) {
+    const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
+    if (use_cache) st_vec<T, V>(cache + j * V, v);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const C y = sgn * to_compute(v.v[q]);
+      mm.bad |= !isfinite(y);
+      mm.mx = fmax(mm.mx, y);
+      mm.mn = fmin(mm.mn, y);
+    }
+  }
+  return block_allreduce(mm);
+}
+
+// ---- B, compaction: every y = sgn x >= clo of the row (chunk(j) gives chunk j of x) goes to
+// cand, in row order (a block scan per round of blockDim.x chunks), so sums over the candidates
+// are deterministic. Returns their count, identical in every thread; entries past `cap` are
+// counted but not written (the caller then falls back to the whole row). Every thread of the
+// block calls it; it ends with a barrier, so the candidates are visible to every thread.
+template <class T, int V, class C, class Chunk>
+__device__ __forceinline__ int compact_candidates(Chunk chunk, int nchunks, C sgn, C clo, C* cand,
+                                                  int cap) {
+  const int tid = threadIdx.x, bd = blockDim.x;
+  int ncand = 0;
+  for (int j0 = 0; j0 < nchunks; j0 += bd) {  // uniform trip count: every thread scans
+    const int j = j0 + tid;
+    C yv[V];
+    int cnt = 0;
+    if (j < nchunks) {
+      const Vec<T, V> v = chunk(j);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        yv[q] = sgn * to_compute(v.v[q]);
+        cnt += yv[q] >= clo;
+      }
+    }
+    int total;
+    int pos = ncand + block_inclusive_scan(cnt, &total) - cnt;
+    if (j < nchunks) {
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        if (yv[q] >= clo) {
+          if (pos < cap) cand[pos] = yv[q];
+          ++pos;
+        }
+      }
+    }
+    ncand += total;
+  }
+  __syncthreads();
+  return ncand;
+}
+
+// ---- D: the output row, p = F(u) (docs/math.md 1.1) or x p for the gate, u = pv.u(y). from_cand:
+// the candidate buffer holds the whole row in order as y = sgn x (rows with n <= kCap), so x is
+// not re-read; otherwise chunk(j) gives chunk j of x. No barrier.
+template <class T, int V, class C, class Chunk>
+__device__ __forceinline__ void write_output(Chunk chunk, const C* cand, bool from_cand,
+                                             int nchunks, C sgn, bool gate, const Pivot<C> pv,
+                                             T* outr) {
+  const int tid = threadIdx.x, bd = blockDim.x;
+  if (from_cand) {
+    for (int j = tid; j < nchunks; j += bd) {
+      Vec<T, V> o;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const C y = cand[j * V + q];
+        const C p = laplace_cdf(pv.u(y));
+        o.v[q] = from_compute<T>(gate ? sgn * y * p : p);
+      }
+      st_vec<T, V>(outr + j * V, o);
+    }
+  } else {
+    for (int j = tid; j < nchunks; j += bd) {
+      const Vec<T, V> v = chunk(j);
+      Vec<T, V> o;
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const C xv = to_compute(v.v[q]);
+        const C p = laplace_cdf(pv.u(sgn * xv));
+        o.v[q] = from_compute<T>(gate ? xv * p : p);
+      }
+      st_vec<T, V>(outr + j * V, o);
+    }
+  }
+}
+
+// The forward kernel: one block per row; passes A-D of the file header (docs/math.md 1).
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
     soft_topk_fwd_kernel(const T* __restrict__ x, const double* __restrict__ kvec,
@@ -433,46 +554,17 @@ __global__ void __launch_bounds__(kMaxThreads)
   auto chunk = [&](int j) {
     return use_cache ? ld_vec<T, V>(cache + j * V) : ld_vec<T, V>(xr + j * V);
   };
-  auto write_nan_row = [&]() {
-    Vec<T, V> o;
-#pragma unroll
-    for (int q = 0; q < V; ++q) o.v[q] = from_compute<T>(C(d_nan()));
-    for (int j = tid; j < nchunks; j += bd) st_vec<T, V>(outr + j * V, o);
-    if (tid == 0) tout[row] = d_nan();
-  };
 
-  if (n == 1) {  // p = k exactly
-    if (tid == 0) {
-      const C xv = to_compute(xr[0]);
-      const double y = double(sgn * xv);
-      if (!isfinite(y)) {
-        outr[0] = from_compute<T>(C(d_nan()));
-        tout[row] = d_nan();
-      } else {
-        tout[row] = y - s * laplace_icdf(k);
-        const C p = C(k);
-        outr[0] = from_compute<T>(gate ? xv * p : p);
-      }
-    }
+  if (n == 1) {
+    single_element_row(xr, sgn, k, s, gate, outr, tout + row);
     return;
   }
 
-  // ---- A: range of y, non-finite check, fill the shared-memory copy.
-  MinMax<C> mm = MinMax<C>::identity();
-  for (int j = tid; j < nchunks; j += bd) {
-    const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
-    if (use_cache) st_vec<T, V>(cache + j * V, v);
-#pragma unroll
-    for (int q = 0; q < V; ++q) {
-      const C y = sgn * to_compute(v.v[q]);
-      mm.bad |= !isfinite(y);
-      mm.mx = fmax(mm.mx, y);
-      mm.mn = fmin(mm.mn, y);
-    }
-  }
-  mm = block_allreduce(mm);  // its barriers also publish the cache
-  if (mm.bad) {              // NaN/inf in the row: NaN out, NaN t (design.md)
-    write_nan_row();
+  // ---- A
+  const MinMax<C> mm = row_range<T, V>(xr, cache, use_cache, nchunks, sgn);
+  if (mm.bad) {  // NaN/inf in the row: NaN out, NaN t (design.md)
+    fill_row_nan<T, V>(outr, nchunks);
+    if (tid == 0) tout[row] = d_nan();
     return;
   }
   const double ymax = double(mm.mx), ymin = double(mm.mn);
@@ -495,37 +587,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   const C clo = C(cand_lo);
   int ncand = 0;
   if (use_cand) {
-    for (int j0 = 0; j0 < nchunks; j0 += bd) {
-      const int j = j0 + tid;
-      C yv[V];
-      int cnt = 0;
-      if (j < nchunks) {
-        const Vec<T, V> v = chunk(j);
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          yv[q] = sgn * to_compute(v.v[q]);
-          cnt += yv[q] >= clo;
-        }
-      }
-      int total;
-      int pos = ncand + block_inclusive_scan(cnt, &total) - cnt;
-      if (j < nchunks) {
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          if (yv[q] >= clo) {
-            if (pos < kCap) cand[pos] = yv[q];
-            ++pos;
-          }
-        }
-      }
-      ncand += total;
-    }
+    ncand = compact_candidates<T, V>(chunk, nchunks, sgn, clo, cand, kCap);
     use_cand = ncand <= kCap;  // the estimate rules overflow out; stay safe anyway
-    __syncthreads();           // candidates visible to every thread
   }
 
-  // ---- C: safeguarded Newton on g(t) = k.
-  // Sums at t; u_of maps y to u (float pivot form, or double for wide rows).
+  // ---- C: safeguarded Newton on g(t) = k (solve_threshold). sums: the block-reduced FwdAcc at
+  // the t that u_of encodes (u_of maps y to u: float pivot form, or double for wide rows), over
+  // the candidates or the row's y >= clo. (Kept a lambda: as a __device__ helper it costs 5
+  // registers on sm_90.)
   auto sums = [&](auto u_of) {
     using U = decltype(u_of(C(0)));
     ThreadFwd<U, C> acc;
@@ -557,109 +626,50 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const double t = solve_threshold<C>(eval, lo, hi, k, s);
   if (tid == 0) tout[row] = t;
-
-  // ---- D: output.
-  const Pivot<C> pv = make_pivot<C>(t, s);
-  if (n <= kCap) {  // the buffer holds the whole row, in order
-    for (int j = tid; j < nchunks; j += bd) {
-      Vec<T, V> o;
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const C y = cand[j * V + q];
-        const C p = laplace_cdf(pv.u(y));
-        o.v[q] = from_compute<T>(gate ? sgn * y * p : p);
-      }
-      st_vec<T, V>(outr + j * V, o);
-    }
-  } else {
-    for (int j = tid; j < nchunks; j += bd) {
-      const Vec<T, V> v = chunk(j);
-      Vec<T, V> o;
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const C xv = to_compute(v.v[q]);
-        const C p = laplace_cdf(pv.u(sgn * xv));
-        o.v[q] = from_compute<T>(gate ? xv * p : p);
-      }
-      st_vec<T, V>(outr + j * V, o);
-    }
-  }
+  // ---- D
+  write_output<T, V>(chunk, cand, n <= kCap, nchunks, sgn, gate, make_pivot<C>(t, s), outr);
 }
 
 // ----------------------------------------------------------------- backward
-template <class T, int V>
-__global__ void __launch_bounds__(kMaxThreads)
-    soft_topk_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
-                         const double* __restrict__ tin, const double* __restrict__ s_ptr,
-                         const bool largest, const bool gate, T* __restrict__ dx,
-                         double* __restrict__ dk, double* __restrict__ ds, const int n,
-                         const int cache_stride, const bool use_cache) {
-  using C = compute_t<T>;
-  const double s = load_scale(s_ptr);
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
-  const int tid = threadIdx.x, bd = blockDim.x;
-  const int64_t row = blockIdx.x;
-  const T* gr = grad + row * n;
-  const T* xr = x + row * n;
-  T* dxr = dx + row * n;
-  T* cx = reinterpret_cast<T*>(dyn_smem);
-  T* cg = cx + cache_stride;  // cache_stride keeps cg 16-byte aligned
-  const int nchunks = n / V;
-  const C sgn = largest ? C(1) : C(-1);
-  const double t = tin[row];
-
-  if (!isfinite(t)) {  // the forward marked this row non-finite
-    Vec<T, V> o;
+// ---- Backward pass 1: the block-reduced sums S, A, C, D of BwdAcc (docs/math.md 1.2, 1.3) at
+// u = u_of(y), y = sgn x, with g = grad (x grad for the gate), x and grad read from xr, gr.
+// first: read global memory and, with use_cache, fill the shared-memory copies cx, cg; later
+// calls read the copies. Identical in every thread; every thread of the block calls it (its
+// barriers publish the copies).
+template <class T, int V, class C, class UOf>
+__device__ __forceinline__ BwdAcc backward_sums(UOf u_of, const T* xr, const T* gr, T* cx, T* cg,
+                                                bool use_cache, bool first, int nchunks, C sgn,
+                                                bool gate) {
+  using U = decltype(u_of(C(0)));
+  ThreadBwd<U, C> acc;
+  acc.init();
+  for (int j = int(threadIdx.x); j < nchunks; j += int(blockDim.x)) {
+    const bool cached = use_cache && !first;
+    const Vec<T, V> xv = cached ? ld_vec<T, V>(cx + j * V) : ld_vec<T, V>(xr + j * V);
+    const Vec<T, V> gv = cached ? ld_vec<T, V>(cg + j * V) : ld_vec<T, V>(gr + j * V);
+    if (use_cache && first) {
+      st_vec<T, V>(cx + j * V, xv);
+      st_vec<T, V>(cg + j * V, gv);
+    }
 #pragma unroll
-    for (int q = 0; q < V; ++q) o.v[q] = from_compute<T>(C(d_nan()));
-    for (int j = tid; j < nchunks; j += bd) st_vec<T, V>(dxr + j * V, o);
-    if (tid == 0) {
-      dk[row] = d_nan();
-      ds[row] = d_nan();
+    for (int q = 0; q < V; ++q) {
+      const C xc = to_compute(xv.v[q]);
+      const C gc = to_compute(gv.v[q]);
+      acc.add(u_of(sgn * xc), gate ? gc * xc : gc);
     }
-    return;
   }
+  return block_allreduce(acc.result());
+}
 
-  const Pivot<C> pv = make_pivot<C>(t, s);
-  // Pass 1: the four sums. The first run reads global memory (and fills the cache).
-  auto sums = [&](auto u_of, bool first) {
-    using U = decltype(u_of(C(0)));
-    ThreadBwd<U, C> acc;
-    acc.init();
-    for (int j = tid; j < nchunks; j += bd) {
-      const bool cached = use_cache && !first;
-      const Vec<T, V> xv = cached ? ld_vec<T, V>(cx + j * V) : ld_vec<T, V>(xr + j * V);
-      const Vec<T, V> gv = cached ? ld_vec<T, V>(cg + j * V) : ld_vec<T, V>(gr + j * V);
-      if (use_cache && first) {
-        st_vec<T, V>(cx + j * V, xv);
-        st_vec<T, V>(cg + j * V, gv);
-      }
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const C xc = to_compute(xv.v[q]);
-        const C gc = to_compute(gv.v[q]);
-        acc.add(u_of(sgn * xc), gate ? gc * xc : gc);
-      }
-    }
-    return block_allreduce(acc.result());  // barriers also publish the cache
-  };
-  BwdAcc r = sums([&](C y) { return pv.u(y); }, true);
-  if constexpr (sizeof(C) < sizeof(double)) {
-    if (r.m > kWideShift) {  // t in a wide gap: redo the sums with u in double
-      const double inv_s = fmin(1.0 / s, Numerics<double>::max_inv_s);
-      r = sums([&](C y) { return (double(y) - t) * inv_s; }, false);
-    }
-  }
-  // Ratios use the rescaled sums (S > 0 always: the element at the shift adds
-  // >= 0.5 e^-16); ds uses the true, possibly underflowed, magnitudes.
-  const double AoS = r.A / r.S, CoS = r.C / r.S;
-  if (tid == 0) {
-    dk[row] = AoS;
-    ds[row] = (r.A * CoS - r.D) * exp(-r.m) / s;
-  }
-
-  const C aos = C(AoS);
-  for (int j = tid; j < nchunks; j += bd) {
+// ---- Backward pass 2: dx = sgn f(u) / s (g - A/S), plus grad p for the gate (d(x p)/dx =
+// p + x dp/dx), docs/math.md 1.2, with f the true (possibly underflowed) density, aos = A/S and
+// u = pv.u(sgn x); x and grad from the copies cx, cg when use_cache (pass 1 published them), else
+// from xr, gr. No barrier.
+template <class T, int V, class C>
+__device__ __forceinline__ void write_dx(const T* xr, const T* gr, const T* cx, const T* cg,
+                                         bool use_cache, int nchunks, C sgn, bool gate,
+                                         const Pivot<C>& pv, C aos, T* dxr) {
+  for (int j = int(threadIdx.x); j < nchunks; j += int(blockDim.x)) {
     const Vec<T, V> xv = use_cache ? ld_vec<T, V>(cx + j * V) : ld_vec<T, V>(xr + j * V);
     const Vec<T, V> gv = use_cache ? ld_vec<T, V>(cg + j * V) : ld_vec<T, V>(gr + j * V);
     Vec<T, V> o;
@@ -671,11 +681,60 @@ __global__ void __launch_bounds__(kMaxThreads)
       const C e = C(0.5) * c_exp(-fabs(u));  // true f (may underflow: dx is then 0)
       const C g = gate ? gc * xc : gc;
       C d = sgn * (e * pv.inv_s) * (g - aos);
-      if (gate) d += gc * (u >= C(0) ? C(1) - e : e);  // d(x p)/dx = p + x dp/dx
+      if (gate) d += gc * (u >= C(0) ? C(1) - e : e);
       o.v[q] = from_compute<T>(d);
     }
     st_vec<T, V>(dxr + j * V, o);
   }
+}
+
+// The backward kernel: one block per row; dk = A/S and ds from the sums of pass 1, dx in pass 2.
+template <class T, int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    soft_topk_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
+                         const double* __restrict__ tin, const double* __restrict__ s_ptr,
+                         const bool largest, const bool gate, T* __restrict__ dx,
+                         double* __restrict__ dk, double* __restrict__ ds, const int n,
+                         const int cache_stride, const bool use_cache) {
+  using C = compute_t<T>;
+  const double s = load_scale(s_ptr);
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  const int64_t row = blockIdx.x;
+  const T* gr = grad + row * n;
+  const T* xr = x + row * n;
+  T* dxr = dx + row * n;
+  T* cx = reinterpret_cast<T*>(dyn_smem);
+  T* cg = cx + cache_stride;  // cache_stride keeps cg 16-byte aligned
+  const int nchunks = n / V;
+  const C sgn = largest ? C(1) : C(-1);
+  const double t = tin[row];
+  if (!isfinite(t)) {  // the forward marked this row non-finite
+    fill_row_nan<T, V>(dxr, nchunks);
+    if (threadIdx.x == 0) {
+      dk[row] = d_nan();
+      ds[row] = d_nan();
+    }
+    return;
+  }
+
+  const Pivot<C> pv = make_pivot<C>(t, s);
+  BwdAcc r = backward_sums<T, V>([&](C y) { return pv.u(y); }, xr, gr, cx, cg, use_cache, true,
+                                 nchunks, sgn, gate);
+  if constexpr (sizeof(C) < sizeof(double)) {
+    if (r.m > kWideShift) {  // t in a wide gap: redo the sums with u in double
+      const double inv_s = fmin(1.0 / s, Numerics<double>::max_inv_s);
+      r = backward_sums<T, V>([&](C y) { return (double(y) - t) * inv_s; }, xr, gr, cx, cg,
+                              use_cache, false, nchunks, sgn, gate);
+    }
+  }
+  // Ratios use the rescaled sums (S > 0 always: the element at the shift adds
+  // >= 0.5 e^-16); ds uses the true, possibly underflowed, magnitudes.
+  const double AoS = r.A / r.S, CoS = r.C / r.S;
+  if (threadIdx.x == 0) {
+    dk[row] = AoS;
+    ds[row] = (r.A * CoS - r.D) * exp(-r.m) / s;
+  }
+  write_dx<T, V>(xr, gr, cx, cg, use_cache, nchunks, sgn, gate, pv, C(AoS), dxr);
 }
 
 // -------------------------------------------------------------------- host

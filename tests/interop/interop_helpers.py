@@ -8,6 +8,7 @@ normalisation, so that a wrong fold of the normalisation shows up in the reconst
 from __future__ import annotations
 
 import torch
+from helpers import make_sae, sae_inputs  # tests/helpers.py (tests/ is on sys.path via its conftest)
 
 import softsae
 
@@ -15,24 +16,33 @@ D, N, K = 24, 96, 6
 
 
 def make_model(arch: str, seed: int = 0, scale: float = 2.5) -> softsae.models.SparseAutoencoder:
-    """A softsae model of ``arch`` with random weights, shift ~ N(0, 1), norm scale ``scale``."""
-    torch.manual_seed(seed)
-    model = {"topk": lambda: softsae.TopKSAE(D, N, K), "batchtopk": lambda: softsae.BatchTopKSAE(D, N, K),
-             "softsae": lambda: softsae.SoftSAE(D, N, float(K), k_max=3.0 * K)}[arch]()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-        model.normalize_decoder()
-        model.set_normalization(torch.randn(D), scale)
-        if arch == "batchtopk":
-            model.threshold.fill_(0.25)
-    return model.eval()
+    """A (D, N, K) model of ``arch`` with random weights and a non-identity normalisation (helpers.make_sae)."""
+    return make_sae(arch, D, N, K, seed=seed, scale=scale)
 
 
 def inputs(seed: int = 1, rows: int = 64) -> torch.Tensor:
-    """(rows, D) float32 activations, off-centre and not unit scale."""
-    g = torch.Generator().manual_seed(seed)
-    return 3.0 * torch.randn(rows, D, generator=g) + 0.5
+    """(rows, D) float32 activations, off-centre and not unit scale (helpers.sae_inputs)."""
+    return sae_inputs(D, rows, seed)
+
+
+def randomize_(module: torch.nn.Module, add: bool = False) -> None:
+    """Set every parameter of a foreign ``module`` to 0.3 N(0, 1) from torch's global generator (``add``:
+    add that to it instead), in place."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if add:
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+
+
+def assert_reads_same(model: softsae.models.SparseAutoencoder, encode, forward) -> None:
+    """On :func:`inputs`: the foreign ``encode(x)`` (dense (rows, N) codes) has ``model.encode(x)``'s
+    active latents and values, and the foreign ``forward(x)`` equals ``model(x)`` (relative 1e-5)."""
+    x = inputs()
+    with torch.no_grad():
+        assert_same_codes(encode(x), model.encode(x))
+        assert_close_rel(model(x), forward(x))
 
 
 def assert_same_codes(z_ref: torch.Tensor, z: torch.Tensor, factor: float = 1.0) -> None:

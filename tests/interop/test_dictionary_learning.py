@@ -14,7 +14,7 @@ pytest.importorskip("dictionary_learning", reason="dictionary-learning is not in
 from dictionary_learning.trainers.batch_top_k import BatchTopKSAE as DLBatchTopK  # noqa: E402
 from dictionary_learning.trainers.top_k import AutoEncoderTopK  # noqa: E402
 from dictionary_learning.utils import load_dictionary  # noqa: E402
-from interop_helpers import D, K, N, assert_close_rel, assert_same_codes, inputs, make_model  # noqa: E402
+from interop_helpers import D, K, N, assert_close_rel, assert_same_codes, inputs, make_model, randomize_  # noqa: E402
 
 
 @pytest.mark.parametrize("arch,cls", [("topk", AutoEncoderTopK), ("batchtopk", DLBatchTopK)])
@@ -35,9 +35,8 @@ def test_dictionary_learning_saves_read_into_softsae(tmp_path, cls, dict_class, 
     """What training.py writes: a model trained on x / norm_factor, then scale_biases(norm_factor), ae.pt + config."""
     torch.manual_seed(5)
     ae = cls(D, N, K)
+    randomize_(ae, add=True)
     with torch.no_grad():
-        for p in ae.parameters():
-            p.add_(0.3 * torch.randn_like(p))
         ae.threshold.fill_(0.2)
     norm_factor = 1.7
     ae.scale_biases(norm_factor)
