@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -262,22 +263,55 @@ def profile_step(step: Callable, label: str, top: int = 14) -> None:
 
 
 def ratio_rows(records: list[dict]) -> list[list[object]]:
-    """The targets of issue #11 as ratios of p50s at each (shape, threads) with both sides measured."""
+    """The targets of issue #11 as ratios at each (shape, threads) with both sides measured: of the p50
+    wall times and (CPU) of the least CPU times of one step, less disturbed on a shared machine."""
     out = []
     key = lambda r: (r["d"], r["n"], r["k"], r["B"], r["threads"])  # noqa: E731
-    p50 = {(key(r), r["framework"], r["model"]): r["p50_ms"] for r in records if "p50_ms" in r}
+    by = {(key(r), r["framework"], r["model"]): r for r in records if "p50_ms" in r}
     checks = [("softsae TopK speed-up over dictionary_learning TopK", ("dictionary_learning", "topk"),
                ("softsae", "topk"), ">= 2"),
               ("softsae TopK speed-up over sparsify TopK", ("sparsify", "topk"), ("softsae", "topk"), ">= 1"),
               ("SoftSAE soft step / softsae TopK step", ("softsae", "softsae-soft"), ("softsae", "topk"), "<= 1.5"),
               ("SoftSAE soft (sparse gate+decode) / softsae TopK", ("softsae", "softsae-soft-sparse"),
                ("softsae", "topk"), "<= 1.5")]
-    for k in sorted({key(r) for r in records}):
+    for k in sorted({key(r) for r in by.values()}):
         for label, num, den, target in checks:
-            a, b = p50.get((k, *num)), p50.get((k, *den))
+            a, b = by.get((k, *num)), by.get((k, *den))
             if a and b:
-                out.append([f"d={k[0]} n={k[1]} K={k[2]} B={k[3]} t={k[4]}", label, a / b, target])
+                cpu = a["cpu_min_ms"] / b["cpu_min_ms"] if a.get("cpu_min_ms") and b.get("cpu_min_ms") else ""
+                out.append([f"d={k[0]} n={k[1]} K={k[2]} B={k[3]} t={k[4]}", label, a["p50_ms"] / b["p50_ms"], cpu,
+                            target])
     return out
+
+
+def render(records: list[dict]) -> str:
+    """Markdown: the measurements table, the target ratios and the skipped frameworks of ``records``."""
+    measured = [r for r in records if "p50_ms" in r]
+    table = markdown_table(
+        ["threads", "d", "n", "K", "B", "framework", "version", "model", "backend", "p50 ms", "p20–p80 ms",
+         "least CPU ms", "tok/s (p50)", "step mem MiB"],
+        [[r["threads"], r["d"], r["n"], r["k"], r["B"], r["framework"], r["version"], r["model"], r["backend"],
+          r["p50_ms"], f"{r['p20_ms']:.0f}–{r['p80_ms']:.0f}", r.get("cpu_min_ms", ""), r["tokens_per_s"],
+          mem_mib(r)] for r in measured])
+    ratios = markdown_table(["shape", "ratio", "of p50s", "of least CPU times", "target"], ratio_rows(measured))
+    skipped = "".join(f"\nskipped {r['framework']} {r['model']}: {r['skipped']}" for r in records if "skipped" in r)
+    return f"{table}\n\n{ratios}\n{skipped}"
+
+
+def render_rows_file(path: Path) -> str:
+    """Every run stored in the rows file ``path``, one section each (its stamp, then :func:`render`)."""
+    runs: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            runs.setdefault(r["run"], []).append(r)
+    parts = []
+    for rs in runs.values():
+        r0 = rs[0]
+        note = f" ({r0['note']})" if r0.get("note") else ""
+        parts.append(f"### {r0['date']}: {r0['device_name']}, torch {r0['torch']}{note}\n\n"
+                     f"`{r0['command']}`\n\n{render(rs)}")
+    return "\n\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -298,7 +332,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--profile", action="store_true", help="profile one softsae step per model instead of timing")
     ap.add_argument("--markdown", type=Path, default=None, help="write the table (and ratios) to this file")
     add_rows_args(ap)
+    ap.add_argument("--render", type=Path, default=None, metavar="ROWS.jsonl",
+                    help="print every run stored in this rows file as markdown (measures nothing)")
     a = ap.parse_args(argv)
+    if a.render:
+        print(render_rows_file(a.render), end="")
+        return []
     device = torch.device(a.device)
     threads = a.threads or [torch.get_num_threads()]
     versions = {f: package_version(f) for f in FRAMEWORKS}
@@ -342,19 +381,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                   flush=True)
     if a.profile:
         return records
-    measured = [r for r in records if "p50_ms" in r]
-    table = markdown_table(
-        ["threads", "d", "n", "K", "B", "framework", "version", "model", "backend", "p50 ms", "p20–p80 ms",
-         "tok/s", "step mem MiB"],
-        [[r["threads"], r["d"], r["n"], r["k"], r["B"], r["framework"], r["version"], r["model"], r["backend"],
-          r["p50_ms"], f"{r['p20_ms']:.0f}–{r['p80_ms']:.0f}", r["tokens_per_s"],
-          mem_mib(r)] for r in measured])
-    ratios = markdown_table(["shape", "ratio of p50s", "value", "target"], ratio_rows(measured))
-    skipped = "".join(f"\nskipped {r['framework']} {r['model']}: {r['skipped']}" for r in records if "skipped" in r)
-    env = f"{environment(device)}; float32; {int(100 * a.dead_frac)}% dead latents (auxk on)"
-    print(f"\n{table}\n\n{ratios}\n\n{env}{skipped}")
+    text = f"{render(records)}\n{environment(device)}; float32; {int(100 * a.dead_frac)}% dead latents (auxk on)"
+    print("\n" + text)
     if a.markdown:
-        a.markdown.write_text(f"{table}\n\n{ratios}\n\n{env}{skipped}\n")
+        a.markdown.write_text(text + "\n")
     if a.rows:
         write_rows(a.rows, records, device, note=a.note)
     return records

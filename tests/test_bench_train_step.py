@@ -32,6 +32,8 @@ def test_softsae_rows_at_tiny_shape(tmp_path):
     assert len(lines) == 4 and all(s["device_name"] and s["torch"] for s in lines)
     text = md.read_text()
     assert "SoftSAE soft step / softsae TopK step" in text and "| softsae |" in text
+    rendered = bench_train_step.render_rows_file(rows_file)  # --render: the same table from the stored rows
+    assert rendered.count("### ") == 1 and "| reference |" in rendered and "least CPU ms" in rendered
 
 
 def test_missing_framework_is_skipped_with_reason(monkeypatch):
