@@ -228,7 +228,9 @@ def measure(step: Callable, device: torch.device, repeat: int) -> dict:
 
 
 def profile_step(step: Callable, label: str, top: int = 14) -> None:
-    """Print where one step spends its time: self CPU time by op, grouped into phases."""
+    """Print where one step spends its time (torch.profiler, CPU): by phase (backward = the autograd
+    engine's node evaluations, optimizer = ``Optimizer.step``, the rest = forward, losses, decoder
+    projection/renormalisation, bookkeeping), by kind of op (self time), and the top ops."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -236,27 +238,29 @@ def profile_step(step: Callable, label: str, top: int = 14) -> None:
         step()
     ev = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ev)
-    groups: dict[str, float] = {}
+    bwd = sum(e.cpu_time_total for e in ev if e.key.startswith("autograd::engine::evaluate_function"))
+    opt = sum(e.cpu_time_total for e in ev if e.key.startswith("Optimizer.step#"))
+    phases = [("backward", bwd), ("optimizer step (Adam)", opt),
+              ("forward, losses, grad projection/clip, renorm, bookkeeping", total - bwd - opt)]
+    kinds: dict[str, float] = {}
     for e in ev:
-        name = e.key
-        if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"):
-            g = "GEMM (aten::mm/addmm)"
-        elif name.startswith("softsae::"):
-            g = "softsae ops"
-        elif name in ("aten::topk", "aten::sort"):
-            g = "torch.topk"
-        elif name.startswith("aten::_foreach") or "Adam" in name:
-            g = "Adam (foreach)"
+        if e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            kind = "GEMM (aten::mm/addmm)"
+        elif "softsae" in e.key or "sparse_decode" in e.key or "soft_topk" in e.key:
+            kind = "softsae ops (and their autograd wrappers)"
+        elif e.key in ("aten::topk", "aten::sort"):
+            kind = "torch.topk / sort"
         else:
-            g = "other (elementwise, copies, reductions)"
-        groups[g] = groups.get(g, 0.0) + e.self_cpu_time_total
-    print(f"\nprofile: {label}, one step, {total / 1e3:.0f} ms self CPU time")
-    print(markdown_table(["phase", "ms", "share"], [[g, t / 1e3, f"{100 * t / total:.0f}%"]
-                                                  for g, t in sorted(groups.items(), key=lambda kv: -kv[1])]))
+            kind = "other (elementwise, copies, reductions, Adam's per-tensor ops)"
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total
+    share = lambda t: f"{100 * t / total:.0f}%"  # noqa: E731
+    print(f"\nprofile: {label}, one step, {total / 1e3:.0f} ms CPU (profiler wall clock per op)")
+    print(markdown_table(["phase", "ms", "share"], [[g, t / 1e3, share(t)] for g, t in phases]))
+    print(markdown_table(["kind of op (self time)", "ms", "share"],
+                         [[g, t / 1e3, share(t)] for g, t in sorted(kinds.items(), key=lambda kv: -kv[1])]))
     rows = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:top]
     print(markdown_table(["op", "calls", "self ms", "share"],
-                         [[e.key, e.count, e.self_cpu_time_total / 1e3, f"{100 * e.self_cpu_time_total / total:.0f}%"]
-                          for e in rows]))
+                         [[e.key, e.count, e.self_cpu_time_total / 1e3, share(e.self_cpu_time_total)] for e in rows]))
 
 
 # ----------------------------------------------------------------------------- table

@@ -63,4 +63,4 @@ def test_ratio_rows_pair_the_right_measurements():
 def test_profile_prints_a_breakdown(capsys):
     bench_train_step.main([*TINY, "--models", "topk", "--profile"])
     out = capsys.readouterr().out
-    assert "profile: softsae topk" in out and "GEMM (aten::mm/addmm)" in out
+    assert "profile: softsae topk" in out and "GEMM (aten::mm/addmm)" in out and "| backward |" in out
