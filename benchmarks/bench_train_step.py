@@ -44,6 +44,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -313,7 +314,8 @@ def render_rows_file(path: Path) -> str:
     for rs in runs.values():
         r0 = rs[0]
         note = f" ({r0['note']})" if r0.get("note") else ""
-        parts.append(f"### {r0['date']}: {r0['device_name']}, torch {r0['torch']}{note}\n\n"
+        device = re.sub(r", \d+ threads?\)", ")", r0["device_name"])  # threads: per row (the stamp has the last)
+        parts.append(f"### {r0['date']}: {device}, torch {r0['torch']}{note}\n\n"
                      f"`{r0['command']}`\n\n{render(rs)}")
     return "\n\n".join(parts) + "\n"
 
