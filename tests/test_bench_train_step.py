@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ab_train_step_levers  # noqa: E402
 import bench_train_step  # noqa: E402
 
 TINY = ["--d", "16", "--n", "64", "--k", "4", "--batch-size", "32", "--repeat", "2", "--threads", "1"]
@@ -64,3 +65,8 @@ def test_profile_prints_a_breakdown(capsys):
     bench_train_step.main([*TINY, "--models", "topk", "--profile"])
     out = capsys.readouterr().out
     assert "profile: softsae topk" in out and "GEMM (aten::mm/addmm)" in out and "| backward |" in out
+
+
+def test_topk_fast_path_prototype_equals_topk_per_row():
+    """The prototype measured in train_step.md gives topk_per_row's exact result (ties included)."""
+    ab_train_step_levers.check_fast_topk(60)
