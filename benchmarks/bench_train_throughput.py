@@ -35,8 +35,10 @@ VARIANTS = [  # (label, arch, hard phase, decode_mode)
 ]
 
 
-def step_ms(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, repeat) -> dict:
-    """p20/p50/p80 ms of one training step (after 2 warm-up steps) and the memory of one step."""
+def make_train_step(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, x=None, dead_frac=0.1):
+    """A closure running one softsae training step (``train_step``) on the batch ``x`` (B, d), default
+    N(0, 1). Before each step the first ``dead_frac`` of the latents are marked dead, so the auxk path
+    runs on every step, not only until they fire."""
     c = TrainConfig(arch=arch, dict_size=n, k=k, steps=10, batch_size=B, backend=backend, alpha=alpha,
                     decode_mode=decode_mode, warmup_steps=0, hard_topk_steps=10 if hard else 0,
                     dead_feature_threshold=B * 1000, device=str(device)).resolved(d)
@@ -44,11 +46,19 @@ def step_ms(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, repeat)
     model = new_model(c, d).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
     tracker = DeadLatentTracker(n, c.dead_feature_threshold, device)
-    tracker.tokens_since_fired[: n // 10] = B * 1000  # 10% dead latents: the auxk path runs
-    x = torch.randn(B, d, device=device)
+    n_dead = int(n * dead_frac)
+    x = torch.randn(B, d, device=device) if x is None else x
+
     def step():
+        tracker.tokens_since_fired[:n_dead] = c.dead_feature_threshold
         return train_step(model, opt, tracker, x, 5, c)
 
+    return step
+
+
+def step_ms(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, repeat) -> dict:
+    """p20/p50/p80 ms of one training step (after 2 warm-up steps) and the memory of one step."""
+    step = make_train_step(device, backend, arch, hard, decode_mode, d, n, B, k, alpha)
     step()
     mem = peak_memory(step, device)
     return {**percentiles_ms(step, device, warmup=1, repeat=repeat), **mem}

@@ -284,8 +284,18 @@ class SoftSAE(SparseAutoencoder):
                 "alpha_relative": self.alpha_relative}
 
     def k_hat_norm(self, x_n: Tensor) -> Tensor:
-        """Predicted budget (B,) in [1, n] for normalised x_n (B, d)."""
-        logit = self.k_estimator(x_n - self.b_dec).squeeze(-1).float()  # float32 even under autocast
+        """Predicted budget (B,) in [1, n] for normalised x_n (B, d).
+
+        The head's first layer takes ``x_n - b_dec``; outside autocast that shift is folded into its
+        bias, ``x_n W1^T + (b1 - W1 b_dec)`` (docs/math.md, section 3): x_n needs no gradient, so
+        b_dec's gradient is a GEMV instead of the (B, n) x (n, d) input-gradient GEMM. Under
+        autocast (bf16) the shift stays before the GEMM, where it cancels in float32."""
+        lin1, act, lin2 = self.k_estimator
+        if torch.is_autocast_enabled(x_n.device.type):
+            h = lin1(x_n - self.b_dec)
+        else:
+            h = F.linear(x_n, lin1.weight, lin1.bias - lin1.weight @ self.b_dec)
+        logit = lin2(act(h)).squeeze(-1).float()  # float32 even under autocast
         return (self.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.n))
 
     def predict_k(self, x: Tensor) -> Tensor:
