@@ -281,11 +281,8 @@ void fwd_row(const SoftTopkLoops<T>& lp, const T* x, double k, T* out, double* t
     std::sort(z, z + mz, std::greater<T>());
     t = solve_sorted<T>(z, mz, ntop, k, s, sc.seg);
   } else {
-    T zmax = z[0], zmin = z[0];
-    for (int64_t i = 1; i < mz; ++i) {
-      zmax = std::max(zmax, z[i]);
-      zmin = std::min(zmin, z[i]);
-    }
+    T zmin, zmax;
+    lp.min_max(z, mz, &zmin, &zmax);
     const int64_t padded = (mz + kBlock - 1) / kBlock * kBlock;
     std::fill(z + mz, z + padded, -std::numeric_limits<T>::infinity());
     const double dm = static_cast<double>(mz), left = k - ntop;
@@ -419,7 +416,8 @@ void soft_topk_fwd_rows(const T* x, const double* k, T* out, double* t, int64_t 
   if (n <= 0 || row_end <= row_begin) return;
   const SoftTopkLoops<T>& lp = loops_for<T>(soft_topk_active_isa());
   Scratch<T> sc;
-  std::vector<T> cand(static_cast<size_t>(n + kBlock));  // + room for the -inf padding
+  // + room for the -inf padding and for the whole-vector stores of compact
+  std::vector<T> cand(static_cast<size_t>(n + kBlock));
   for (int64_t r = row_begin; r < row_end; ++r)
     fwd_row<T>(lp, x + r * n, k[r], out + r * n, t + r, n, s, largest, gate, sc, cand);
 }

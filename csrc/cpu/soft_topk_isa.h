@@ -30,8 +30,11 @@ template <typename T>
 struct SoftTopkLoops {
   // False if x[0, n) holds NaN or +-inf.
   bool (*row_finite)(const T* x, int64_t n);
-  // Appends the y = +-x (sign by largest) with lo <= y < hi to buf, returns their count.
+  // Appends the y = +-x (sign by largest) with lo <= y < hi to buf, returns their count; buf
+  // needs 16 elements of slack past the last one appended.
   int64_t (*compact)(const T* x, int64_t n, bool largest, T lo, T hi, T* buf);
+  // The smallest and largest of z[0, m), m >= 1 (z finite).
+  void (*min_max)(const T* z, int64_t m, T* zmin, T* zmax);
   // At t: G = sum F(u), S = sum f(u), G2 = sum -sign(u) f(u) over z[0, m_padded) (padded with
   // -inf to a multiple of 16), with u = (z - t) / s.
   void (*eval_g_f)(const T* z, int64_t m_padded, double t, double s, double* G, double* S,
