@@ -432,7 +432,7 @@ void test_half_exp(const softsae::cpu::SoftTopkIsa& isa) {
       worst = std::max(worst, std::fabs(static_cast<double>(y[i]) - want) / ulp);
     }
     std::printf("  %s half_exp float32: max error %.2f ulp\n", isa.name, worst);
-    CHECK(worst <= 2.5, "%s half_exp float32 max error %.3f ulp", isa.name, worst);
+    CHECK(worst <= 1.5, "%s half_exp float32 max error %.3f ulp", isa.name, worst);
   }
   {
     Rng rng(7);
@@ -447,7 +447,7 @@ void test_half_exp(const softsae::cpu::SoftTopkIsa& isa) {
       worst = std::max(worst, static_cast<double>(std::fabs(y[i] - want)) / ulp);
     }
     std::printf("  %s half_exp float64: max error %.2f ulp\n", isa.name, worst);
-    CHECK(worst <= 2.5, "%s half_exp float64 max error %.3f ulp", isa.name, worst);
+    CHECK(worst <= 1.5, "%s half_exp float64 max error %.3f ulp", isa.name, worst);
   }
 }
 
