@@ -1,20 +1,27 @@
 // CPU Soft Top-K (LapSum) forward and backward. See soft_topk.h for the contract.
 //
+// This file holds the per-row logic and the run-time choice of instruction set; the hot loops
+// (marked [loop] below) live in soft_topk_simd.inc, compiled once per ISA (portable, AVX2+FMA,
+// AVX-512) by soft_topk_{portable,avx2,avx512}.cpp, and are called through the table of the
+// variant soft_topk_active_isa() returns (soft_topk_isa.h).
+//
 // Forward, per row (no full sort, passes over the row only):
-//   1. A radix histogram of the float bits of y (2048 bins, refined once when the bin
-//      holding rank floor(k)+2 is crowded) gives L with count(y >= L) >= floor(k) + 2,
-//      hence t >= L - c s (c = ln(m / 2(m - k))). Elements below t - 40 s add < e^-40 each.
-//   2. The candidates y >= L - (c + 40) s are compacted into a scratch buffer. For small s
-//      that is about k elements.
-//   3. t is solved on the candidates in float64: few candidates -> sort them and use the
-//      exact closed form per segment (a quadratic in exp(t/s)); many (large s, ties) ->
-//      safeguarded Newton, vectorised, falling back to the closed form if f underflows.
-//   4. One output pass: a vector whose every u is past the 0/1 cut-offs of the output
-//      precision is written without any exp; the others use an inline, vectorisable
-//      0.5 exp(-|u|) (a few ulp). Results below the smallest normal number are flushed to 0
+//   1. [loop] The row is checked finite. A strided sample of 512 elements guesses theta with
+//      count(y >= theta) >= m = floor(k) + 2; [loop] the y >= theta are compacted into a
+//      scratch buffer (a second pass takes the whole row if the guess was too high).
+//   2. L = the m-th largest (nth_element) gives t >= L - c s (c = ln(m / 2(m - k))); elements
+//      below t - 40 s add < e^-40 each. The window [L - (c + 40) s, theta) is appended
+//      ([loop]). For small s that is about k elements; for large s the whole row.
+//   3. t is solved on the candidates in float64: few (<= 1024) -> sort them and use the exact
+//      closed form per segment (a quadratic in exp(t/s)); many (large s, ties) -> safeguarded
+//      Halley on log g, whose sums ([loop] eval_g: one vectorised exp per element gives g, g'
+//      and g'') typically take 2 passes; the closed form again if f underflows.
+//   4. [loop] One output pass: a vector whose every u is past the 0/1 cut-offs of the output
+//      precision is written without any exp; the others use the inline vectorised
+//      0.5 exp(-|u|) (<= 1 ulp). Results below the smallest normal number are flushed to 0
 //      (|error| < 1.2e-38 in float32): subnormal arithmetic is slow on x86.
-// Backward: f is zero for |u| >= 86.5 (float32) / 707 (float64), so vectors without an
-// active element cost a compare; sums run in float64.
+// Backward ([loop], one row): f is zero for |u| >= 86.5 (float32) / 707 (float64), so vectors
+// without an active element cost a compare; sums are widened to float64.
 #include "soft_topk.h"
 
 #include <algorithm>
