@@ -213,7 +213,9 @@ double solve_newton(void (*eval)(const T*, int64_t, double, double, double*, dou
   return t;
 }
 
-constexpr int64_t kSortMax = 1024;  // near-threshold sets up to this size use the closed form
+// Near-threshold sets up to this size use the closed form (a sort: O(m log m) scalar work);
+// larger ones the vectorised Newton sums (a few O(m) passes).
+constexpr int64_t kSortMax = 128;
 
 template <typename T>
 void fwd_row(const SoftTopkLoops<T>& lp, const T* x, double k, T* out, double* t_out, int64_t n,
