@@ -358,3 +358,21 @@ def test_empty_inputs():
     dv, dW = C.sparse_decode_bwd(torch.empty(0, 2), torch.empty(0, 3), torch.empty(0, 3, dtype=torch.long),
                                  torch.randn(4, 2), True, True, True)
     assert dv.shape == (0, 3) and torch.equal(dW, torch.zeros(4, 2))
+
+
+def test_bench_cpu_isa_smoke(tmp_path):
+    # benchmarks/bench_cpu_isa.py (the per-ISA table in benchmarks/results/cpu_isa.md) runs end to end.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cpu_isa.md"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, str(root / "benchmarks/bench_cpu_isa.py"), "--shapes", "8x512", "--alphas", "1e-3",
+                    "1", "--reps", "1", "--out", str(out)], env=env, check=True, capture_output=True, timeout=300)
+    text = out.read_text()
+    assert "## 8 x 512, 1 thread(s)" in text
+    for isa in C.cpu_isa_available():
+        assert f"softsae {isa} fwd+bwd" in text
