@@ -53,6 +53,8 @@ def _extensions():
     cpu_mode, cuda_mode = _switch("SOFTSAE_CPU_EXT"), _switch("SOFTSAE_CUDA_EXT")
     exts, required, notes = [], set(), []
     # no -std: torch picks the standard its headers need (C++20 for torch >= 2.13); no -march: portable.
+    # The AVX2 / AVX-512 soft top-k loops get their target from pragmas in their own files
+    # (csrc/cpu/soft_topk_{avx2,avx512}.cpp) and are chosen at run time (csrc/cpu/soft_topk_isa.h).
     portable = ["-O3", "-fopenmp", "-fno-math-errno"]
 
     cpu_sources = _rel("csrc/cpu/*.cpp") + ["csrc/bindings/cpu.cpp"]

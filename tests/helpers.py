@@ -12,8 +12,12 @@ Tolerances mirror docs/design.md ("Accuracy targets"):
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 import softsae
@@ -115,3 +119,44 @@ def sae_inputs(d: int, rows: int, seed: int = 1) -> torch.Tensor:
     """(rows, d) float32 activations 3 N(0, 1) + 0.5 (off-centre, not unit scale), from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return 3.0 * torch.randn(rows, d, generator=g) + 0.5
+
+
+# ------------------------------------------------------------------ CPU instruction sets
+# softsae._C holds the soft top-k hot loops once per instruction set and picks one at run time
+# (csrc/cpu/soft_topk_isa.h); the CPU kernel tests run every one this machine has.
+CPU_ISAS = ("portable", "avx2", "avx512")
+
+
+def _cpu_ext():
+    try:
+        return importlib.import_module("softsae._C")
+    except ImportError:
+        return None
+
+
+def cpu_isa_params() -> list:
+    """pytest params, one per instruction set; those this binary or CPU lacks are skipped with why."""
+    ext = _cpu_ext()
+    have = set(ext.cpu_isa_available()) if ext is not None and hasattr(ext, "cpu_isa_available") else set()
+    params = []
+    for name in CPU_ISAS:
+        why = None
+        if ext is None:
+            why = "softsae._C is not built"
+        elif name not in have:
+            why = f"{name} is not compiled into softsae._C or this CPU lacks it (available: {sorted(have)})"
+        params.append(pytest.param(name, id=name, marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
+
+
+@contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Run softsae._C's soft top-k on instruction set ``name`` inside the block (restored after)."""
+    ext = _cpu_ext()
+    if ext is None:
+        raise RuntimeError("softsae._C is not built")
+    previous = ext.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        ext.set_cpu_isa(previous)

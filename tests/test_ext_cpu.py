@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from helpers import TOL as SOFT_TOL
+from helpers import cpu_isa_params, use_cpu_isa
 
 C = pytest.importorskip("softsae._C")
 
@@ -42,20 +43,94 @@ def _check_fwd(x: torch.Tensor, k: torch.Tensor, s: float, largest: bool) -> Non
     torch.testing.assert_close(gated, x * out, rtol=4 * torch.finfo(x.dtype).eps, atol=0)
 
 
+
+@pytest.fixture(params=cpu_isa_params())
+def isa(request):
+    """Every soft top-k test below runs once per instruction set this machine supports."""
+    with use_cpu_isa(request.param):
+        yield request.param
+
+
+# ------------------------------------------------------------------------- instruction sets
+
+
+def test_cpu_isa_api():
+    have = C.cpu_isa_available()
+    assert have[0] == "portable" and C.cpu_isa() in have
+    assert list(have) == [n for n in ("portable", "avx2", "avx512") if n in have]
+    before = C.cpu_isa()
+    try:
+        for name in have:
+            C.set_cpu_isa(name)
+            assert C.cpu_isa() == name
+        with pytest.raises(ValueError, match="cpu_isa_available"):
+            C.set_cpu_isa("sse9")
+    finally:
+        C.set_cpu_isa(before)
+    assert C.cpu_isa() == before
+
+
+def test_cpu_isa_env_caps_the_default():
+    import subprocess
+    import sys
+
+    code = "import softsae._C as C; print(C.cpu_isa())"
+    for name in C.cpu_isa_available():
+        env = {**__import__("os").environ, "SOFTSAE_CPU_ISA": name}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert res.stdout.strip() == name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_isas_agree(dtype):
+    # Same math in every variant: results agree to the accuracy contract, not bit for bit.
+    x, k = _rows(6, 4097, dtype, seed=11)
+    grad = torch.randn(6, 4097, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    tol = TOL[dtype]
+    for s in (1e-5, 1e-3, 1.0):
+        res = {}
+        for name in C.cpu_isa_available():
+            with use_cpu_isa(name):
+                out, t = C.soft_topk_fwd(x, k, s, True, False)
+                res[name] = (out, t, *C.soft_topk_bwd(grad, x, t, s, True, False))
+        base = res["portable"]
+        for name, r in res.items():
+            assert (r[0].double() - base[0].double()).abs().max().item() <= tol, name
+            t_tol = (1e-4 if dtype == torch.float32 else 1e-9) * s
+            assert (r[1] - base[1]).abs().max().item() <= t_tol, name
+            scale = base[2].double().abs().max().item() + 1e-30
+            assert (r[2].double() - base[2].double()).abs().max().item() <= 1e3 * tol * scale, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_via_float32_upcast(isa, dtype):
+    # The op layer runs float16/bfloat16 through the float32 kernels; the float32 result rounded
+    # to the half dtype once, so it is within one half-ulp-scale step of the float64 truth.
+    from softsae.ops.soft_topk import soft_topk
+
+    x, k = _rows(3, 4097, torch.float32, seed=4)
+    xh = x.to(dtype)
+    for s in (1e-4, 1e-1, 1.0):
+        out = soft_topk(xh, k, s, backend="cpu")
+        ref, _ = soft_topk_fwd_ref(xh.double(), k, s, True, False)
+        assert out.dtype == dtype
+        assert (out.double() - ref).abs().max().item() <= torch.finfo(dtype).eps + TOL[torch.float32]
+
+
 # ------------------------------------------------------------------------- soft top-k fwd
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 2, 17, 1000, 5000])
+@pytest.mark.parametrize("n", [1, 2, 17, 1000, 4097])
 @pytest.mark.parametrize("s", [1e-5, 1e-4, 1e-2, 1.0, 10.0])
-def test_fwd_matches_reference(dtype, n, s):
+def test_fwd_matches_reference(isa, dtype, n, s):
     x, k = _rows(3, n, dtype, seed=n)
     for largest in (True, False):
         _check_fwd(x, k, s, largest)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fwd_edge_rows(dtype):
+def test_fwd_edge_rows(isa, dtype):
     n = 300
     g = torch.Generator().manual_seed(1)
     ties = (torch.randn(1, n, generator=g, dtype=torch.float64) * 4).round().div(2).to(dtype)
@@ -68,7 +143,7 @@ def test_fwd_edge_rows(dtype):
         _check_fwd(relu, torch.tensor([20.0, 3000.0], dtype=torch.float64), s, True)
 
 
-def test_fwd_n1_is_k_exactly():
+def test_fwd_n1_is_k_exactly(isa):
     x = torch.tensor([[0.3], [-2.0], [0.0]])
     k = torch.tensor([0.25, 1e-6, 1 - 1e-6], dtype=torch.float64)
     out, t = C.soft_topk_fwd(x, k, 0.1, True, False)
@@ -76,7 +151,7 @@ def test_fwd_n1_is_k_exactly():
     assert torch.isfinite(t).all()
 
 
-def test_fwd_nonfinite_rows_are_nan_and_isolated():
+def test_fwd_nonfinite_rows_are_nan_and_isolated(isa):
     x, k = _rows(4, 5000, torch.float32)
     x[1, 17] = math.nan
     x[3, 4000] = math.inf
@@ -88,12 +163,12 @@ def test_fwd_nonfinite_rows_are_nan_and_isolated():
     assert torch.isfinite(dx[[0, 2]]).all() and torch.isfinite(dk[[0, 2]]).all()
 
 
-def test_fwd_large_row_small_scale():
+def test_fwd_large_row_small_scale(isa):
     x, _ = _rows(2, 65536, torch.float32, scale=1.0)
     _check_fwd(x, torch.tensor([64.5, 220.0], dtype=torch.float64), 1e-4, True)
 
 
-def test_threads_do_not_change_results():
+def test_threads_do_not_change_results(isa):
     x, k = _rows(64, 2000, torch.float32)
     prev = torch.get_num_threads()
     try:
@@ -113,7 +188,7 @@ def test_threads_do_not_change_results():
 @pytest.mark.parametrize("n", [2, 5, 100, 3000])
 @pytest.mark.parametrize("s", [1e-5, 1e-2, 1.0])
 @pytest.mark.parametrize("gate", [False, True])
-def test_bwd_matches_reference(dtype, n, s, gate):
+def test_bwd_matches_reference(isa, dtype, n, s, gate):
     x, k = _rows(4, n, dtype, seed=7 * n)
     grad = torch.randn(4, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
     for largest in (True, False):
@@ -135,7 +210,7 @@ def test_bwd_matches_reference(dtype, n, s, gate):
         assert ((ds - rds).abs() <= rel * sds + 1e-300).all()
 
 
-def test_bwd_threshold_in_underflow_gap():
+def test_bwd_threshold_in_underflow_gap(isa):
     # t = 0.5 sits 5000 s from every value: all f underflow, the ratios must still be exact.
     x = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
     g = torch.tensor([[1.0, 2.0, 3.0, 6.0]], dtype=torch.float64)
@@ -167,7 +242,7 @@ class _SoftTopK(torch.autograd.Function):
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("s", [0.05, 1.0])
-def test_gradcheck_float64(largest, gate, s):
+def test_gradcheck_float64(isa, largest, gate, s):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 9, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.tensor([1.5, 4.0, 7.25], dtype=torch.float64, requires_grad=True)
@@ -283,3 +358,21 @@ def test_empty_inputs():
     dv, dW = C.sparse_decode_bwd(torch.empty(0, 2), torch.empty(0, 3), torch.empty(0, 3, dtype=torch.long),
                                  torch.randn(4, 2), True, True, True)
     assert dv.shape == (0, 3) and torch.equal(dW, torch.zeros(4, 2))
+
+
+def test_bench_cpu_isa_smoke(tmp_path):
+    # benchmarks/bench_cpu_isa.py (the per-ISA table in benchmarks/results/cpu_isa.md) runs end to end.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cpu_isa.md"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, str(root / "benchmarks/bench_cpu_isa.py"), "--shapes", "8x512", "--alphas", "1e-3",
+                    "1", "--reps", "1", "--out", str(out)], env=env, check=True, capture_output=True, timeout=300)
+    text = out.read_text()
+    assert "## 8 x 512, 1 thread(s)" in text
+    for isa in C.cpu_isa_available():
+        assert f"softsae {isa} fwd+bwd" in text

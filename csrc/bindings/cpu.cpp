@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -16,6 +17,7 @@
 #endif
 
 #include "cpu/soft_topk.h"
+#include "cpu/soft_topk_isa.h"
 #include "cpu/sparse_decode.h"
 #include "cpu/soft_topk_sparse.h"  // sparse encoder block (helper sparseenc)
 #include "cpu/sparse_encoder.h"    // sparse encoder block (helper sparseenc)
@@ -390,8 +392,38 @@ std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, co
 
 }  // namespace
 
+// ------------------------------------------------------------------------------ ISA dispatch
+// (soft_topk_isa.h) The soft top-k hot loops exist per instruction set, chosen at run time.
+namespace {
+
+void bind_cpu_isa(py::module_& m) {
+  m.def("cpu_isa", [] { return std::string(softsae::cpu::cpu_isa()); },
+        "Instruction set the CPU soft top-k runs on now: 'portable', 'avx2' or 'avx512' (the "
+        "widest this CPU supports, capped by the env var SOFTSAE_CPU_ISA, unless set_cpu_isa).");
+  m.def("cpu_isa_available", [] {
+          std::vector<std::string> names;
+          for (const char* name : {"portable", "avx2", "avx512"})
+            if (softsae::cpu::cpu_isa_supported(name)) names.emplace_back(name);
+          return names;
+        },
+        "Instruction sets compiled into this binary that this CPU can run, narrowest first.");
+  m.def("set_cpu_isa", [](const std::string& name) {
+          const std::string before = softsae::cpu::cpu_isa();
+          TORCH_CHECK_VALUE(softsae::cpu::set_cpu_isa(name.c_str()), "set_cpu_isa: name must be "
+                            "one of cpu_isa_available() on this machine, got '", name, "'");
+          return before;
+        },
+        py::arg("name"),
+        "Switch the CPU soft top-k to instruction set `name` (one of cpu_isa_available()); "
+        "returns the previous one. Not to be called while kernels run in other threads.");
+}
+
+}  // namespace
+// ------------------------------------------------------------------------------ end ISA dispatch
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "softsae CPU kernels: soft top-k (LapSum) and sparse decode. See docs/design.md.";
+  bind_cpu_isa(m);
   m.def("soft_topk_fwd", &soft_topk_fwd, py::arg("x"), py::arg("k"), py::arg("s"),
         py::arg("largest"), py::arg("gate"),
         "Soft top-k forward. x (R, n) float32/float64 contiguous, k (R,) float64 in (0, n), "

@@ -1,6 +1,7 @@
 // Native tests of the CPU kernels (no Python, no framework): soft top-k against a brute-force
 // float64 bisection, its backward against central finite differences, sparse decode against
-// dense loops. Exit status is the number of failed checks (capped), 0 when all pass.
+// dense loops. The soft top-k tests and the vectorised exp's error bound run once per
+// instruction set this binary and CPU support (soft_topk_isa.h). Exit status is the number of failed checks (capped), 0 when all pass.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "cpu/soft_topk.h"
+#include "cpu/soft_topk_isa.h"
 #include "cpu/sparse_decode.h"
 
 namespace {
@@ -410,17 +412,65 @@ void test_sparse_decode() {
   }
 }
 
+// ---------------------------------------------------------------------------- vectorised exp
+
+// Max relative error of the variant's 0.5 exp(x), x <= 0, in ulps of the result's type: float32
+// against float64 exp on a dense grid of [-86.5, 0]; float64 against long double exp on random
+// points of [-707, 0] (long double is the x87 80-bit type on x86-64). Results stay normal there.
+void test_half_exp(const softsae::cpu::SoftTopkIsa& isa) {
+  const int64_t n = 1 << 20;
+  {
+    std::vector<float> x(n), y(n);
+    for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(-86.5 * (i + 0.5) / n);
+    x[0] = 0.0f;
+    x[n - 1] = -86.5f + 1e-4f;
+    isa.half_exp_f(x.data(), y.data(), n);
+    double worst = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double want = 0.5 * std::exp(static_cast<double>(x[i]));
+      const double ulp = std::ldexp(1.0, std::ilogb(want) - 23);
+      worst = std::max(worst, std::fabs(static_cast<double>(y[i]) - want) / ulp);
+    }
+    std::printf("  %s half_exp float32: max error %.2f ulp\n", isa.name, worst);
+    CHECK(worst <= 1.5, "%s half_exp float32 max error %.3f ulp", isa.name, worst);
+  }
+  {
+    Rng rng(7);
+    std::vector<double> x(n), y(n);
+    for (int64_t i = 0; i < n; ++i) x[i] = -707.0 * rng.uniform();
+    x[0] = 0.0;
+    isa.half_exp_d(x.data(), y.data(), n);
+    double worst = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const long double want = 0.5L * std::exp(static_cast<long double>(x[i]));
+      const double ulp = std::ldexp(1.0, std::ilogb(static_cast<double>(want)) - 52);
+      worst = std::max(worst, static_cast<double>(std::fabs(y[i] - want)) / ulp);
+    }
+    std::printf("  %s half_exp float64: max error %.2f ulp\n", isa.name, worst);
+    CHECK(worst <= 1.5, "%s half_exp float64 max error %.3f ulp", isa.name, worst);
+  }
+}
+
 }  // namespace
 
 int main() {
-  test_fwd_random<float>();
-  test_fwd_random<double>();
-  test_fwd_edges<float>();
-  test_fwd_edges<double>();
-  test_bwd_finite_differences();
-  test_bwd_underflow<float>();
-  test_bwd_underflow<double>();
-  test_bwd_f32_vs_f64();
+  for (const char* name : {"portable", "avx2", "avx512"}) {
+    if (!softsae::cpu::set_cpu_isa(name)) {
+      std::printf("soft top-k [%s]: skipped (not compiled in or not supported by this CPU)\n",
+                  name);
+      continue;
+    }
+    std::printf("soft top-k [%s]\n", softsae::cpu::cpu_isa());
+    test_half_exp(softsae::cpu::soft_topk_active_isa());
+    test_fwd_random<float>();
+    test_fwd_random<double>();
+    test_fwd_edges<float>();
+    test_fwd_edges<double>();
+    test_bwd_finite_differences();
+    test_bwd_underflow<float>();
+    test_bwd_underflow<double>();
+    test_bwd_f32_vs_f64();
+  }
   test_sparse_decode<float>();
   test_sparse_decode<double>();
   std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
