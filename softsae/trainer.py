@@ -392,6 +392,17 @@ def _save_state(path: Path, model, opt, tracker, step, rng, c: TrainConfig) -> N
     }, path)
 
 
+def _check_batch(x: Tensor, source, dp: DataParallel | None, step: int | None = None) -> None:
+    """NaN/inf (and, data parallel, the width on every rank: one collective, the same error everywhere,
+    naming the rank, not its file)."""
+    if dp is None:
+        check_finite_batch(x, getattr(source, "name", "data"))
+        return
+    from softsae.distributed.stats import check_batch
+
+    check_batch(x, source.d, dp.group, what=f"activations ({'first batch' if step is None else f'step {step}'})")
+
+
 def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False,
           model: SparseAutoencoder | None = None) -> TrainResult:
     """Train an SAE on ``data`` (anything ``load_activations`` accepts) with ``config``.
@@ -416,8 +427,13 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         from softsae.distributed.dictionary_parallel import train_dictionary
 
         return train_dictionary(data, config, out_dir, resume, model)
-    source = load_activations(data)
-    c = config.resolved(source.d)
+    if config.parallel == "data":  # every rank loads; one agreed error if any rank cannot
+        from softsae.distributed.launch import join_and_load
+
+        source, c = join_and_load(data, config)
+    else:
+        source = load_activations(data)
+        c = config.resolved(source.d)
     device = torch.device(c.device)
     dp: DataParallel | None = None
     if c.parallel == "data":
@@ -464,7 +480,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         model.set_normalization(shift, scale)
         model.to(device)
         first = source.sample(min(c.batch_size, 8192), rng).to(device)
-        check_finite_batch(first, getattr(source, "name", "data"))
+        _check_batch(first, source, dp)
         with torch.no_grad():
             if dp is None:
                 model.b_dec.copy_(geometric_median(model.normalize(first), c.geometric_median_iters))
@@ -495,7 +511,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         for step in range(start, c.steps):
             x = source.sample(c.batch_size, rng)  # data parallel: the global batch, identical on every rank
             if dp is not None:  # so every rank checks all of it and raises the same error, then keeps its rows
-                check_finite_batch(x, getattr(source, "name", "data"))
+                _check_batch(x, source, dp, step)
                 x = x[lo:hi]
             x = x.to(device, non_blocking=True)
             if dp is None and (device.type == "cpu" or step % c.log_every == 0):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from softsae.data import ArraySource
 from softsae.trainer import TrainConfig
@@ -46,7 +47,7 @@ def spawn(fn, world: int, tmp: Path, *args, limit_s: float = SPAWN_LIMIT_S) -> l
             try:
                 if ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                     break
-            except mp.ProcessException as e:  # join() stops the other ranks and reports the first failure
+            except ProcessException as e:  # join() stops the other ranks and reports the first failure
                 failures.append(e)
                 break
             if time.monotonic() > deadline:

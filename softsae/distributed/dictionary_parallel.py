@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from softsae.checkpoint import atomic_torch_save, atomic_write_json, save_sae
-from softsae.data import load_activations, normalization_stats
-from softsae.distributed._comm import DistributedInputError, all_reduce_
-from softsae.distributed.process import group_rank_world, init_from_env
+from softsae.data import normalization_stats
+from softsae.distributed._comm import all_reduce_
+from softsae.distributed.launch import join_and_load
+from softsae.distributed.process import group_rank_world
 from softsae.distributed.sharded_model import (
     ShardedSAE,
     clip_grad_norm_,
@@ -51,30 +51,6 @@ from softsae.losses import DeadLatentTracker, k_loss, reconstruction_loss
 from softsae.models import SparseAutoencoder, build_model
 
 __all__ = ["dictionary_train_step", "load_sharded_state", "save_full_state", "train_dictionary"]
-
-
-def _join(device: torch.device) -> torch.device:
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_available():
-        raise RuntimeError("parallel='dictionary' needs torch.distributed, which this torch build lacks")
-    if not dist.is_initialized():
-        init_from_env(device=device)
-    return device
-
-
-def _agree(error: BaseException | None, d: int | None, what: str) -> None:
-    """One all-gather of every rank's (error, d): any error or a d different from rank 0's raises the
-    same DistributedInputError on every rank (this rank's own error chained)."""
-    _, world = group_rank_world(None)
-    table: list = [None] * world
-    dist.all_gather_object(table, (None if error is None else f"{type(error).__name__}: {error}", d))
-    msgs = [f"rank {r}: {e}" for r, (e, _) in enumerate(table) if e is not None]
-    d0 = table[0][1]
-    msgs += [f"rank {r} has activation dim {dr}, rank 0 has {d0}" for r, (e, dr) in enumerate(table)
-             if e is None and d0 is not None and dr != d0]
-    if msgs:
-        raise DistributedInputError(f"{what}: " + "; ".join(msgs) + " (every rank stops with this error)") from error
 
 
 # ----------------------------------------------------------------------------- one step
@@ -194,18 +170,10 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
     None on the other ranks; rank 0 alone writes files."""
     from softsae import trainer as T
 
-    device = _join(torch.device(config.device if config.device != "auto" else
-                                ("cuda" if torch.cuda.is_available() else "cpu")))
-    rank, _ = group_rank_world(None)
-    main = rank == 0
-    error, source, c = None, None, None
-    try:
-        source = load_activations(data)
-        c = dataclasses.replace(config.resolved(source.d), device=str(device))
-    except Exception as e:  # noqa: BLE001 - reported on every rank by _agree
-        error = e
-    _agree(error, source.d if source is not None else None, "dictionary-sharded training cannot start")
-    d, name = source.d, getattr(source, "name", "data")
+    source, c = join_and_load(data, config)
+    device = torch.device(c.device)
+    main = group_rank_world(None)[0] == 0
+    d = source.d
     out = Path(out_dir) if out_dir is not None else None
     state_path = out / T.STATE_FILE if out is not None else None
     torch.manual_seed(c.seed)
@@ -232,7 +200,7 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
         shift, scale = normalization_stats(source, c.normalize)
         full.set_normalization(shift, scale)
         first = source.sample(min(c.batch_size, 8192), rng)
-        check_batch(first, d, what=f"{name} (first batch)")
+        check_batch(first, d, what="activations (first batch)")
         with torch.no_grad():
             full.b_dec.copy_(T.geometric_median(full.normalize(first), c.geometric_median_iters))
         if out is not None and main and (out / METRICS_FILE).exists():
@@ -268,7 +236,7 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
     try:
         for step in range(start, c.steps):
             x = source.sample(c.batch_size, rng)
-            check_batch(x, d, what=f"{name} (step {step})")  # bad data on any rank: the same error on every rank
+            check_batch(x, d, what=f"activations (step {step})")  # bad data on any rank: the same error on every rank
             terms = dictionary_train_step(sm, opt, tracker, x.to(device, non_blocking=True), step, c)
             if step % c.log_every == 0 or step == c.steps - 1:
                 dead = int(all_reduce_(tracker.dead_mask().sum().reshape(1), group=sm.group).item())
