@@ -52,7 +52,8 @@ def test_torchrun_equals_one_process(tmp_path, acts, arch, parallel):
                         text=True, env=_env(), timeout=300, cwd=REPO)
     assert r1.returncode == 0, r1.stderr
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(_free_port()), "-m", "softsae", *_train_args(acts, two, arch), "--parallel", parallel]
+              "--master_port", str(_free_port()), "-m", "softsae", *_train_args(acts, two, arch),
+              "--parallel", parallel]
     r2 = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert r2.stdout.count("FVU") == 1  # rank 0 alone reports

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from softsae.checkpoint import atomic_torch_save, atomic_write_json, save_sae
@@ -231,6 +232,9 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
         from tqdm.auto import tqdm
 
         bar = tqdm(total=c.steps, initial=start, desc=f"train {c.arch} (dictionary-sharded)", dynamic_ncols=True)
+    # Checkpoints are collective (a gather): every rank takes part when any rank has an out_dir.
+    flag = torch.tensor([float(out is not None)], device=device)
+    checkpointing = c.checkpoint_every > 0 and bool(all_reduce_(flag, dist.ReduceOp.MAX, sm.group).item())
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -254,8 +258,7 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
                                     k=f"{last.get('mean_k', last['l0']):.2f}", dead=dead, refresh=False)
             if bar is not None:
                 bar.update(1)
-            if state_path is not None and c.checkpoint_every > 0 and (step + 1) % c.checkpoint_every == 0 \
-                    and step + 1 < c.steps:
+            if checkpointing and (step + 1) % c.checkpoint_every == 0 and step + 1 < c.steps:
                 save_full_state(state_path if main else None, sm, opt, tracker, step + 1, rng, c)
     finally:
         if bar is not None:
