@@ -5,7 +5,7 @@ gathered weights, buffers and the logged terms equal the single-process ``train(
 for softsae (soft and hard phases, k-loss), topk and batchtopk (global selection and threshold), with
 dead latents and aux-k active and mid-run checkpoints written. Adam hides gradient-scale errors, so
 one ``dictionary_train_step`` with plain SGD and no clipping must also give the single-process
-gradients of every parameter (gathered). Also: the state (de)sharding round trip and the checks.
+gradients of every parameter (gathered). Also: data parallel on 3 ranks, the state slicing.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def _rank_main(rank: int, world: int, store: str, tmp: str) -> None:
             res = train(data, cfg(arch, parallel="dictionary", checkpoint_every=3), out_dir=Path(tmp) / f"run_{arch}")
             results[arch] = {"state": res.model.state_dict() if res.model is not None else None, "last": res.last}
             results[f"grad_{arch}"] = _sharded_grads(arch)
+            if world == 3:  # data parallel on 3 ranks too (uneven rows 11 + 11 + 10; 2 ranks: test_data_parallel.py)
+                res = train(data, cfg(arch, parallel="data"))
+                results[f"data_{arch}"] = {"state": res.model.state_dict(), "last": res.last}
         torch.save(results, Path(tmp) / f"rank{rank}.pt")
     finally:
         shutdown()
@@ -126,6 +129,21 @@ def test_sharded_run_equals_one_process(ranks, reference, arch):
     assert (written / "model.safetensors").exists() and not (written / "trainer_state.pt").exists()
     lines = (written / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == (ref_dir / arch / "metrics.jsonl").read_text().count("\n") == 8
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_data_parallel_on_three_ranks_equals_one_process(ranks, reference, arch):
+    _, results = ranks
+    if len(results) != 3:
+        pytest.skip("data parallel is run by the 3-rank group here")
+    ref = reference[0][arch]
+    want = ref.model.state_dict()
+    for r, res in enumerate(results):
+        got = res[f"data_{arch}"]["state"]
+        assert set(got) == set(want)
+        for name in want:
+            _assert_close(got[name], want[name], f"data {arch} rank {r} {name}")
+        assert res[f"data_{arch}"]["last"]["loss"] == pytest.approx(ref.last["loss"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
