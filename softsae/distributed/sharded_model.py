@@ -15,7 +15,7 @@ Forward (training only; rows are replicated, the batch is the same on every rank
     x_in  = copy_to_shards(x_n - b_dec)                        backward sums the ranks' gradients
     pre_r = relu(x_in @ W_enc_r.T + b_enc_r)                   (B, n_r)
     k_hat = k_max sigmoid(reduce_from_shards(relu(x_in @ W0_r.T + b0_r) @ W2_r.T) + b2)
-    codes = sharded soft top-k gate | global per-row top-k | global BatchTopK   (this rank's latents)
+    codes = sharded soft top-k gate (docs/math.md 1.7) | global per-row top-k | global BatchTopK
     x_hat = reduce_from_shards(codes_r @ W_dec_r) + b_dec      (B, d), replicated
 
 The loss is computed identically on every rank (the Megatron convention of
