@@ -65,10 +65,11 @@ def test_torchrun_equals_one_process(tmp_path, acts, arch, parallel):
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=2e-5, msg=f"{arch}: {name}")
 
 
-def test_parallel_data_needs_torchrun(tmp_path, acts):
+@pytest.mark.parametrize("parallel", ["data", "dictionary"])
+def test_parallel_needs_torchrun(tmp_path, acts, parallel):
     env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE")}
     r = subprocess.run([sys.executable, "-m", "softsae", *_train_args(acts, tmp_path / "x", "topk"),
-                        "--parallel", "data"], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+                        "--parallel", parallel], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert r.returncode == 2
-    assert "--parallel data needs a torchrun launch" in r.stderr
+    assert f"--parallel {parallel} needs a torchrun launch" in r.stderr
     assert not (tmp_path / "x").exists()
