@@ -112,6 +112,14 @@ def _bad_data_rank_main(rank: int, world: int, store: str, tmp: str) -> None:
                 except DistributedInputError as e:
                     message = str(e)
                 Path(tmp, f"{parallel}_{fault}_rank{rank}.txt").write_text(message)
+        # resume where rank 1 cannot see rank 0's checkpoint (no shared filesystem)
+        out = Path(tmp, "ckpt" if rank == 0 else "elsewhere")
+        try:
+            train(acts(), _run_cfg(parallel="dictionary"), out_dir=out, resume=True)
+            message = "no error"
+        except DistributedInputError as e:
+            message = str(e)
+        Path(tmp, f"resume_rank{rank}.txt").write_text(message)
     finally:
         shutdown()
 
@@ -119,6 +127,8 @@ def _bad_data_rank_main(rank: int, world: int, store: str, tmp: str) -> None:
 @pytest.fixture(scope="module")
 def bad_data_runs(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("bad")
+    with pytest.raises(Interrupted):  # a checkpoint of step 3 that only rank 0 will see
+        train(FaultySource(acts(), at=6, fault="raise"), _run_cfg(), out_dir=tmp / "ckpt")
     failures = spawn(_bad_data_rank_main, 2, tmp, str(tmp), limit_s=240.0)
     assert not failures, failures  # every rank returned from train() with the error, none hung
     return tmp
@@ -132,3 +142,9 @@ def test_bad_data_on_one_rank_stops_every_rank(bad_data_runs, parallel, fault):
     want = {"nan_at_load": "rank 1: DataError", "dim": "rank 1 has activation dim 15, rank 0 has 16",
             "nan_mid_run": "activations (step 2): rank 1 has 1 NaN/inf values (first in row 1)"}[fault]
     assert want in messages[0], messages[0]
+
+
+def test_resume_needs_the_same_checkpoint_on_every_rank(bad_data_runs):
+    messages = [Path(bad_data_runs, f"resume_rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "read different checkpoints" in messages[0] and "[3, None]" in messages[0], messages[0]
