@@ -51,9 +51,10 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--backend", help="ops backend: auto | reference | cpu | triton | cuda (default auto; "
                    "the SOFTSAE_BACKEND environment variable replaces auto)")
-    p.add_argument("--parallel", choices=("none", "data"),
+    p.add_argument("--parallel", choices=("none", "data", "dictionary"),
                    help="data: data-parallel over the processes of a torchrun launch (--batch-size is the global "
-                   "batch; rank 0 writes the run); none: one process (the default)")
+                   "batch; rank 0 writes the run); dictionary: the dictionary (encoder, decoder, k-head rows) "
+                   "sharded over the processes of a torchrun launch; none: one process (the default)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"),
                    help="bf16 autocast: auto (on CUDA only, the default) | bf16 (always) | off")
     p.add_argument("--log", choices=("jsonl", "tensorboard", "wandb"),
@@ -206,12 +207,13 @@ def cmd_train(a) -> int:
 
     out = Path(a.out)
     cfg = TrainConfig(**train_settings(a))
-    main_rank = _join_data_parallel() if cfg.parallel == "data" else True
+    distributed = cfg.parallel in ("data", "dictionary")
+    main_rank = _join_process_group(cfg.parallel) if distributed else True
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (a.resume or a.overwrite):
         raise FileExistsError(f"--out {out} is not empty; pass --resume to continue a run there or --overwrite")
-    if cfg.parallel == "data":
+    if distributed:
         import torch.distributed as dist
 
         dist.barrier()  # every rank has checked --out before rank 0 writes to it
@@ -230,12 +232,12 @@ def cmd_train(a) -> int:
         if stream is not None:
             atomic_write_json(out / "stream.json", stream)
         result = train(source, cfg, out_dir=out, resume=a.resume)
-        if cfg.parallel == "data":
+        if distributed:
             from softsae.distributed.process import shutdown
 
             shutdown()  # leave the group together (rank 0's evaluation below needs no collective)
         if not main_rank:
-            return 0  # every rank holds the same model; rank 0 evaluates and reports
+            return 0  # rank 0 holds the (full) model, evaluates and reports
         if stream is not None:  # where training left the stream, before evaluation reads on from there
             atomic_write_json(out / "stream.json", _stream_report(stream, source, result.model, resolved.normalize))
         data = source if stream is not None else load_activations(a.data, check_finite=False)
@@ -300,13 +302,13 @@ def _stream_report(stream: dict, source, model, normalize: str) -> dict:
             "norm_scale": float(model.norm_scale)}
 
 
-def _join_data_parallel() -> bool:
+def _join_process_group(parallel: str) -> bool:
     """Join the torchrun process group (gloo on CPU, nccl on CUDA); True on rank 0."""
     import os
 
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ValueError("--parallel data needs a torchrun launch (RANK / WORLD_SIZE are not set): "
-                         "torchrun --nproc_per_node N -m softsae train ... --parallel data")
+        raise ValueError(f"--parallel {parallel} needs a torchrun launch (RANK / WORLD_SIZE are not set): "
+                         f"torchrun --nproc_per_node N -m softsae train ... --parallel {parallel}")
     from softsae.distributed.process import init_from_env
 
     return init_from_env().rank == 0

@@ -138,7 +138,7 @@ class TrainConfig:
     log: str = "jsonl"  # metrics logger: "jsonl" (metrics.jsonl only) | "tensorboard" | "wandb" (offline)
     checkpoint_every: int = 1000  # 0: only at the end
     progress: bool = True
-    parallel: str = "none"  # "none" | "data" (torchrun; batch_size is the global batch, see train())
+    parallel: str = "none"  # "none" | "data" | "dictionary" (torchrun; batch_size is the global batch, see train())
 
     def resolved(self, d: int) -> TrainConfig:
         """A copy with every default filled in and checked against activation dim ``d``."""
@@ -155,8 +155,8 @@ class TrainConfig:
             raise ValueError(f"normalize must be 'none', 'scale' or 'center_scale', got {c.normalize!r}")
         if c.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {c.amp!r}")
-        if c.parallel not in ("none", "data"):
-            raise ValueError(f"parallel must be 'none' or 'data', got {c.parallel!r}")
+        if c.parallel not in ("none", "data", "dictionary"):
+            raise ValueError(f"parallel must be 'none', 'data' or 'dictionary', got {c.parallel!r}")
         if c.log not in LOGGERS:
             raise ValueError(f"log must be one of {LOGGERS}, got {c.log!r}")
         c.lr = c.lr if c.lr is not None else 2e-4 / math.sqrt(c.dict_size / 2**14)
@@ -199,7 +199,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    model: SparseAutoencoder
+    model: SparseAutoencoder | None  # None on ranks > 0 of a dictionary-sharded run (rank 0 holds the model)
     config: TrainConfig
     last: dict[str, float] = field(default_factory=dict)  # metrics of the last logged step
     out_dir: Path | None = None
@@ -393,6 +393,17 @@ def _save_state(path: Path, model, opt, tracker, step, rng, c: TrainConfig, sour
     }, path)
 
 
+def _check_batch(x: Tensor, source, dp: DataParallel | None, step: int | None = None) -> None:
+    """NaN/inf (and, data parallel, the width on every rank: one collective, the same error everywhere,
+    naming the rank, not its file)."""
+    if dp is None:
+        check_finite_batch(x, getattr(source, "name", "data"))
+        return
+    from softsae.distributed.stats import check_batch
+
+    check_batch(x, source.d, dp.group, what=f"activations ({'first batch' if step is None else f'step {step}'})")
+
+
 def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False,
           model: SparseAutoencoder | None = None) -> TrainResult:
     """Train an SAE on ``data`` (anything ``load_activations`` accepts) with ``config``.
@@ -407,9 +418,23 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     median, mean k_hat, BatchTopK's selection and threshold, dead latents, aux-k's means) is global,
     gradients are all-reduced, so the run matches the one-process run with the same settings. Only
     rank 0 writes files (metrics, checkpoints, the model); every rank returns the same model.
+
+    ``parallel="dictionary"`` (torchrun): each rank holds n/W latents (encoder, decoder and k-head
+    rows), every rank draws the same global batch, the forward uses the global sharded selections;
+    checkpoints are full (gathered on rank 0), see softsae.distributed.dictionary_parallel. Rank 0
+    returns the full model, the other ranks ``model=None``.
     """
-    source = load_activations(data)
-    c = config.resolved(source.d)
+    if config.parallel == "dictionary":
+        from softsae.distributed.dictionary_parallel import train_dictionary
+
+        return train_dictionary(data, config, out_dir, resume, model)
+    if config.parallel == "data":  # every rank loads; one agreed error if any rank cannot
+        from softsae.distributed.launch import join_and_load
+
+        source, c = join_and_load(data, config)
+    else:
+        source = load_activations(data)
+        c = config.resolved(source.d)
     device = torch.device(c.device)
     dp: DataParallel | None = None
     if c.parallel == "data":
@@ -458,7 +483,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         model.set_normalization(shift, scale)
         model.to(device)
         first = source.sample(min(c.batch_size, 8192), rng).to(device)
-        check_finite_batch(first, getattr(source, "name", "data"))
+        _check_batch(first, source, dp)
         with torch.no_grad():
             if dp is None:
                 model.b_dec.copy_(geometric_median(model.normalize(first), c.geometric_median_iters))
@@ -489,7 +514,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         for step in range(start, c.steps):
             x = source.sample(c.batch_size, rng)  # data parallel: the global batch, identical on every rank
             if dp is not None:  # so every rank checks all of it and raises the same error, then keeps its rows
-                check_finite_batch(x, getattr(source, "name", "data"))
+                _check_batch(x, source, dp, step)
                 x = x[lo:hi]
             x = x.to(device, non_blocking=True)
             if dp is None and (device.type == "cpu" or step % c.log_every == 0):

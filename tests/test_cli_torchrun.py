@@ -1,5 +1,5 @@
-"""``torchrun -m softsae train --parallel data`` end to end (2 gloo processes on CPU) against the
-one-process CLI run with the same settings, and the error without a torchrun launch."""
+"""``torchrun -m softsae train --parallel data|dictionary`` end to end (2 gloo processes on CPU) against
+the one-process CLI run with the same settings, and the error without a torchrun launch."""
 
 from __future__ import annotations
 
@@ -44,14 +44,16 @@ def acts(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("arch", ["softsae", "batchtopk"])
-def test_torchrun_data_parallel_equals_one_process(tmp_path, acts, arch):
+@pytest.mark.parametrize(("arch", "parallel"), [("softsae", "data"), ("batchtopk", "data"),
+                                                ("softsae", "dictionary")])
+def test_torchrun_equals_one_process(tmp_path, acts, arch, parallel):
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = subprocess.run([sys.executable, "-m", "softsae", *_train_args(acts, one, arch)], capture_output=True,
                         text=True, env=_env(), timeout=300, cwd=REPO)
     assert r1.returncode == 0, r1.stderr
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(_free_port()), "-m", "softsae", *_train_args(acts, two, arch), "--parallel", "data"]
+              "--master_port", str(_free_port()), "-m", "softsae", *_train_args(acts, two, arch),
+              "--parallel", parallel]
     r2 = subprocess.run(launch, capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert r2.stdout.count("FVU") == 1  # rank 0 alone reports
@@ -63,10 +65,11 @@ def test_torchrun_data_parallel_equals_one_process(tmp_path, acts, arch):
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=2e-5, msg=f"{arch}: {name}")
 
 
-def test_parallel_data_needs_torchrun(tmp_path, acts):
+@pytest.mark.parametrize("parallel", ["data", "dictionary"])
+def test_parallel_needs_torchrun(tmp_path, acts, parallel):
     env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE")}
     r = subprocess.run([sys.executable, "-m", "softsae", *_train_args(acts, tmp_path / "x", "topk"),
-                        "--parallel", "data"], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+                        "--parallel", parallel], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert r.returncode == 2
-    assert "--parallel data needs a torchrun launch" in r.stderr
+    assert f"--parallel {parallel} needs a torchrun launch" in r.stderr
     assert not (tmp_path / "x").exists()

@@ -7,7 +7,9 @@
     x_hat = sd.sharded_decode(vals, idx, W_dec_r, b_dec)
     scale = sd.normalization_stats(x_r)[1]; sd.check_batch(x_r, d)
 
-See sharded_ops.py (layout, gradient convention, collectives per call) and stats.py.
+See sharded_ops.py (layout, gradient convention, collectives per call) and stats.py. Training:
+``TrainConfig(parallel="data")`` (data_parallel.py) or ``parallel="dictionary"`` (dictionary_parallel.py,
+the sharded model in sharded_model.py), both under torchrun.
 """
 
 from softsae.distributed._comm import DistributedInputError
@@ -20,6 +22,7 @@ from softsae.distributed.process import (
     shard_sizes,
     shutdown,
 )
+from softsae.distributed.sharded_model import ShardedSAE
 from softsae.distributed.sharded_ops import (
     copy_to_shards,
     reduce_from_shards,
@@ -34,6 +37,7 @@ from softsae.distributed.stats import check_batch, geometric_median, global_mean
 __all__ = [
     "DistContext",
     "DistributedInputError",
+    "ShardedSAE",
     "check_batch",
     "choose_backend",
     "copy_to_shards",

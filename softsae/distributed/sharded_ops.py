@@ -423,17 +423,23 @@ def _select_ordered(keep: Tensor, z: Tensor, width: int, offset: int = 0) -> tup
     """Padded (vals, idx) of the kept entries of each row of z (B, n): values descending, ties by index.
 
     ``idx`` are local column indices plus ``offset``, -1 for padding; ``vals`` differentiable in z.
+    Every row keeps at most ``width`` entries. The kept entries are first compacted in index order
+    (a cumsum and a scatter, no sort of the n columns), then only the (B, width) block is sorted
+    (stable, so equal values stay in index order).
     """
     B, n = z.shape
     if width == 0 or n == 0:
         return z.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.int64, device=z.device)
-    # Primary key: kept first; secondary: value descending; tertiary: index (stable sorts).
-    order = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices
-    order = order.gather(1, torch.sort((~keep).gather(1, order).to(torch.uint8), dim=-1, stable=True).indices)
-    order = order[:, :width]
-    valid = keep.gather(1, order)
-    vals = torch.where(valid, z.gather(1, order), 0)
-    return vals, torch.where(valid, order + offset, -1)
+    count = keep.sum(dim=-1, keepdim=True)
+    slot = torch.where(keep, keep.cumsum(dim=-1) - 1, width).clamp(max=width)  # width: a discarded column
+    cols = torch.arange(n, device=z.device).expand(B, n)
+    compact = torch.zeros(B, width + 1, dtype=torch.int64, device=z.device).scatter_(1, slot, cols)[:, :width]
+    valid = torch.arange(width, device=z.device)[None, :] < count
+    v = torch.where(valid, z.detach().gather(1, compact), -math.inf)
+    order = torch.sort(v, dim=-1, descending=True, stable=True).indices  # padding (after the kept) stays last
+    compact, valid = compact.gather(1, order), valid.gather(1, order)
+    vals = torch.where(valid, z.gather(1, compact), 0)
+    return vals, torch.where(valid, compact + offset, -1)
 
 
 def sharded_topk_per_row(z: Tensor, k, group: dist.ProcessGroup | None = None,
