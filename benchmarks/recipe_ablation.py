@@ -96,6 +96,8 @@ CONFIGS: dict[str, dict] = {
     "st_all_1e2": {**OLD_DEFAULTS, "st_frac": 0.8, "alpha": 1e-2},
     "cur_1e3": {**OLD_DEFAULTS, "alpha": 1e-3},
     "cur_h50": {**OLD_DEFAULTS, "hard_frac": 0.5},
+    # hard forward for the whole soft phase; the encoder trains as TopK's, the k head via the soft gate's dk
+    "stk_all": {**OLD_DEFAULTS, "st_frac": 0.8, "st_mode": "k"},
     "cur_3e2": {**OLD_DEFAULTS, "alpha": 3e-2},
     "cur_noclip": {**OLD_DEFAULTS, "grad_clip": 0.0},  # the k head's gradient no longer shares the clip
 }

@@ -78,6 +78,9 @@ def _add_train(sub) -> None:
     p.add_argument("--st-frac", type=float,
                    help="SoftSAE: straight-through fraction (hard forward, soft gradient) before the hard phase")
     p.add_argument("--st-steps", type=int, help="absolute override of --st-frac")
+    p.add_argument("--st-mode", choices=("soft", "k"),
+                   help="SoftSAE straight-through gradient: soft (encoder and k head via the soft gate) or k "
+                        "(encoder via the hard codes, as TopK; k head via the soft gate)")
     p.add_argument("--k-round", choices=("floor", "round"), help="SoftSAE: hard budget = floor or round of k_hat")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--decay-start", type=int)

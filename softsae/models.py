@@ -271,6 +271,7 @@ class SoftSAE(SparseAutoencoder):
         self.k_round = k_round
         self.alpha_relative = bool(alpha_relative)
         self.straight_through = False  # trainer flag: hard forward, soft-gate backward
+        self.st_mode = "soft"  # trainer flag: "soft" (encoder and k head get the soft gate's gradient) | "k"
         self.hard_encoder_grad = True  # trainer flag: False selects on detached pre in the hard phase
         self.k_estimator = nn.Sequential(nn.Linear(d, n), nn.ReLU(), nn.Linear(n, 1))
         with torch.no_grad():
@@ -321,8 +322,12 @@ class SoftSAE(SparseAutoencoder):
         if self.is_hard:
             src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
             return self._hard_codes(src, self.hard_k(k_hat)), k_hat
-        if self.straight_through:  # forward = hard top-hard_k(k_hat); gradient = the soft gate's
-            z_soft = self.soft_dense(pre, k_hat)
+        if self.straight_through:  # forward = hard top-hard_k(k_hat)
+            if self.st_mode == "k":  # encoder: the hard codes' own gradient; k head: the soft gate's dk
+                z_soft = self.soft_dense(pre.detach(), k_hat)
+                z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
+                return Codes(self.n, dense=z_hard + (z_soft - z_soft.detach())), k_hat
+            z_soft = self.soft_dense(pre, k_hat)  # "soft": every gradient is the soft gate's
             z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
             return Codes(self.n, dense=z_soft + (z_hard - z_soft).detach()), k_hat
         if self._use_sparse(False) and not self.alpha_relative:

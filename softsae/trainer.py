@@ -119,6 +119,8 @@ class TrainConfig:
     hard_encoder_grad: bool = True  # False: the hard phase selects without gradient (the authors' choice)
     st_frac: float = 0.0  # straight-through phase (hard forward, soft backward) just before the hard phase
     st_steps: int | None = None  # absolute override of st_frac
+    st_mode: str = "soft"  # straight-through gradient: "soft" (encoder and k head through the soft gate) |
+    # "k" (encoder through the hard codes, as TopK; only the k head through the soft gate's dk)
     k_round: str = "floor"  # SoftSAE hard budget: "floor" | "round" of k_hat
     w_k: float = 1.0  # weight of the k-loss
     k_loss_beta: float = 5.0
@@ -170,6 +172,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
         if c.alpha_schedule not in ("linear", "log"):
             raise ValueError(f"alpha_schedule must be 'linear' or 'log', got {c.alpha_schedule!r}")
+        if c.st_mode not in ("soft", "k"):
+            raise ValueError(f"st_mode must be 'soft' or 'k', got {c.st_mode!r}")
         if c.k_round not in ("floor", "round"):
             raise ValueError(f"k_round must be 'floor' or 'round', got {c.k_round!r}")
         if not (c.alpha > 0 and c.alpha_start > 0):
@@ -291,6 +295,7 @@ def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: De
     if isinstance(model, SoftSAE):
         model.alpha = alpha_at(step, c)
         model.straight_through = is_st_phase(step, c)
+        model.st_mode = c.st_mode
         model.hard_encoder_grad = c.hard_encoder_grad
     elif isinstance(model, (TopKSAE, BatchTopKSAE)):
         model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None

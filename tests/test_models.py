@@ -281,6 +281,30 @@ def test_softsae_straight_through_hard_forward_soft_backward():
     assert g is not None and g.abs().sum() > 0
 
 
+def test_softsae_straight_through_k_mode():
+    """st_mode "k": hard forward; W_enc's gradient is the hard codes' own (as in the hard phase with
+    the same per-row budgets); the k head still gets the soft gate's gradient."""
+    x = _x()
+    grads = {}
+    for mode in ("k", "hard"):
+        torch.manual_seed(3)
+        m = SoftSAE(D, N, 4, alpha=0.05, backend="reference").train()
+        with torch.no_grad():
+            m.k_estimator[2].weight.normal_(0, 0.3)
+        if mode == "k":
+            m.straight_through, m.st_mode = True, "k"
+        else:
+            m.hard = True
+        out = m.forward_train(m.normalize(x))
+        out.x_hat.pow(2).sum().backward()
+        grads[mode] = (out.x_hat.detach(), m.W_enc.grad.clone(), m.W_dec.grad.clone(), m.k_estimator[2].weight.grad)
+    assert torch.allclose(grads["k"][0], grads["hard"][0], atol=1e-6)  # forward = hard selection
+    assert torch.allclose(grads["k"][1], grads["hard"][1], atol=1e-5)  # encoder: TopK's gradient
+    assert torch.allclose(grads["k"][2], grads["hard"][2], atol=1e-5)  # decoder too
+    assert grads["k"][3] is not None and grads["k"][3].abs().sum() > 0  # the k head learns
+    assert grads["hard"][3] is None or grads["hard"][3].abs().sum() == 0
+
+
 def test_softsae_hard_phase_without_encoder_gradient():
     x = _x()
     for enc_grad in (True, False):

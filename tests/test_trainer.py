@@ -235,6 +235,7 @@ def test_fractional_schedules_and_phases():
 @pytest.mark.parametrize("kw, match", [
     ({"hard_frac": 1.5}, "hard_frac"), ({"st_frac": -0.1}, "st_frac"), ({"alpha_schedule": "cos"}, "alpha_schedule"),
     ({"k_round": "ceil"}, "k_round"), ({"hard_frac": 0.7, "st_frac": 0.5}, "exceed steps"),
+    ({"st_mode": "x"}, "st_mode"),
     ({"hard_topk_steps": 500}, "hard_topk_steps"), ({"alpha": 0.0}, "alpha"),
 ])
 def test_new_knobs_reject_bad_values(kw, match):
