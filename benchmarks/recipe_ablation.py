@@ -56,9 +56,9 @@ for _d in (64, 256):
                                    max(512, 4 * _d))
 
 OLD_DEFAULTS = dict(alpha=3e-3, alpha_anneal_frac=0.0, k_anneal_frac=0.0, hard_frac=0.2, hard_encoder_grad=True,
-                    st_frac=0.0, k_round="floor", alpha_relative=False)
+                    st_frac=0.0, st_mode="soft", k_round="floor", alpha_relative=False)
 AUTH = dict(alpha=1e-4, alpha_start=1.0, alpha_anneal_frac=0.01, alpha_schedule="linear", k_anneal_frac=0.01,
-            hard_frac=0.04, hard_encoder_grad=False)
+            hard_frac=0.04, hard_encoder_grad=False, st_frac=0.0, st_mode="soft")
 A10 = {**AUTH, "alpha_anneal_frac": 0.1}
 CONFIGS: dict[str, dict] = {
     "cur": {},  # the defaults before this ablation: alpha 3e-3 fixed, hard 20% with encoder gradient

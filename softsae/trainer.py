@@ -117,10 +117,11 @@ class TrainConfig:
     hard_frac: float = 0.2  # SoftSAE hard top-k phase: the last hard_frac of the steps
     hard_topk_steps: int | None = None  # absolute override of hard_frac
     hard_encoder_grad: bool = True  # False: the hard phase selects without gradient (the authors' choice)
-    st_frac: float = 0.0  # straight-through phase (hard forward, soft backward) just before the hard phase
+    st_frac: float | None = None  # straight-through phase (hard forward) just before the hard phase;
+    # None: all of the steps before the hard phase (the default recipe), 0: a soft-gate forward instead
     st_steps: int | None = None  # absolute override of st_frac
-    st_mode: str = "soft"  # straight-through gradient: "soft" (encoder and k head through the soft gate) |
-    # "k" (encoder through the hard codes, as TopK; only the k head through the soft gate's dk)
+    st_mode: str = "k"  # straight-through gradient: "k" (encoder through the hard codes, as TopK; only the
+    # k head through the soft gate's dk: the default) | "soft" (encoder and k head through the soft gate)
     k_round: str = "floor"  # SoftSAE hard budget: "floor" | "round" of k_hat
     w_k: float = 1.0  # weight of the k-loss
     k_loss_beta: float = 5.0
@@ -168,6 +169,8 @@ class TrainConfig:
         c.decay_start = c.decay_start if c.decay_start is not None else int(0.8 * c.steps)
         for name in ("k_anneal_frac", "alpha_anneal_frac", "hard_frac", "st_frac"):
             v = getattr(c, name)
+            if v is None and name == "st_frac":
+                continue
             if not (0.0 <= v <= 1.0):
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
         if c.alpha_schedule not in ("linear", "log"):
@@ -189,7 +192,9 @@ class TrainConfig:
         c.alpha_anneal_steps = steps_of(c.alpha_anneal_steps, c.alpha_anneal_frac, "alpha_anneal_steps")
         soft = c.arch == "softsae"
         c.hard_topk_steps = steps_of(c.hard_topk_steps, c.hard_frac, "hard_topk_steps") if soft else 0
-        c.st_steps = steps_of(c.st_steps, c.st_frac, "st_steps") if soft else 0
+        if soft and c.st_steps is None and c.st_frac is None:  # the whole soft phase
+            c.st_steps = c.steps - c.hard_topk_steps
+        c.st_steps = steps_of(c.st_steps, c.st_frac or 0.0, "st_steps") if soft else 0
         if c.hard_topk_steps + c.st_steps > c.steps:
             raise ValueError(f"hard_topk_steps ({c.hard_topk_steps}) + st_steps ({c.st_steps}) "
                              f"exceed steps ({c.steps})")

@@ -70,6 +70,7 @@ def dictionary_train_step(model: ShardedSAE, opt: torch.optim.Optimizer, tracker
     if model.arch == "softsae":
         model.alpha = alpha_at(step, c)
         model.straight_through = is_st_phase(step, c)
+        model.st_mode = c.st_mode
         model.hard_encoder_grad = c.hard_encoder_grad
     else:
         model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None

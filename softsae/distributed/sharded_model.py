@@ -173,9 +173,12 @@ class ShardedSAE(nn.Module):
             if self.is_hard:
                 src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
                 return self._hard_codes(src, self.hard_k(k_hat)), k_hat
-            if self.straight_through:
-                z_soft = self._soft_dense(pre, k_hat)
+            if self.straight_through:  # as SoftSAE.select: st_mode "k" or "soft"
                 z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
+                if getattr(self, "st_mode", "soft") == "k":
+                    z_soft = self._soft_dense(pre.detach(), k_hat)
+                    return Codes(self.n_local, dense=z_hard + (z_soft - z_soft.detach())), k_hat
+                z_soft = self._soft_dense(pre, k_hat)
                 return Codes(self.n_local, dense=z_soft + (z_hard - z_soft).detach()), k_hat
             return Codes(self.n_local, dense=self._soft_dense(pre, k_hat), soft_pre=pre), k_hat
         if not self.training:
