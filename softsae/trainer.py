@@ -16,9 +16,12 @@ geometric median of the first batch; auxk loss on dead latents. Schedules are fr
                 saturation below happened with and without it, though.
     alpha       fixed at 3e-3 by default; optional alpha_start -> alpha over alpha_anneal_frac
                 (linear as the authors, or log-linear)
-    SoftSAE     soft gate | optional straight-through phase (st_frac, default 0: hard forward,
-                soft-gate gradient) | hard top-floor(k_hat) phase, the last hard_frac = 20%,
-                encoder trainable (hard_encoder_grad), k-loss off
+    SoftSAE     straight-through phase (st_frac; default None = every step before the hard phase):
+                hard top-floor(k_hat) forward; st_mode "k" (default): the encoder gets the hard
+                codes' own gradient (as TopK), the k head dL/dk through the soft gate; "soft": both
+                through the soft gate | hard top-floor(k_hat) phase, the last hard_frac = 20%,
+                encoder trainable (hard_encoder_grad), k-loss off. st_frac=0 gives the soft-gate
+                forward of the previous default (see "Straight-through default" below).
 
 alpha units: the authors' alpha (1e-4) acts on the ReLU'd pre-activations of inputs normalised
 exactly as ``normalize="scale"`` here (x / sqrt(E||x||^2); CLIP: centred first), so their 1e-4
@@ -41,6 +44,16 @@ mean L0, TopK trained with the same schedules; benchmarks/results/recipe_ablatio
       alpha 1e-2                                                                          0.236  0.80
     alpha log 1 -> 1e-2 over 10%, K anneal 1%, hard 20% w/ enc. grad                     0.238  0.80
       + round(k_hat) / relative alpha 2.5e-2 x row max                             0.233 (0.80) / 0.244 (0.79)
+
+Straight-through default (measured after the table above; the rows are in recipe_ablation.jsonl):
+with the soft-gate forward SoftSAE's dictionary trailed TopK's on MiniLM (same dictionary with a
+uniform top-K: 0.193 vs TopK's 0.158 at K=16), so allocation could not win. Training the encoder and
+decoder on the hard codes (st_mode "k") and the k head through the soft gate closed it: MiniLM
+validation split (last 20k train rows, 1000 steps x 512, n=1536), ratio to TopK at equal L0,
+K=16: 1.109 -> 0.943, K=8: 1.078 -> 0.960; synthetic A16 0.836 -> 0.740, U32d256 1.08 -> 0.837.
+The straight-through with the soft gate's encoder gradient (st_mode "soft") was worse (K=16: 1.224);
+so were alpha 1e-3 (1.183) and 1e-2 (1.151), hard 50% (1.151), no grad clipping (1.143) and the
+authors' schedules (1.270, their TopK with K annealing at 0.178 vs 0.157 without).
 
 Long runs (10k steps, A21: d=64, n=512, K=21, k_max=42) overturn the 2.5k-step ranking of alpha:
 alpha 3e-3 fixed (the default): FVU 0.095 vs TopK 0.229 at L0 18.9, Spearman(L0, truth) 0.97;
