@@ -233,15 +233,26 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove from W_dec.grad the component parallel to each (unit) decoder row."""
-        g = self.W_dec.grad
-        if g is not None:
-            W = self.W_dec
-            g.sub_((g * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True).clamp_min(1e-12))
+        project_row_grad_(self.W_dec)
+
+
+@torch.no_grad()
+def normalize_rows_(W: Tensor) -> None:
+    """Rows of W (n, d) rescaled to unit norm, in place (a zero row stays zero)."""
+    W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def project_row_grad_(W: Tensor) -> None:
+    """W.grad (n, d) minus its component along each row of W, in place (no-op without a grad)."""
+    g = W.grad
+    if g is not None:
+        g.sub_((g * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True).clamp_min(1e-12))
 
 
 class SoftSAE(SparseAutoencoder):

@@ -389,6 +389,24 @@ def _global_terms(terms: dict[str, Tensor], loss: Tensor, out, x_n: Tensor, rows
 # ----------------------------------------------------------------------------- the loop
 
 
+def open_run_outputs(c: TrainConfig, out: Path | None, main: bool, start: int, desc: str):
+    """(metrics logger or None, progress bar or None) of a run; rank ``main`` writes
+    ``out/train_config.json`` and owns both. A logger other than jsonl needs ``out``."""
+    if out is None and c.log != "jsonl":
+        raise ValueError(f"log={c.log!r} needs an out_dir to write into")
+    logger: MetricsLogger | None = None
+    if out is not None and main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "train_config.json", dataclasses.asdict(c))
+        logger = open_logger(c.log, out, dataclasses.asdict(c))
+    bar = None
+    if c.progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=c.steps, initial=start, desc=desc, dynamic_ncols=True)
+    return logger, bar
+
+
 def _rng_state(rng: np.random.Generator) -> dict:
     return rng.bit_generator.state
 
@@ -519,18 +537,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
             if out is not None and main and (out / METRICS_FILE).exists():
                 (out / METRICS_FILE).unlink()
 
-    if out is None and c.log != "jsonl":
-        raise ValueError(f"log={c.log!r} needs an out_dir to write into")
-    logger: MetricsLogger | None = None
-    if out is not None and main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "train_config.json", dataclasses.asdict(c))
-        logger = open_logger(c.log, out, dataclasses.asdict(c))
-    bar = None
-    if c.progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=c.steps, initial=start, desc=f"train {c.arch}", dynamic_ncols=True)
+    logger, bar = open_run_outputs(c, out, main, start, f"train {c.arch}")
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     try:

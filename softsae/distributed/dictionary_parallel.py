@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from softsae.checkpoint import atomic_torch_save, atomic_write_json, save_sae
+from softsae.checkpoint import atomic_torch_save, save_sae
 from softsae.data import normalization_stats
 from softsae.distributed._comm import DistributedInputError, all_reduce_
 from softsae.distributed.launch import join_and_load
@@ -47,7 +47,7 @@ from softsae.distributed.sharded_model import (
     sharded_auxk_loss,
 )
 from softsae.distributed.stats import check_batch
-from softsae.logger import METRICS_FILE, MetricsLogger, open_logger
+from softsae.logger import METRICS_FILE
 from softsae.losses import DeadLatentTracker, k_loss, reconstruction_loss
 from softsae.models import SparseAutoencoder, build_model
 
@@ -233,18 +233,7 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
             T._trim_metrics(out / METRICS_FILE, start - 1)
         del state
 
-    if out is None and c.log != "jsonl":
-        raise ValueError(f"log={c.log!r} needs an out_dir to write into")
-    logger: MetricsLogger | None = None
-    if out is not None and main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "train_config.json", dataclasses.asdict(c))
-        logger = open_logger(c.log, out, dataclasses.asdict(c))
-    bar = None
-    if c.progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=c.steps, initial=start, desc=f"train {c.arch} (dictionary-sharded)", dynamic_ncols=True)
+    logger, bar = T.open_run_outputs(c, out, main, start, f"train {c.arch} (dictionary-sharded)")
     # Checkpoints are collective (a gather): every rank takes part when any rank has an out_dir.
     flag = torch.tensor([float(out is not None)], device=device)
     checkpointing = c.checkpoint_every > 0 and bool(all_reduce_(flag, dist.ReduceOp.MAX, sm.group).item())

@@ -42,7 +42,16 @@ from softsae.distributed.sharded_ops import (
     sharded_soft_topk_gate,
     sharded_topk_per_row,
 )
-from softsae.models import BatchTopKSAE, Codes, SoftSAE, SparseAutoencoder, TopKSAE, build_model
+from softsae.models import (
+    BatchTopKSAE,
+    Codes,
+    SoftSAE,
+    SparseAutoencoder,
+    TopKSAE,
+    build_model,
+    normalize_rows_,
+    project_row_grad_,
+)
 
 __all__ = ["SHARD_DIM", "ShardedOutput", "ShardedSAE", "clip_grad_norm_", "gather_full", "shard_full",
            "sharded_auxk_loss"]
@@ -217,14 +226,11 @@ class ShardedSAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.W_dec)  # this rank's rows: the norm is per row, no collective
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
-        g = self.W_dec.grad
-        if g is not None:
-            W = self.W_dec
-            g.sub_((g * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True).clamp_min(1e-12))
+        project_row_grad_(self.W_dec)
 
     def sharded_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(sharded, replicated) parameters."""
