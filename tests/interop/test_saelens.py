@@ -83,6 +83,7 @@ def test_import_softsae_registers_architecture(tmp_path):
     export_sae(ih.make_model("softsae"), tmp_path, "saelens")
     code = ("import softsae, sys; assert 'sae_lens' not in sys.modules; from sae_lens import SAE; "
             f"sae = SAE.load_from_disk({str(tmp_path)!r}); print(type(sae).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # -P: the checkout root (the cwd) stays off sys.path, so its kernels/ folder cannot shadow Hugging Face's
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("SoftSAELensSAE")
