@@ -389,6 +389,20 @@ def _global_terms(terms: dict[str, Tensor], loss: Tensor, out, x_n: Tensor, rows
 # ----------------------------------------------------------------------------- the loop
 
 
+def model_from_state(state: dict, state_path: Path, c: TrainConfig) -> SparseAutoencoder:
+    """The model saved in a training state (``trainer_state.pt``); refuses a state written by a run
+    with other arch, dict_size, k, steps or batch_size than ``c``."""
+    saved = state["train_config"]
+    clash = {f: (saved[f], getattr(c, f)) for f in ("arch", "dict_size", "k", "steps", "batch_size")
+             if saved[f] != getattr(c, f)}
+    if clash:
+        raise ValueError(f"{state_path} was written by a run with different settings "
+                         f"(saved vs requested: {clash}); resume with the same settings or start afresh")
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model
+
+
 def open_run_outputs(c: TrainConfig, out: Path | None, main: bool, start: int, desc: str):
     """(metrics logger or None, progress bar or None) of a run; rank ``main`` writes
     ``out/train_config.json`` and owns both. A logger other than jsonl needs ``out``."""
@@ -491,14 +505,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     if resume and state_path is not None and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     if state is not None:
-        saved = state["train_config"]
-        clash = {f: (saved[f], getattr(c, f)) for f in ("arch", "dict_size", "k", "steps", "batch_size")
-                 if saved[f] != getattr(c, f)}
-        if clash:
-            raise ValueError(f"{state_path} was written by a run with different settings "
-                             f"(saved vs requested: {clash}); resume with the same settings or start afresh")
-        model = build_model(state["model_config"])
-        model.load_state_dict(state["model"])
+        model = model_from_state(state, state_path, c)
     elif model is None:
         model = new_model(c, source.d)
     if model.d != source.d:

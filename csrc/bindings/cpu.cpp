@@ -77,8 +77,9 @@ int64_t row_grain(int64_t work_per_row) {
 
 // ------------------------------------------------------------------------------ soft top-k
 
-std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, double s, bool largest,
-                                         bool gate) {
+// The forward contract shared by the dense and the sparse forward: x (R, n) float, k (R,) float64
+// in (0, n) for every row, s a valid scale.
+void check_soft_topk_inputs(const Tensor& x, const Tensor& k, double s) {
   check_float_matrix(x, "x");
   const int64_t R = x.size(0), n = x.size(1);
   check_vector(k, "k", at::kDouble, R);
@@ -87,6 +88,12 @@ std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, doubl
     TORCH_CHECK_VALUE(((k > 0) & (k < static_cast<double>(n))).all().item<bool>(),
                       "k must lie in (0, n) = (0, ", n, ") for every row (clamp it first)");
   }
+}
+
+std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, double s, bool largest,
+                                         bool gate) {
+  check_soft_topk_inputs(x, k, s);
+  const int64_t R = x.size(0), n = x.size(1);
   Tensor out = empty_output(x.sizes(), x.options());
   Tensor t = at::empty({R}, x.options().dtype(at::kDouble));
   if (R == 0 || n == 0) return {out, t.fill_(0.0)};
@@ -336,14 +343,8 @@ std::tuple<Tensor, Tensor, int64_t> sparse_encoder_compact(const Tensor& grad,
 std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, const Tensor& k,
                                                              double s, bool largest,
                                                              int64_t max_count) {
-  check_float_matrix(x, "x");
+  check_soft_topk_inputs(x, k, s);
   const int64_t R = x.size(0), n = x.size(1);
-  check_vector(k, "k", at::kDouble, R);
-  check_scale(s);
-  if (R > 0 && n > 0) {
-    TORCH_CHECK_VALUE(((k > 0) & (k < static_cast<double>(n))).all().item<bool>(),
-                      "k must lie in (0, n) = (0, ", n, ") for every row (clamp it first)");
-  }
   Tensor t = at::zeros({R}, x.options().dtype(at::kDouble));
   Tensor count = at::zeros({R}, x.options().dtype(at::kLong));
   Tensor vals, idx;

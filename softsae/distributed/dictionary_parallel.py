@@ -49,7 +49,7 @@ from softsae.distributed.sharded_model import (
 from softsae.distributed.stats import check_batch
 from softsae.logger import METRICS_FILE
 from softsae.losses import DeadLatentTracker, k_loss, reconstruction_loss
-from softsae.models import SparseAutoencoder, build_model
+from softsae.models import SparseAutoencoder
 
 __all__ = ["dictionary_train_step", "load_sharded_state", "save_full_state", "train_dictionary"]
 
@@ -197,14 +197,7 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     _same_checkpoint(state, state_path)
     if state is not None:
-        saved = state["train_config"]
-        clash = {f: (saved[f], getattr(c, f)) for f in ("arch", "dict_size", "k", "steps", "batch_size")
-                 if saved[f] != getattr(c, f)}
-        if clash:
-            raise ValueError(f"{state_path} was written by a run with different settings "
-                             f"(saved vs requested: {clash}); resume with the same settings or start afresh")
-        full = build_model(state["model_config"])
-        full.load_state_dict(state["model"])
+        full = T.model_from_state(state, state_path, c)
     else:
         full = model if model is not None else T.new_model(c, d)
     if full.d != d:
