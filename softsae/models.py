@@ -32,6 +32,7 @@ everything the trainer needs (``SAEOutput``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,6 +242,18 @@ class SparseAutoencoder(nn.Module):
         project_row_grad_(self.W_dec)
 
 
+def straight_through(z_hard: Tensor, pre: Tensor, k_hat: Tensor, soft: Callable[[Tensor, Tensor], Tensor],
+                     mode: str) -> Tensor:
+    """Dense codes (B, n) equal to the hard codes ``z_hard`` in value (docs/math.md section 3), with
+    ``soft(pre, k_hat)`` the soft gate. mode "k": pre's gradient is the hard codes' own, k_hat's the
+    soft gate's; "soft": both gradients are the soft gate's."""
+    if mode == "k":
+        z_soft = soft(pre.detach(), k_hat)
+        return z_hard + (z_soft - z_soft.detach())
+    z_soft = soft(pre, k_hat)
+    return z_soft + (z_hard - z_soft).detach()
+
+
 @torch.no_grad()
 def normalize_rows_(W: Tensor) -> None:
     """Rows of W (n, d) rescaled to unit norm, in place (a zero row stays zero)."""
@@ -334,13 +347,8 @@ class SoftSAE(SparseAutoencoder):
             src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
             return self._hard_codes(src, self.hard_k(k_hat)), k_hat
         if self.straight_through:  # forward = hard top-hard_k(k_hat)
-            if self.st_mode == "k":  # encoder: the hard codes' own gradient; k head: the soft gate's dk
-                z_soft = self.soft_dense(pre.detach(), k_hat)
-                z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
-                return Codes(self.n, dense=z_hard + (z_soft - z_soft.detach())), k_hat
-            z_soft = self.soft_dense(pre, k_hat)  # "soft": every gradient is the soft gate's
             z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
-            return Codes(self.n, dense=z_soft + (z_hard - z_soft).detach()), k_hat
+            return Codes(self.n, dense=straight_through(z_hard, pre, k_hat, self.soft_dense, self.st_mode)), k_hat
         if self._use_sparse(False) and not self.alpha_relative:
             vals, idx = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend, sparse=True)
             return Codes(self.n, vals=vals, idx=idx, soft_pre=pre), k_hat

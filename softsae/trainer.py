@@ -294,6 +294,31 @@ def new_model(c: TrainConfig, d: int) -> SparseAutoencoder:
 # ----------------------------------------------------------------------------- one step
 
 
+def apply_schedule(model, opt: torch.optim.Optimizer, step: int, c: TrainConfig) -> bool:
+    """Set step ``step``'s learning rate and the model's phase flags (hard phase; SoftSAE's alpha and
+    straight-through settings; the baselines' annealed K). Returns whether the step is hard. Any model
+    with ``arch`` and those flags: SparseAutoencoder or the dictionary-sharded ShardedSAE."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, c)
+    hard = is_hard_phase(step, c)
+    model.hard = hard
+    if model.arch == "softsae":
+        model.alpha = alpha_at(step, c)
+        model.straight_through = is_st_phase(step, c)
+        model.st_mode = c.st_mode
+        model.hard_encoder_grad = c.hard_encoder_grad
+    else:
+        model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None
+    return hard
+
+
+def forward_train_amp(model, x_n: Tensor, c: TrainConfig):
+    """``model.forward_train(x_n)`` under bf16 autocast when ``c.amp`` asks for it ("auto": CUDA only)."""
+    use_amp = c.amp == "bf16" or (c.amp == "auto" and x_n.device.type == "cuda")
+    with torch.autocast(x_n.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        return model.forward_train(x_n)
+
+
 def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: DeadLatentTracker, x: Tensor,
                step: int, c: TrainConfig, dp: DataParallel | None = None) -> dict[str, Tensor]:
     """One optimisation step on a raw batch x (B, d); returns the loss terms (tensors, no sync).
@@ -306,21 +331,9 @@ def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: De
     world = dp.world_size if dp is not None else 1
     if isinstance(model, BatchTopKSAE):
         model.dp_group = group
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, c)
-    hard = is_hard_phase(step, c)
-    model.hard = hard
-    if isinstance(model, SoftSAE):
-        model.alpha = alpha_at(step, c)
-        model.straight_through = is_st_phase(step, c)
-        model.st_mode = c.st_mode
-        model.hard_encoder_grad = c.hard_encoder_grad
-    elif isinstance(model, (TopKSAE, BatchTopKSAE)):
-        model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None
+    hard = apply_schedule(model, opt, step, c)
     x_n = model.normalize(x)
-    use_amp = c.amp == "bf16" or (c.amp == "auto" and x.device.type == "cuda")
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        out = model.forward_train(x_n)
+    out = forward_train_amp(model, x_n, c)
     x_hat = out.x_hat.float()
     rows = x.shape[0]
     rows_total = dp.global_rows(rows, x.device) if dp is not None else rows

@@ -61,23 +61,11 @@ def dictionary_train_step(model: ShardedSAE, opt: torch.optim.Optimizer, tracker
                           step: int, c) -> dict[str, Tensor]:
     """``softsae.trainer.train_step`` for a dictionary-sharded model: x (B, d) is the whole batch (the same on
     every rank), ``tracker`` counts this rank's latents. Returns the replicated loss terms."""
-    from softsae.trainer import alpha_at, is_hard_phase, is_st_phase, k_target_at, lr_at
+    from softsae.trainer import apply_schedule, forward_train_amp, k_target_at
 
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, c)
-    hard = is_hard_phase(step, c)
-    model.hard = hard
-    if model.arch == "softsae":
-        model.alpha = alpha_at(step, c)
-        model.straight_through = is_st_phase(step, c)
-        model.st_mode = c.st_mode
-        model.hard_encoder_grad = c.hard_encoder_grad
-    else:
-        model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None
+    hard = apply_schedule(model, opt, step, c)
     x_n = model.normalize(x)
-    use_amp = c.amp == "bf16" or (c.amp == "auto" and x.device.type == "cuda")
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        out = model.forward_train(x_n)
+    out = forward_train_amp(model, x_n, c)
     x_hat = out.x_hat.float()
     recon = reconstruction_loss(x_n, x_hat)
     loss = recon

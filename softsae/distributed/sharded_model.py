@@ -51,6 +51,7 @@ from softsae.models import (
     build_model,
     normalize_rows_,
     project_row_grad_,
+    straight_through,
 )
 
 __all__ = ["SHARD_DIM", "ShardedOutput", "ShardedSAE", "clip_grad_norm_", "gather_full", "shard_full",
@@ -113,6 +114,7 @@ class ShardedSAE(nn.Module):
             self.k_max, self.alpha, self.k_round = model.k_max, model.alpha, model.k_round
             self.alpha_relative = model.alpha_relative
             self.straight_through, self.hard_encoder_grad = False, True
+            self.st_mode = model.st_mode
             self.k_estimator = nn.Sequential(
                 _Linear(local["k_estimator.0.weight"], local["k_estimator.0.bias"]), nn.ReLU(),
                 _Linear(local["k_estimator.2.weight"], local["k_estimator.2.bias"]))
@@ -182,13 +184,10 @@ class ShardedSAE(nn.Module):
             if self.is_hard:
                 src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
                 return self._hard_codes(src, self.hard_k(k_hat)), k_hat
-            if self.straight_through:  # as SoftSAE.select: st_mode "k" or "soft"
+            if self.straight_through:  # as SoftSAE.select
                 z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
-                if getattr(self, "st_mode", "soft") == "k":
-                    z_soft = self._soft_dense(pre.detach(), k_hat)
-                    return Codes(self.n_local, dense=z_hard + (z_soft - z_soft.detach())), k_hat
-                z_soft = self._soft_dense(pre, k_hat)
-                return Codes(self.n_local, dense=z_soft + (z_hard - z_soft).detach()), k_hat
+                z = straight_through(z_hard, pre, k_hat, self._soft_dense, self.st_mode)
+                return Codes(self.n_local, dense=z), k_hat
             return Codes(self.n_local, dense=self._soft_dense(pre, k_hat), soft_pre=pre), k_hat
         if not self.training:
             raise RuntimeError("ShardedSAE is for training; evaluate the gathered model (full_model())")

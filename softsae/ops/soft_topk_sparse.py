@@ -27,11 +27,9 @@ from softsae.ops.soft_topk_ref import soft_topk_fwd_ref
 def _fwd_impl(x: Tensor, k: Tensor, alpha: Tensor, largest: bool, max_count: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     s = st.scale_of(alpha)
-    ext = _backends.cpu_ext()
-    if backend == "cpu" and ext is not None and x.dtype in (torch.float32, torch.float64):
-        return ext.soft_topk_gate_sparse_fwd(x, k, float(s), largest, max_count)
-    if backend == "cpu":  # float16 / bfloat16: the kernel runs in float32, its values rounded back
-        vals, idx, t = ext.soft_topk_gate_sparse_fwd(x.float(), k, float(s), largest, max_count)
+    if backend == "cpu":  # float16 / bfloat16 run in float32, their values rounded back
+        xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        vals, idx, t = _backends.cpu_ext().soft_topk_gate_sparse_fwd(xc, k, float(s), largest, max_count)
         return vals.to(x.dtype), idx, t
     out, t = soft_topk_fwd_ref(x, k, s, largest, True)
     vals, idx = st.nonzero_per_row(out, None if max_count < 0 else max_count)
