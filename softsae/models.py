@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from softsae.ops.soft_gate_dk import soft_gate_dk
 from softsae.ops.soft_topk import nonzero_per_row, soft_topk, soft_topk_gate
 from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.sparse_encoder import encoder_pre
@@ -341,12 +342,47 @@ class SoftSAE(SparseAutoencoder):
         scale = pre.detach().amax(-1, keepdim=True).clamp_min(1e-12)
         return pre * soft_topk(pre / scale, k_hat, self.alpha, backend=self.backend)
 
+    def forward_train(self, x_n: Tensor) -> SAEOutput:
+        out = super().forward_train(x_n)
+        if self.training and not self.hard and self.straight_through and self.st_mode == "k":
+            out.x_hat = out.x_hat + self.k_direction(out.pre, out.k_hat)
+        return out
+
+    def k_direction(self, pre: Tensor, k_hat: Tensor) -> Tensor:
+        """Zero-valued (B, d) term whose gradient w.r.t. k_hat (B,) is the soft gate's at the
+        decoder: (k_hat - k_hat.detach()) v_b with v_b = sum_i (dz_bi/dk) W_dec[i] (docs/math.md
+        section 3). Added to the hard codes' decode it gives the straight-through "k" gradients
+        of ``straight_through`` without the dense (B, n) gradient GEMM: v is a sparse decode of
+        the coefficients near each row's threshold on CPU, one (B, n) x (n, d) GEMM elsewhere
+        (or when those coefficients are not sparse). Only k_hat gets a gradient."""
+        y, scale = pre.detach(), None
+        y = y if y.dtype in (torch.float32, torch.float64) else y.float()  # bf16 under autocast
+        if self.alpha_relative:
+            scale = y.amax(-1, keepdim=True).clamp_min(1e-12)
+            y = y / scale
+        W = self.W_dec.detach()
+        k = k_hat.detach()
+        if y.device.type == "cpu":
+            vals, idx = soft_gate_dk(y, k, self.alpha, backend=self.backend)
+            if idx.shape[1] * 8 <= self.n:
+                v = sparse_decode(vals.to(W.dtype), idx, W, None, backend=self.backend)
+            else:  # wide (large alpha): scatter into dense rows, one GEMM
+                c = vals.new_zeros(y.shape[0], self.n + 1).scatter_(1, torch.where(idx >= 0, idx, self.n), vals)
+                v = c[:, : self.n].to(W.dtype) @ W
+        else:
+            v = soft_gate_dk(y, k, self.alpha, backend=self.backend, sparse=False).to(W.dtype) @ W
+        if scale is not None:
+            v = v * scale
+        return (k_hat - k).unsqueeze(-1).to(v.dtype) * v
+
     def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, Tensor]:
         k_hat = self.k_hat_norm(x_n)
         if self.is_hard:
             src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
             return self._hard_codes(src, self.hard_k(k_hat)), k_hat
         if self.straight_through:  # forward = hard top-hard_k(k_hat)
+            if self.st_mode == "k":  # k_hat's gradient: forward_train adds k_direction to the decode
+                return self._hard_codes(pre, self.hard_k(k_hat)), k_hat
             z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
             return Codes(self.n, dense=straight_through(z_hard, pre, k_hat, self.soft_dense, self.st_mode)), k_hat
         if self._use_sparse(False) and not self.alpha_relative:

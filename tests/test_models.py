@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import softsae
 from softsae.losses import DeadLatentTracker, auxk_loss, fvu, k_loss, reconstruction_loss
 from softsae.metrics import dictionary_recovery, rankdata, spearman
-from softsae.models import BatchTopKSAE, Codes, SoftSAE, TopKSAE, build_model
+from softsae.models import BatchTopKSAE, Codes, SoftSAE, TopKSAE, build_model, straight_through
 from softsae.ops.soft_topk import soft_topk
 
 D, N, B = 12, 40, 64
@@ -303,6 +304,44 @@ def test_softsae_straight_through_k_mode():
     assert torch.allclose(grads["k"][2], grads["hard"][2], atol=1e-5)  # decoder too
     assert grads["k"][3] is not None and grads["k"][3].abs().sum() > 0  # the k head learns
     assert grads["hard"][3] is None or grads["hard"][3].abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("alpha", [1e-3, 0.05, 2.0])
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("decode_mode", ["auto", "dense"])
+def test_softsae_straight_through_k_mode_equals_dense_formula(backend, alpha, relative, decode_mode):
+    """The st_mode "k" step (hard codes + SoftSAE.k_direction) gives the same forward and every
+    gradient as the dense formula straight_through(z_hard, pre, k_hat, soft, "k") decoded by a GEMM."""
+    if backend not in softsae.available_backends("cpu"):
+        pytest.skip(f"backend {backend} not built")
+    n = 600
+    x = _x(rows=32, seed=5) @ torch.randn(D, D)
+    grads = {}
+    for path in ("fast", "dense"):
+        torch.manual_seed(7)
+        m = SoftSAE(D, n, 6, alpha=alpha, backend=backend, decode_mode=decode_mode,
+                    alpha_relative=relative).double().train()
+        with torch.no_grad():
+            m.k_estimator[2].weight.normal_(0, 0.3)
+            m.b_dec.normal_(0, 0.1)
+        m.straight_through, m.st_mode = True, "k"
+        x_n = m.normalize(x.double())
+        if path == "fast":
+            out = m.forward_train(x_n)
+            x_hat = out.x_hat
+        else:
+            pre = m.pre_acts(x_n)
+            k_hat = m.k_hat_norm(x_n)
+            z_hard = m._hard_codes(pre, m.hard_k(k_hat)).to_dense()
+            z = straight_through(z_hard, pre, k_hat, m.soft_dense, "k")
+            x_hat = z @ m.W_dec + m.b_dec
+        loss = (x_hat - x_n).pow(2).sum() + 0.1 * x_hat.sin().sum()
+        loss.backward()
+        grads[path] = [x_hat.detach()] + [p.grad.clone() for p in m.parameters()]
+    for a, b in zip(grads["fast"], grads["dense"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    assert grads["fast"][-2].abs().sum() > 0  # the k head's output layer learns
 
 
 def test_softsae_hard_phase_without_encoder_gradient():

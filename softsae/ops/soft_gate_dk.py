@@ -1,0 +1,103 @@
+"""The k-derivative of the soft top-k gate, for a straight-through k head without dense GEMMs.
+
+    t = soft_topk_threshold(x, k, alpha)                 # (R,) float64, no autograd
+    vals, idx = soft_gate_dk(x, k, alpha)                # sparse: the non-negligible dz_i/dk
+    c = soft_gate_dk(x, k, alpha, sparse=False)          # dense (R, n)
+
+For the gate z = x * p(x, k) (docs/math.md section 1) with u_i = (x_i - t)/s and the Laplace
+density f_i = e^{-|u_i|}/2, the implicit-function theorem gives dp_i/dk = f_i / sum_j f_j, so
+
+    c_i = dz_i/dk = x_i f_i / sum_j f_j.
+
+A straight-through SoftSAE step (st_mode "k", docs/math.md section 3) needs dL/dk =
+sum_i (dL/dz_i) c_i = g . (sum_i c_i W_dec[i]) for the decoder gradient g = dL/dx_hat: one
+sparse decode of c, not the dense (B, n) x (n, d) GEMM of dL/dz. ``sparse=True`` keeps the
+entries with |u_i| - min_j |u_j| < ``cut`` (and x_i != 0, whose c_i is 0 anyway): a dropped
+entry weighs at most e^{-cut} of the largest, so with the default cut of 32 the dropped mass is
+below n * 1.3e-14 of the total (2e-10 at n = 16384). Every kept coefficient is formed in
+float64 from the float64 threshold; sum_j f_j includes every entry (the zeros of x, all at
+the same |u|, in closed form). The width is the largest kept count per row (a host read; this
+is meant for CPU tensors, where that costs nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from softsae import _backends
+from softsae.ops import soft_topk as st
+
+DK_CUT = 32.0  # entries with |u| more than this above the row's smallest |u| are dropped
+
+
+def _prepare(x: Tensor, k, alpha, backend: str) -> tuple[Tensor, Tensor, Tensor, str]:
+    """Checked (R, n) rows, k (R,) float64 clamped, s (1,) float64, backend name."""
+    _dim, alpha_t = st._check_inputs(x, k, alpha, -1, True)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, n), got shape {tuple(x.shape)}")
+    return x.detach().contiguous(), st._rows_k(k, x).detach(), alpha_t, _backends.resolve(backend, x.device)
+
+
+@torch.no_grad()
+def soft_topk_threshold(x: Tensor, k, alpha, backend: str = "auto") -> Tensor:
+    """Per-row threshold t (R,) float64 of the soft top-k of x (R, n): sum_i F((x_i - t)/s) = k.
+
+    The CPU backend finds it without writing the dense (R, n) weights; other backends run the
+    soft top-k forward and keep its t. Not differentiable.
+    """
+    x2, k_rows, alpha_t, name = _prepare(x, k, alpha, backend)
+    if x2.numel() == 0:
+        return x2.new_empty(x2.shape[0], dtype=torch.float64)
+    if name == "cpu" and x2.device.type == "cpu":
+        xc = x2 if x2.dtype in (torch.float32, torch.float64) else x2.float()
+        s = float(st.scale_of(alpha_t))
+        return _backends.cpu_ext().soft_topk_gate_sparse_fwd(xc, k_rows, s, True, 0)[2]
+    return st._fwd_op(x2, k_rows, alpha_t, True, False, name)[1]
+
+
+@torch.no_grad()
+def soft_gate_dk(x: Tensor, k, alpha, backend: str = "auto", sparse: bool = True,
+                 cut: float = DK_CUT) -> Tensor | tuple[Tensor, Tensor]:
+    """dz/dk of z = x * soft_topk(x, k, alpha) per row, for x (R, n) float (rows on the last axis).
+
+    Returns the dense (R, n) coefficients in x's dtype (``sparse=False``), or padded ``(vals, idx)``
+    (R, M): vals float64, idx int64 (-1 = pad), the entries within ``cut`` of the row's peak
+    density, in increasing index order. Not differentiable (a coefficient, not a function of k's
+    graph): multiply it into the upstream gradient, as softsae.models.SoftSAE does.
+    """
+    if not (cut > 0):
+        raise ValueError(f"cut must be > 0, got {cut}")
+    x2, k_rows, alpha_t, name = _prepare(x, k, alpha, backend)
+    R, n = x2.shape
+    if x2.numel() == 0:
+        return x2.new_zeros(R, n) if not sparse else (x2.new_zeros(R, 0, dtype=torch.float64),
+                                                       torch.zeros(R, 0, dtype=torch.int64, device=x2.device))
+    t = soft_topk_threshold(x2, k_rows, alpha_t, name)
+    s = st.scale_of(alpha_t)  # (1,) float64
+    if not sparse:
+        u = (x2.double() - t[:, None]) / s
+        au = u.abs()
+        fr = torch.exp(-(au - au.amin(dim=-1, keepdim=True)))
+        return (x2.double() * fr / fr.sum(dim=-1, keepdim=True)).to(x2.dtype)
+    # Candidate mask in x's precision with one unit of margin; the kept values are then exact.
+    xw = x2 if x2.dtype in (torch.float32, torch.float64) else x2.float()
+    dist = (xw - t.to(xw.dtype)[:, None]).abs_()
+    dmin = dist.amin(dim=-1)
+    keep = dist < (dmin.double() + (cut + 1.0) * s).to(xw.dtype)[:, None]
+    keep &= xw != 0
+    n_zero = (xw == 0).sum(dim=-1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    shift = dmin.double() / s  # about min |u|: keeps every exp below 1 (up to the margin)
+    xv = xw[rows, cols].double()
+    fr = torch.exp(-((xv - t[rows]).abs() / s - shift[rows]))
+    f_sum = torch.zeros(R, dtype=torch.float64, device=x2.device).index_add_(0, rows, fr)
+    f_sum += n_zero * torch.exp(-(t.abs() / s - shift))  # the zeros of x share u = -t/s
+    counts = keep.sum(dim=-1)
+    width = int(counts.max())
+    pos = torch.arange(rows.numel(), device=x2.device) - (counts.cumsum(0) - counts)[rows]
+    vals = torch.zeros(R, width, dtype=torch.float64, device=x2.device)
+    idx = torch.full((R, width), -1, dtype=torch.int64, device=x2.device)
+    vals[rows, pos] = xv * fr / f_sum[rows]
+    idx[rows, pos] = cols
+    return vals, idx
