@@ -57,6 +57,7 @@ from _timing import add_rows_args, environment, markdown_table, peak_memory, per
 from bench_train_throughput import make_train_step  # noqa: E402
 
 import softsae  # noqa: E402
+from softsae.cpu_memory import keep_freed_memory  # noqa: E402
 
 FRAMEWORKS = ("softsae", "reference", "dictionary_learning", "sparsify")
 MODELS = ("topk", "batchtopk", "softsae-soft", "softsae-soft-sparse", "softsae-hard")
@@ -336,6 +337,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dead-frac", type=float, default=0.1, help="latents marked dead before each step (auxk on)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="profile one softsae step per model instead of timing")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="CPU: keep freed memory in the process for every framework (what softsae's trainer "
+                         "does, softsae/cpu_memory.py) or glibc's default (large blocks mmapped per step)")
     ap.add_argument("--markdown", type=Path, default=None, help="write the table (and ratios) to this file")
     add_rows_args(ap)
     ap.add_argument("--render", type=Path, default=None, metavar="ROWS.jsonl",
@@ -345,6 +349,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(render_rows_file(a.render), end="")
         return []
     device = torch.device(a.device)
+    malloc = "n/a"
+    if device.type == "cpu":
+        malloc = "keep" if a.malloc == "keep" and keep_freed_memory() else "default"
     threads = a.threads or [torch.get_num_threads()]
     versions = {f: package_version(f) for f in FRAMEWORKS}
     records: list[dict] = []
@@ -364,7 +371,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                    "B": s.B, "threads": torch.get_num_threads(), "dtype": "float32",
                                    "alpha": a.alpha if model.startswith("softsae") else None,
                                    "dead_frac": a.dead_frac, "version": versions[fw], "repeat": a.repeat,
-                                   "softsae_version": versions["softsae"]}
+                                   "softsae_version": versions["softsae"], "malloc": malloc}
                             try:
                                 step, backend = make_step(fw, model, s, x, a.alpha, a.dead_frac)
                             except Missing as e:
@@ -387,7 +394,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                   flush=True)
     if a.profile:
         return records
-    text = f"{render(records)}\n{environment(device)}; float32; {int(100 * a.dead_frac)}% dead latents (auxk on)"
+    text = (f"{render(records)}\n{environment(device)}; float32; {int(100 * a.dead_frac)}% dead latents (auxk on); "
+            f"allocator: {malloc} (every framework in this process)")
     print("\n" + text)
     if a.markdown:
         a.markdown.write_text(text + "\n")

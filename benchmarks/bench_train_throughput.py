@@ -24,7 +24,7 @@ from _timing import add_rows_args, environment, markdown_table, peak_memory, per
 
 import softsae  # noqa: E402
 from softsae.losses import DeadLatentTracker  # noqa: E402
-from softsae.trainer import TrainConfig, new_model, train_step  # noqa: E402
+from softsae.trainer import TrainConfig, make_optimizer, new_model, train_step  # noqa: E402
 
 VARIANTS = [  # (label, arch, hard phase, decode_mode)
     ("SoftSAE soft, dense decode", "softsae", False, "dense"),
@@ -44,7 +44,7 @@ def make_train_step(device, backend, arch, hard, decode_mode, d, n, B, k, alpha,
                     dead_feature_threshold=B * 1000, device=str(device)).resolved(d)
     torch.manual_seed(0)
     model = new_model(c, d).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+    opt = make_optimizer(model.parameters(), c.lr)
     tracker = DeadLatentTracker(n, c.dead_feature_threshold, device)
     n_dead = int(n * dead_frac)
     x = torch.randn(B, d, device=device) if x is None else x

@@ -56,17 +56,22 @@ def auxk_loss(pre: Tensor, residual: Tensor, dead: Tensor, W_dec: Tensor, k_aux:
 
     No host-device sync on CUDA: the top ``min(k_aux, n)`` of the dead-masked activations are
     taken with a static width and the non-dead picks padded out (idx -1), which selects the
-    same latents as taking ``min(k_aux, n_dead)``. (On CPU, where reading the dead count is
-    free, nothing-dead returns early.)
+    same latents as taking ``min(k_aux, n_dead)``. On CPU, where reading the dead set is free,
+    nothing-dead returns early and the top-k runs over the dead columns alone.
     """
     e = residual.detach()
     if k_aux <= 0 or (not dead.is_cuda and not bool(dead.any())):
         return pre.sum() * 0.0
-    kk = min(int(k_aux), dead.shape[0])
-    masked = pre.masked_fill(~dead[None, :], float("-inf"))
-    vals, idx = torch.topk(masked, kk, dim=-1, sorted=False)
-    valid = dead[idx]
-    vals, idx = torch.where(valid, vals, 0.0), torch.where(valid, idx, -1)
+    if dead.is_cuda:
+        kk = min(int(k_aux), dead.shape[0])
+        masked = pre.masked_fill(~dead[None, :], float("-inf"))
+        vals, idx = torch.topk(masked, kk, dim=-1, sorted=False)
+        valid = dead[idx]
+        vals, idx = torch.where(valid, vals, 0.0), torch.where(valid, idx, -1)
+    else:  # the dead columns only: a top-k over (B, n_dead), not a masked copy of (B, n)
+        cols = dead.nonzero().squeeze(1)
+        vals, j = torch.topk(pre.index_select(1, cols), min(int(k_aux), cols.numel()), dim=-1, sorted=False)
+        idx = cols[j]
     e_hat = sparse_decode(vals, idx, W_dec, None, backend=backend)
     if group is None:
         num = (e - e_hat).pow(2).sum(-1).mean()

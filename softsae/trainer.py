@@ -92,6 +92,7 @@ import torch
 from torch import Tensor
 
 from softsae.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, save_sae
+from softsae.cpu_memory import keep_freed_memory
 from softsae.data import check_finite_batch, load_activations, normalization_stats
 from softsae.distributed.data_parallel import (
     DataParallel,
@@ -319,6 +320,15 @@ def forward_train_amp(model, x_n: Tensor, c: TrainConfig):
         return model.forward_train(x_n)
 
 
+def make_optimizer(params, lr: float) -> torch.optim.Adam:
+    """Adam (betas 0.9, 0.999) over ``params``: torch's fused single-pass implementation when every
+    parameter is a CPU or CUDA float tensor (on CPU about 10x faster than the default multi-pass
+    update at 16384 x 768), else the default. The state dict is the same either way."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True if fused else None)
+
+
 def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: DeadLatentTracker, x: Tensor,
                step: int, c: TrainConfig, dp: DataParallel | None = None) -> dict[str, Tensor]:
     """One optimisation step on a raw batch x (B, d); returns the loss terms (tensors, no sync).
@@ -507,6 +517,8 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     dp: DataParallel | None = None
     if c.parallel == "data":
         dp, device = setup_data_parallel(device, c.batch_size)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on the step's large temporaries (softsae/cpu_memory.py)
     main = dp is None or dp.is_main
     lo, hi = dp.rows(c.batch_size) if dp is not None else (0, c.batch_size)
     out = Path(out_dir) if out_dir is not None else None
@@ -526,7 +538,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     model = model.to(device).train()
     if dp is not None:
         broadcast_module_(model, dp.group)
-    opt = torch.optim.Adam(model.parameters(), lr=c.lr, betas=(0.9, 0.999))
+    opt = make_optimizer(model.parameters(), c.lr)
     tracker = DeadLatentTracker(model.n, c.dead_feature_threshold, device)
     start = 0
     if state is not None:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from softsae.checkpoint import atomic_torch_save, save_sae
+from softsae.cpu_memory import keep_freed_memory
 from softsae.data import normalization_stats
 from softsae.distributed._comm import DistributedInputError, all_reduce_
 from softsae.distributed.launch import join_and_load
@@ -173,6 +174,8 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
 
     source, c = join_and_load(data, config)
     device = torch.device(c.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the one-process trainer (softsae/cpu_memory.py)
     main = group_rank_world(None)[0] == 0
     d = source.d
     out = Path(out_dir) if out_dir is not None else None
@@ -202,7 +205,7 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
             (out / METRICS_FILE).unlink()
     sm = ShardedSAE(full, None).to(device).train()
     del full
-    opt = torch.optim.Adam(sm.parameters(), lr=c.lr, betas=(0.9, 0.999))
+    opt = T.make_optimizer(sm.parameters(), c.lr)
     tracker = DeadLatentTracker(sm.n_local, c.dead_feature_threshold, device)
     start = 0
     if state is not None:

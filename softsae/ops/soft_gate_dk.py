@@ -22,6 +22,8 @@ is meant for CPU tensors, where that costs nothing).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -86,14 +88,20 @@ def soft_gate_dk(x: Tensor, k, alpha, backend: str = "auto", sparse: bool = True
     dmin = dist.amin(dim=-1)
     keep = dist < (dmin.double() + (cut + 1.0) * s).to(xw.dtype)[:, None]
     keep &= xw != 0
-    n_zero = (xw == 0).sum(dim=-1)
     rows, cols = keep.nonzero(as_tuple=True)
     shift = dmin.double() / s  # about min |u|: keeps every exp below 1 (up to the margin)
     xv = xw[rows, cols].double()
     fr = torch.exp(-((xv - t[rows]).abs() / s - shift[rows]))
     f_sum = torch.zeros(R, dtype=torch.float64, device=x2.device).index_add_(0, rows, fr)
-    f_sum += n_zero * torch.exp(-(t.abs() / s - shift))  # the zeros of x share u = -t/s
-    counts = keep.sum(dim=-1)
+    # The zeros of x share u = -t/s: their density, counted only in rows where it is within the cut
+    # (elsewhere it is below e^-cut of the row's peak, as every dropped entry).
+    zero_f = torch.exp(-(t.abs() / s - shift))
+    near = zero_f > math.exp(-(cut + 1.0))
+    if bool(near.any()):
+        n_zero = torch.zeros(R, dtype=torch.float64, device=x2.device)
+        n_zero[near] = (xw[near] == 0).sum(dim=-1, dtype=torch.float64)
+        f_sum += n_zero * zero_f
+    counts = torch.bincount(rows, minlength=R)
     width = int(counts.max())
     pos = torch.arange(rows.numel(), device=x2.device) - (counts.cumsum(0) - counts)[rows]
     vals = torch.zeros(R, width, dtype=torch.float64, device=x2.device)

@@ -53,13 +53,14 @@ def topk_per_row(z: Tensor, k, k_max: int | None = None, check_nan: bool | None 
             k_max = int(kk.max()) if B else 0
     if check_nan is None:
         check_nan = z.device.type == "cpu" and not torch.compiler.is_compiling()
-    if check_nan and torch.isnan(z).any():
+    fast_cpu = z.device.type == "cpu" and not torch.compiler.is_compiling() and k_max > 0
+    if check_nan and not fast_cpu and torch.isnan(z).any():  # (the CPU path checks its own top-1)
         raise ValueError("z contains NaN; top-k of a NaN row is undefined")
     if k_max == 0:
         return z.new_zeros(B, 0), torch.zeros(B, 0, dtype=torch.int64, device=z.device)
 
-    if z.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _topk_cpu(z, kk, k_max)
+    if fast_cpu:
+        return _topk_cpu(z, kk, k_max, check_nan)
     return _topk_exact(z, kk, k_max)
 
 
@@ -87,18 +88,22 @@ def _topk_exact(z: Tensor, kk: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
     return vals, torch.where(valid, idx, -1)
 
 
-def _topk_cpu(z: Tensor, kk: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
+def _topk_cpu(z: Tensor, kk: Tensor, k_max: int, check_nan: bool = True) -> tuple[Tensor, Tensor]:
     """Same result as ``_topk_exact`` from one ``torch.topk`` of width k_max + 1 and (B, k_max) work.
 
     A row's kept set is ambiguous only when its k-th and (k+1)-th largest values are equal (a tie
     at the boundary); such rows (rare for real-valued data) go through ``_topk_exact``. Elsewhere
     the k_max + 1 largest are re-ordered by (value descending, index ascending), which is the tie
-    rule inside the kept set. Reads ``any()`` of the tie mask back: CPU only.
+    rule inside the kept set. Reads ``any()`` of the tie mask back: CPU only. ``check_nan``: a row
+    holding NaN has it first in its sorted top-k (topk orders NaN above every number), so checking
+    the (B,) top-1 values finds it without a pass over (B, n).
     """
     B, n = z.shape
     width = min(k_max + 1, n)
     zd = z.detach()
     tv, ti = torch.topk(zd, width, dim=-1, sorted=True)
+    if check_nan and bool(torch.isnan(tv[:, 0]).any()):
+        raise ValueError("z contains NaN; top-k of a NaN row is undefined")
     tied = (kk > 0) & (kk < n) & (tv.gather(1, (kk - 1).clamp(min=0)[:, None]) ==
                                   tv.gather(1, kk.clamp(max=width - 1)[:, None])).squeeze(1)
     idx = ti[:, :k_max].sort(dim=-1).values  # index ascending, then a stable sort by value
