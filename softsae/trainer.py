@@ -96,7 +96,7 @@ from softsae.cpu_memory import keep_freed_memory
 from softsae.data import check_finite_batch, load_activations, normalization_stats
 from softsae.distributed.data_parallel import (
     DataParallel,
-    allreduce_grads_,
+    OverlappedGradReduce,
     broadcast_module_,
     setup_data_parallel,
 )
@@ -365,7 +365,7 @@ def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: De
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if dp is not None:
-        allreduce_grads_(model.parameters(), group)
+        dp.sync_grads(model.parameters())
     model.project_decoder_grad()
     if c.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
@@ -538,6 +538,7 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     model = model.to(device).train()
     if dp is not None:
         broadcast_module_(model, dp.group)
+        dp = dataclasses.replace(dp, reducer=OverlappedGradReduce(model.parameters(), dp.group))
     opt = make_optimizer(model.parameters(), c.lr)
     tracker = DeadLatentTracker(model.n, c.dead_feature_threshold, device)
     start = 0
@@ -606,6 +607,8 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
             bar.close()
         if logger is not None:
             logger.close()
+        if dp is not None and dp.reducer is not None:
+            dp.reducer.remove()  # the returned model must not start collectives on a later backward
     model.hard = False
     if isinstance(model, SoftSAE):
         model.straight_through, model.hard_encoder_grad = False, True

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from softsae.distributed._comm import all_reduce_
 from softsae.distributed.process import group_rank_world, init_from_env, shard_range
 
-__all__ = ["DataParallel", "allreduce_grads_", "broadcast_module_", "setup_data_parallel"]
+__all__ = ["DataParallel", "OverlappedGradReduce", "allreduce_grads_", "broadcast_module_", "setup_data_parallel"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,14 @@ class DataParallel:
     group: dist.ProcessGroup  # never None: None means "one process" to the losses and models
     rank: int
     world_size: int
+    reducer: OverlappedGradReduce | None = None  # gradients all-reduced during backward (else after it)
+
+    def sync_grads(self, params) -> None:
+        """After ``loss.backward()``: every gradient of ``params`` holds the SUM over the ranks."""
+        if self.reducer is not None:
+            self.reducer.wait()
+        else:
+            allreduce_grads_(params, self.group)
 
     @property
     def is_main(self) -> bool:
@@ -93,3 +101,65 @@ def allreduce_grads_(params, group: dist.ProcessGroup | None = None) -> None:
         for g in gs:
             g.copy_(flat[off:off + g.numel()].view_as(g))
             off += g.numel()
+
+
+class OverlappedGradReduce:
+    """SUM-all-reduce gradients while the backward still runs, as DDP does.
+
+    A post-accumulate-grad hook on every parameter that needs a gradient starts an asynchronous
+    all-reduce of that gradient as soon as autograd has finished accumulating it, so the
+    communication of the decoder's gradient overlaps the encoder's backward, and so on.
+    Gradients smaller than ``bucket_bytes`` wait in one flat bucket that is reduced as soon as it is
+    full, and in any case by ``wait()``. Every rank runs the same graph, so the hooks fire in the same
+    order everywhere and the collectives match. ``wait()`` (before clipping and the optimizer) blocks
+    until every reduction has landed and copies bucketed gradients back. ``remove()`` detaches the hooks.
+    """
+
+    def __init__(self, params, group: dist.ProcessGroup, bucket_bytes: int = 1 << 20) -> None:
+        self.group, self.bucket_bytes = group, int(bucket_bytes)
+        self._works: list = []
+        self._bucket: list[Tensor] = []
+        self._flats: list[tuple[Tensor, list[Tensor]]] = []
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params if p.requires_grad]
+
+    def _on_grad(self, p: Tensor) -> None:
+        g = p.grad
+        if g.numel() * g.element_size() >= self.bucket_bytes:
+            self._works.append(dist.all_reduce(g, group=self.group, async_op=True))
+            return
+        if self._bucket and (self._bucket[0].dtype, self._bucket[0].device) != (g.dtype, g.device):
+            self._flush()
+        self._bucket.append(g)
+        if sum(t.numel() * t.element_size() for t in self._bucket) >= self.bucket_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._bucket:
+            return
+        flat = torch.cat([g.reshape(-1) for g in self._bucket])
+        self._works.append(dist.all_reduce(flat, group=self.group, async_op=True))
+        self._flats.append((flat, self._bucket))
+        self._bucket = []
+
+    @torch.no_grad()
+    def wait(self) -> None:
+        """Finish every reduction started since the last ``wait`` (and the partly filled bucket)."""
+        self._flush()
+        for w in self._works:
+            w.wait()
+        for flat, grads in self._flats:
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+        self._works, self._flats = [], []
+
+    @property
+    def in_flight(self) -> int:
+        """Reductions started and not yet waited for (for tests and diagnostics)."""
+        return len(self._works) + (1 if self._bucket else 0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
