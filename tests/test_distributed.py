@@ -165,6 +165,23 @@ def _soft_topk_worker(rank: int, world: int) -> None:
     assert (p[keep] - ref[keep, lo:hi]).abs().max() < 1e-6
 
 
+def _k_direction_worker(rank: int, world: int) -> None:
+    """sharded_gate_k_direction equals sum_i (dz_i/dk) W_dec[i] of the unsharded gate (autograd's dk
+    for each column of W_dec as the upstream gradient), for post-ReLU rows (exact zeros) and alphas
+    from 1e-4 (a few kept latents) to 1 (all of them); a shard may be empty (n = 2 on 3 ranks)."""
+    for n, alpha in ((40, 1e-4), (40, 0.05), (41, 1.0), (2, 0.3)):
+        lo, hi = sd.shard_range(n, rank, world)
+        x, k, _ = _full_data(5, n, seed=n)
+        x = x.relu()
+        W = torch.randn(n, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        kf = k.clamp(0.5, n - 0.5).clone().requires_grad_()
+        z = softsae.soft_topk_gate(x, kf, alpha, backend="reference")
+        want = torch.stack([torch.autograd.grad((z * W[:, j]).sum(), kf, retain_graph=True)[0]
+                            for j in range(W.shape[1])], dim=1)  # (R, d): dk of sum_i z_i W[i, j]
+        got = sd.sharded_gate_k_direction(x[:, lo:hi], kf.detach(), alpha, W[lo:hi])
+        _close(got, want, f"k direction n={n} alpha={alpha}")
+
+
 def _hard_topk_worker(rank: int, world: int) -> None:
     n, B = 10, 7
     lo, hi = sd.shard_range(n, rank, world)
@@ -355,8 +372,8 @@ def _timeout_worker(rank: int, world: int) -> None:
 # ----------------------------------------------------------------------------- tests
 # One spawn per world size runs every worker in turn (a spawn costs seconds of imports per rank).
 
-WORKERS = {2: ["_soft_topk_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker", "_timeout_worker"],
-           3: ["_soft_topk_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker", "_bad_data_worker"]}
+_COMMON = ["_soft_topk_worker", "_k_direction_worker", "_hard_topk_worker", "_decode_worker", "_stats_worker"]
+WORKERS = {2: _COMMON + ["_timeout_worker"], 3: _COMMON + ["_bad_data_worker"]}
 
 
 def _all_workers(rank: int, world: int) -> None:

@@ -38,6 +38,7 @@ from softsae.distributed.sharded_ops import (
     reduce_from_shards,
     sharded_batch_topk,
     sharded_decode,
+    sharded_gate_k_direction,
     sharded_soft_topk,
     sharded_soft_topk_gate,
     sharded_topk_per_row,
@@ -185,6 +186,8 @@ class ShardedSAE(nn.Module):
                 src = pre if (self.hard_encoder_grad or not self.training) else pre.detach()
                 return self._hard_codes(src, self.hard_k(k_hat)), k_hat
             if self.straight_through:  # as SoftSAE.select
+                if self.st_mode == "k":  # k_hat's gradient: forward_train adds k_direction
+                    return self._hard_codes(pre, self.hard_k(k_hat)), k_hat
                 z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
                 z = straight_through(z_hard, pre, k_hat, self._soft_dense, self.st_mode)
                 return Codes(self.n_local, dense=z), k_hat
@@ -217,7 +220,23 @@ class ShardedSAE(nn.Module):
         x_in = copy_to_shards(x_n - self.b_dec, self.group)
         pre = F.relu(F.linear(x_in, self.W_enc, self.b_enc))
         codes, k_hat = self.select(pre, x_in)
-        return ShardedOutput(self.decode_codes(codes), pre, codes, k_hat)
+        x_hat = self.decode_codes(codes)
+        if self.arch == "softsae" and self.training and not self.hard and self.straight_through \
+                and self.st_mode == "k":
+            x_hat = x_hat + self.k_direction(pre, k_hat)
+        return ShardedOutput(x_hat, pre, codes, k_hat)
+
+    def k_direction(self, pre: Tensor, k_hat: Tensor) -> Tensor:
+        """As ``SoftSAE.k_direction``, over the sharded dictionary (``sharded_gate_k_direction``)."""
+        y, scale = pre.detach(), None
+        if self.alpha_relative:
+            row_max = y.amax(-1, keepdim=True) if self.n_local else y.new_zeros(y.shape[0], 1)
+            scale = all_reduce_(row_max.clone(), dist.ReduceOp.MAX, self.group).clamp_min(1e-12)
+            y = y / scale
+        v = sharded_gate_k_direction(y, k_hat.detach(), self.alpha, self.W_dec, self.group, backend=self.backend)
+        if scale is not None:
+            v = v * scale.to(v.dtype)
+        return (k_hat - k_hat.detach()).unsqueeze(-1).to(v.dtype) * v
 
     def global_l0(self, codes: Codes) -> Tensor:
         """Active latents per row over the whole dictionary, (B,) float64 (one all-reduce)."""

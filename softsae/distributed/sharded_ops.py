@@ -47,6 +47,7 @@ from torch import Tensor
 
 from softsae.distributed._comm import DistributedInputError, all_gather_stack, all_reduce_, raise_everywhere
 from softsae.distributed.process import group_rank_world
+from softsae.ops.soft_gate_dk import DK_CUT, dk_terms
 from softsae.ops.soft_topk import K_EPS, S_MIN
 from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.topk_per_row import topk_per_row
@@ -55,6 +56,7 @@ __all__ = [
     "DistributedInputError",
     "copy_to_shards",
     "reduce_from_shards",
+    "sharded_gate_k_direction",
     "sharded_batch_topk",
     "sharded_decode",
     "sharded_soft_topk",
@@ -396,6 +398,44 @@ def sharded_soft_topk_gate(x: Tensor, k, alpha, group: dist.ProcessGroup | None 
                            largest: bool = True) -> Tensor:
     """Fused gate ``x * p`` of :func:`sharded_soft_topk` (rank r's columns)."""
     return sharded_soft_topk(x, k, alpha, group, largest=largest, gate=True)
+
+
+@torch.no_grad()
+def sharded_gate_k_direction(x: Tensor, k, alpha, W_dec: Tensor, group: dist.ProcessGroup | None = None,
+                             backend: str = "auto") -> Tensor:
+    """v (R, d), replicated: sum over the WHOLE dictionary of (dz_i/dk) W_dec[i] for the sharded gate
+    z = x * soft_topk(x, k, alpha), x (R, n_r) and W_dec (n_r, d) this rank's latents.
+
+    The straight-through "k" step adds ``(k_hat - sg(k_hat)) v`` to the reconstruction (docs/math.md
+    section 3; ``softsae.models.SoftSAE.k_direction`` in one process): the global threshold (the
+    sharded search of ``sharded_soft_topk``), each shard's kept terms x_i f_i near it (relative to the
+    global min |u|, one all-reduce MIN) decoded by ``sparse_decode``, then one all-reduce SUM of the
+    (R, d + 1) partial decodes and density sums. No soft top-k output and no backward pass.
+    """
+    _check_2d(x, "x")
+    group_rank_world(group)
+    alpha_t = _alpha_tensor(alpha, x.device)
+    kk = _rows_k(k, x.shape[0], x.device)
+    sizes = _gather_meta(x, kk, alpha_t, group, "sharded_gate_k_direction", check_nan=False)
+    n = int(sizes.sum())
+    R, d = x.shape[0], W_dec.shape[1]
+    if R == 0 or n == 0:
+        return W_dec.new_zeros(R, d)
+    kk = kk.clamp(K_EPS, n - K_EPS) if n > 1 else kk.clamp(K_EPS, 1 - K_EPS)
+    s = _scale(alpha_t)
+    xw = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
+    t = _global_threshold(xw.to(torch.float64), kk, s, n, group)
+    m = torch.full((R,), math.inf, dtype=torch.float64, device=x.device)
+    if x.shape[1]:
+        m = (xw.to(torch.float64) - t[:, None]).abs().amin(dim=-1) / s
+    all_reduce_(m, dist.ReduceOp.MIN, group)
+    buf = torch.zeros(R, d + 1, dtype=torch.float64, device=x.device)
+    if x.shape[1]:
+        vals, idx, f_sum = dk_terms(xw, t, s, m, DK_CUT)
+        buf[:, :d] = sparse_decode(vals.to(W_dec.dtype), idx, W_dec.detach(), None, backend=backend).double()
+        buf[:, d] = f_sum
+    all_reduce_(buf, group=group)
+    return (buf[:, :d] / buf[:, d:]).to(W_dec.dtype)
 
 
 # ----------------------------------------------------------------------------- hard top-k

@@ -82,30 +82,46 @@ def soft_gate_dk(x: Tensor, k, alpha, backend: str = "auto", sparse: bool = True
         au = u.abs()
         fr = torch.exp(-(au - au.amin(dim=-1, keepdim=True)))
         return (x2.double() * fr / fr.sum(dim=-1, keepdim=True)).to(x2.dtype)
-    # Candidate mask in x's precision with one unit of margin; the kept values are then exact.
     xw = x2 if x2.dtype in (torch.float32, torch.float64) else x2.float()
-    dist = (xw - t.to(xw.dtype)[:, None]).abs_()
-    dmin = dist.amin(dim=-1)
-    keep = dist < (dmin.double() + (cut + 1.0) * s).to(xw.dtype)[:, None]
-    keep &= xw != 0
+    dmin = (xw - t.to(xw.dtype)[:, None]).abs_().amin(dim=-1)
+    vals, idx, f_sum = dk_terms(xw, t, s, dmin.double() / s, cut)
+    return vals / f_sum[:, None], idx
+
+
+@torch.no_grad()
+def dk_terms(x: Tensor, t: Tensor, s: Tensor, shift: Tensor, cut: float = DK_CUT
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Unnormalised sparse terms of dz/dk for rows x (R, n) float32/64 with thresholds t (R,) and
+    scale s (float64): with fr_i = e^{-(|u_i| - shift)}, returns padded ``(vals, idx)`` (R, M) of
+    x_i fr_i (float64; idx -1 = pad) for the entries with |u_i| - shift < cut + 1 and x_i != 0, and
+    ``f_sum`` (R,) = sum of fr over every entry of the row (the zeros of x in closed form; entries
+    beyond the cut contribute below e^-cut each and are left out). ``shift`` (R,) float64 must be
+    at most min_i |u_i| plus a little (every kept exp stays <= about 1): the row's own minimum, or
+    the minimum over all shards of a sharded row, whose f_sum are then summed (softsae.distributed).
+    dz_i/dk = vals_i / (total f_sum) (docs/math.md section 3). The width M is read back to the host.
+    """
+    R = x.shape[0]
+    # Candidate mask in x's precision with one unit of margin; the kept values are then exact.
+    dist = (x - t.to(x.dtype)[:, None]).abs_()
+    keep = dist < ((shift + cut + 1.0) * s).to(x.dtype)[:, None]
+    keep &= x != 0
     rows, cols = keep.nonzero(as_tuple=True)
-    shift = dmin.double() / s  # about min |u|: keeps every exp below 1 (up to the margin)
-    xv = xw[rows, cols].double()
+    xv = x[rows, cols].double()
     fr = torch.exp(-((xv - t[rows]).abs() / s - shift[rows]))
-    f_sum = torch.zeros(R, dtype=torch.float64, device=x2.device).index_add_(0, rows, fr)
+    f_sum = torch.zeros(R, dtype=torch.float64, device=x.device).index_add_(0, rows, fr)
     # The zeros of x share u = -t/s: their density, counted only in rows where it is within the cut
     # (elsewhere it is below e^-cut of the row's peak, as every dropped entry).
     zero_f = torch.exp(-(t.abs() / s - shift))
     near = zero_f > math.exp(-(cut + 1.0))
     if bool(near.any()):
-        n_zero = torch.zeros(R, dtype=torch.float64, device=x2.device)
-        n_zero[near] = (xw[near] == 0).sum(dim=-1, dtype=torch.float64)
+        n_zero = torch.zeros(R, dtype=torch.float64, device=x.device)
+        n_zero[near] = (x[near] == 0).sum(dim=-1, dtype=torch.float64)
         f_sum += n_zero * zero_f
     counts = torch.bincount(rows, minlength=R)
-    width = int(counts.max())
-    pos = torch.arange(rows.numel(), device=x2.device) - (counts.cumsum(0) - counts)[rows]
-    vals = torch.zeros(R, width, dtype=torch.float64, device=x2.device)
-    idx = torch.full((R, width), -1, dtype=torch.int64, device=x2.device)
-    vals[rows, pos] = xv * fr / f_sum[rows]
+    width = int(counts.max()) if R else 0
+    pos = torch.arange(rows.numel(), device=x.device) - (counts.cumsum(0) - counts)[rows]
+    vals = torch.zeros(R, width, dtype=torch.float64, device=x.device)
+    idx = torch.full((R, width), -1, dtype=torch.int64, device=x.device)
+    vals[rows, pos] = xv * fr
     idx[rows, pos] = cols
-    return vals, idx
+    return vals, idx, f_sum
