@@ -376,6 +376,10 @@ def _new_sae(arch: str, backend: str):
     d, n, k = 64, 512, 8
     if arch == "softsae-soft":
         return SoftSAE(d, n, k, alpha=0.05, backend=backend)
+    if arch == "softsae-st":  # the default recipe's straight-through step (st_mode "k")
+        m = SoftSAE(d, n, k, alpha=0.05, backend=backend)
+        m.straight_through, m.st_mode = True, "k"
+        return m
     if arch == "softsae-hard":
         m = SoftSAE(d, n, k, alpha=0.05, backend=backend)
         m.hard = True
@@ -386,7 +390,7 @@ def _new_sae(arch: str, backend: str):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("arch", ["softsae-soft", "softsae-hard", "topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["softsae-soft", "softsae-st", "softsae-hard", "topk", "batchtopk"])
 def test_cuda_graph_captures_a_full_training_step(backend, arch):
     """Capture forward + backward + Adam(capturable=True) of each SAE, replay, compare to eager."""
     import copy
@@ -431,6 +435,34 @@ def test_cuda_graph_captures_a_full_training_step(backend, arch):
     assert torch.equal(runs["graph"][1], runs["eager"][1]) or arch == "softsae-soft"
     for (pn, pe), pg in zip(eager.named_parameters(), graphed.parameters(), strict=True):
         assert torch.allclose(pg, pe, rtol=1e-3, atol=1e-5), pn
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("alpha", [1e-3, 0.05, 2.0])
+def test_straight_through_k_step_equals_dense_formula(backend, alpha):
+    """SoftSAE's st_mode "k" step on CUDA (hard codes + k_direction, whose coefficients come from
+    the dense soft_gate_dk there) against the dense formula, every gradient, in float64."""
+    from softsae.models import SoftSAE, straight_through
+
+    x = torch.randn(64, 32, dtype=torch.float64, device=DEV)
+    grads = {}
+    for path in ("fast", "dense"):
+        torch.manual_seed(7)
+        m = SoftSAE(32, 300, 6, alpha=alpha, backend=backend).double().to(DEV).train()
+        with torch.no_grad():
+            m.k_estimator[2].weight.normal_(0, 0.3)
+        m.straight_through, m.st_mode = True, "k"
+        if path == "fast":
+            x_hat = m.forward_train(x).x_hat
+        else:
+            pre = m.pre_acts(x)
+            k_hat = m.k_hat_norm(x)
+            z = straight_through(m._hard_codes(pre, m.hard_k(k_hat)).to_dense(), pre, k_hat, m.soft_dense, "k")
+            x_hat = z @ m.W_dec + m.b_dec
+        ((x_hat - x).pow(2).sum() + 0.1 * x_hat.sin().sum()).backward()
+        grads[path] = [x_hat.detach()] + [p.grad.clone() for p in m.parameters()]
+    for a, b in zip(grads["fast"], grads["dense"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
