@@ -328,6 +328,8 @@ def soft_topk_calls(full: bool) -> list[tuple[str, Callable[[], Any]]]:
                         k = torch.full((rows,), min(0.5, n / 2), dtype=torch.float64)
                         st.launch_soft_topk_fwd(x, k, 0.1, largest, gate)
                         st.launch_soft_topk_bwd(x, x, k, 0.1, largest, gate)
+                        if gate:  # the fused sparse gate: t without the dense output, then its writer
+                            st.launch_soft_topk_gate_sparse(x, k, 0.1, largest, max_count=n)
                     calls.append((lab, fwd))
     return calls
 

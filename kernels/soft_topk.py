@@ -48,8 +48,10 @@ __all__ = [
     "S_MIN",
     "launch_soft_topk_bwd",
     "launch_soft_topk_fwd",
+    "launch_soft_topk_gate_sparse",
     "soft_topk_bwd_kernel",
     "soft_topk_fwd_kernel",
+    "soft_topk_gate_sparse_kernel",
 ]
 
 S_MIN = 1e-30  # s is clamped to >= S_MIN in-kernel (float64), so float32 1/s stays finite
@@ -183,7 +185,7 @@ def soft_topk_fwd_kernel(
     x_ptr, k_ptr, s_ptr, out_ptr, t_ptr, cand_ptr, R, n, cap,
     LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr,
     BLOCK: tl.constexpr, MB: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
-    COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr, S_MIN: tl.constexpr,
+    COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr, S_MIN: tl.constexpr, WRITE: tl.constexpr = True,
 ):
     """Persistent: program p handles rows p, p + P, p + 2P, ... (P = number of programs).
 
@@ -192,6 +194,7 @@ def soft_topk_fwd_kernel(
     fp64; cand_ptr: (P, cap) CDT scratch, one row per program (COMPACT).
     CDT: compute dtype (fp32, or fp64 for fp64 input). BLOCK: chunk of the row passes;
     MB: width M is folded to; CB: chunk of the search evaluations (NP x CB tiles).
+    WRITE=False: t only, no pass 5 (the fused sparse gate writes its own output).
     """
     s_raw = tl.load(s_ptr).to(tl.float64)
     s = tl.where(s_raw < S_MIN, S_MIN, s_raw)
@@ -200,7 +203,7 @@ def soft_topk_fwd_kernel(
     crow = cand_ptr + tl.program_id(0).to(tl.int64) * cap
     for row in range(tl.program_id(0), R, tl.num_programs(0)):
         _soft_topk_fwd_row(x_ptr, k_ptr, out_ptr, t_ptr, crow, row, n, nf, cap, s,
-                           LARGEST, GATE, CDT, BLOCK, MB, CB, NP, COMPACT, MAX_ITERS)
+                           LARGEST, GATE, CDT, BLOCK, MB, CB, NP, COMPACT, MAX_ITERS, WRITE)
 
 
 # noinline: inlined into the persistent row loop, loop-invariant code motion hoisted
@@ -210,7 +213,7 @@ def _soft_topk_fwd_row(
     x_ptr, k_ptr, out_ptr, t_ptr, crow, row, n, nf, cap, s,
     LARGEST: tl.constexpr, GATE: tl.constexpr, CDT: tl.constexpr,
     BLOCK: tl.constexpr, MB: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr,
-    COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr,
+    COMPACT: tl.constexpr, MAX_ITERS: tl.constexpr, WRITE: tl.constexpr,
 ):
     """One row of the forward; crow: this program's scratch (cap entries of CDT).
 
@@ -249,7 +252,8 @@ def _soft_topk_fwd_row(
         t_fin = mx - s * finv1
     t_fin = tl.where(bad, float("nan"), t_fin)
     tl.store(t_ptr + row, t_fin)
-    _write_output(xrow, out_ptr + row * n, n, t_fin, k, inv_s, bad, LARGEST, GATE, CDT, BLOCK)
+    if WRITE:
+        _write_output(xrow, out_ptr + row * n, n, t_fin, k, inv_s, bad, LARGEST, GATE, CDT, BLOCK)
 
 
 @triton.jit
@@ -432,12 +436,61 @@ def _write_output(xrow, orow, n, t_fin, k, inv_s, bad,
     k_c = k.to(CDT)
     for start in range(0, n, BLOCK):
         idx, msk, xv, y = _load_row_chunk(xrow, start, n, BLOCK, LARGEST, CDT, "evict_first")
-        p = _laplace_cdf(((y - piv1) - off1) * inv_s)
-        p = tl.where(n == 1, k_c, p)
-        if GATE:
-            p = xv * p
-        p = tl.where(bad, float("nan"), p)
+        p = _output_chunk(xv, y, piv1, off1, inv_s, k_c, n, bad, GATE)
         tl.store(orow + idx, p.to(orow.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _output_chunk(xv, y, piv1, off1, inv_s, k_c, n, bad, GATE: tl.constexpr):
+    """p = F((y - t) / s) (x * p when GATE) of one chunk, t = piv1 + off1; k when n == 1, NaN for bad rows."""
+    p = _laplace_cdf(((y - piv1) - off1) * inv_s)
+    p = tl.where(n == 1, k_c, p)
+    if GATE:
+        p = xv * p
+    return tl.where(bad, float("nan"), p)
+
+
+@triton.jit
+def soft_topk_gate_sparse_kernel(
+    x_ptr, k_ptr, s_ptr, t_ptr, vals_ptr, idx_ptr, cnt_ptr, n, width,
+    LARGEST: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, S_MIN: tl.constexpr, WRITE: tl.constexpr,
+):
+    """One program per row: the non-zeros of the gate x * F((y - t) / s) (the values the dense
+    gate writes, in x's dtype) in increasing index order into vals / idx (R, width), padded with
+    0 / -1; cnt (R,) int32 gets the row's full count (which may exceed width: the lowest indices
+    are kept). WRITE=False only counts. t (R,) float64 from the forward kernel.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    s_raw = tl.load(s_ptr).to(tl.float64)
+    s = tl.where(s_raw < S_MIN, S_MIN, s_raw)
+    inv_s = (1.0 / s).to(CDT)
+    t_fin = tl.load(t_ptr + row)
+    bad = t_fin != t_fin
+    piv1 = t_fin.to(CDT)
+    off1 = (t_fin - piv1.to(tl.float64)).to(CDT)
+    k_c = tl.load(k_ptr + row).to(CDT)
+    xrow = x_ptr + row * n
+    vrow = vals_ptr + row * width
+    irow = idx_ptr + row * width
+    cnt = 0
+    for start in range(0, n, BLOCK):
+        idx, msk, xv, y = _load_row_chunk(xrow, start, n, BLOCK, LARGEST, CDT, "evict_first")
+        g = _output_chunk(xv, y, piv1, off1, inv_s, k_c, n, bad, True).to(vals_ptr.dtype.element_ty)
+        nz = msk & (g != 0)  # NaN != 0: a bad row lists every entry, as dense-then-compact does
+        nzi = nz.to(tl.int32)
+        if WRITE:
+            pos = cnt + tl.cumsum(nzi, axis=0) - 1
+            keep = nz & (pos < width)
+            tl.store(vrow + pos, g, mask=keep)
+            tl.store(irow + pos, idx.to(tl.int64), mask=keep)
+        cnt += tl.sum(nzi)
+    tl.store(cnt_ptr + row, cnt)
+    if WRITE:
+        for start in range(0, width, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            pad = (j < width) & (j >= cnt)
+            tl.store(vrow + j, tl.zeros([BLOCK], dtype=vals_ptr.dtype.element_ty), mask=pad)
+            tl.store(irow + j, tl.full([BLOCK], -1, tl.int64), mask=pad)
 
 
 @triton.jit
@@ -551,7 +604,7 @@ def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
 def launch_soft_topk_fwd(
     x: torch.Tensor, k: torch.Tensor, s: float | torch.Tensor, largest: bool, gate: bool,
     *, block: int | None = None, compact: bool | None = None, cap: int | None = None,
-    programs: int | None = None,
+    programs: int | None = None, write: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (R, n) contiguous fp16/bf16/fp32/fp64, k (R,) fp64 in (0, n), s > 0 (a float, or a
     0-d / (1,) floating tensor on x's device).
@@ -560,10 +613,11 @@ def launch_soft_topk_fwd(
     arguments override the tuning choices (tests use them to reach every code path). The
     launch is persistent: ``programs`` (default launch_config.program_count) programs loop over
     the rows, each with ``cap`` scratch entries when compacting: (programs, cap) extra memory.
+    ``write=False``: t only (``out`` is then an empty (0,) placeholder, no (R, n) output).
     """
     x = x.contiguous()
     R, n = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if write else x.new_empty(0)
     t = torch.empty(R, dtype=torch.float64, device=x.device)
     if R == 0 or n == 0:
         return out, t
@@ -580,10 +634,50 @@ def launch_soft_topk_fwd(
         soft_topk_fwd_kernel[(P,)](
             x, k, s_t, out, t, cand, R, n, cfg.cap,
             LARGEST=bool(largest), GATE=bool(gate), CDT=_compute_dtype(x), BLOCK=cfg.block, MB=cfg.mb,
-            CB=cfg.cb, NP=NP, COMPACT=cfg.compact, MAX_ITERS=MAX_ITERS, S_MIN=S_MIN,
+            CB=cfg.cb, NP=NP, COMPACT=cfg.compact, MAX_ITERS=MAX_ITERS, S_MIN=S_MIN, WRITE=bool(write),
             num_warps=cfg.num_warps,
         )
     return out, t
+
+
+def launch_soft_topk_gate_sparse(
+    x: torch.Tensor, k: torch.Tensor, s: float | torch.Tensor, largest: bool, max_count: int | None,
+    *, block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zeros of the gate x * soft_topk(x, k, s) without a dense (R, n) output.
+
+    x (R, n) contiguous fp16/bf16/fp32/fp64, k (R,) fp64 in (0, n). Returns vals (R, W) in x.dtype,
+    idx (R, W) int64 (increasing index order, -1 = pad) and t (R,) fp64, the same numbers as the
+    dense gate followed by ``nonzero_per_row``. W = ``min(max_count, n)``, or without ``max_count``
+    the largest row count: one counting pass and a read-back of its maximum (a host sync). Launches:
+    the forward kernel for t (WRITE=False), [the counting pass], the writing pass.
+    """
+    x = x.contiguous()
+    R, n = x.shape
+    _, t = launch_soft_topk_fwd(x, k, s, largest, True, write=False)
+    blk = block or min(1024, triton.next_power_of_2(max(n, 16)))
+    cnt = torch.empty(R, dtype=torch.int32, device=x.device)
+    k = k.to(device=x.device, dtype=torch.float64).contiguous()
+    s_t = scale_tensor(s, x.device)
+    cdt = _compute_dtype(x)
+
+    def run(vals: torch.Tensor, idx: torch.Tensor, width: int, write: bool) -> None:
+        soft_topk_gate_sparse_kernel[(R,)](x, k, s_t, t, vals, idx, cnt, n, width, LARGEST=bool(largest), CDT=cdt,
+                                           BLOCK=blk, S_MIN=S_MIN, WRITE=write, num_warps=4)
+
+    with _on_device(x):
+        if max_count is None:
+            width = 0
+            if R and n:
+                run(x.new_empty(1), cnt.new_empty(1, dtype=torch.int64), 0, False)  # placeholders, not written
+                width = int(cnt.max())
+        else:
+            width = min(int(max_count), n)
+        vals = x.new_empty(R, width)
+        idx = torch.empty(R, width, dtype=torch.int64, device=x.device)
+        if R and n and width:
+            run(vals, idx, width, True)
+    return vals, idx, t
 
 
 def launch_soft_topk_bwd(

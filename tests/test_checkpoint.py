@@ -126,7 +126,8 @@ def test_reference_format_import_gives_identical_outputs(tmp_path, fmt):
     with torch.no_grad():
         got = model(x)
         k_got = model.predict_k(x)
-    assert torch.allclose(k_got, k_want, atol=1e-6, rtol=0)
+    # float32: the model folds b_dec into the head's bias (another rounding order), k_hat <= 10
+    assert torch.allclose(k_got, k_want, atol=1e-5, rtol=0)
     assert k_got.floor().float().std() > 0  # the test data really has per-row budgets
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 

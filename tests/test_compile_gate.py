@@ -63,8 +63,8 @@ def test_compile_gate(tmp_path):
     results = json.loads(out.read_text())
     kernels = {(r["kernel"], r["target"]) for r in results}
     # Every kernel of kernels/ was reached on both targets (the grid is not silently empty).
-    for name in ("soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "sparse_decode_fwd_kernel",
-                 "sparse_decode_bwd_dvals_kernel", "sparse_decode_bwd_dW_sorted_kernel",
+    for name in ("soft_topk_fwd_kernel", "soft_topk_bwd_kernel", "soft_topk_gate_sparse_kernel",
+                 "sparse_decode_fwd_kernel", "sparse_decode_bwd_dvals_kernel", "sparse_decode_bwd_dW_sorted_kernel",
                  "sparse_decode_bwd_dW_atomic_kernel", "sparse_encoder_bwd_db_sorted_kernel"):
         for tgt in ("sm_80", "sm_90"):
             assert (name, tgt) in kernels, f"{name} never compiled for {tgt}"

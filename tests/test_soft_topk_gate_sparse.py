@@ -101,3 +101,47 @@ def test_opcheck(backend):
     for mc in (-1, 5):
         torch.library.opcheck(torch.ops.softsae.soft_topk_gate_sparse_fwd.default, (x, k, alpha, True, mc, backend),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- Triton (interpreter on CPU)
+TRITON = [b for b in cpu_backends(include_triton=True) if b == "triton"]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("alpha", [1e-4, 1.0])
+@pytest.mark.parametrize(("R", "n"), [(1, 1), (3, 2), (5, 7), (9, 300), (2, 4097)])
+def test_triton_matches_its_dense_gate_then_compact(backend, dtype, alpha, R, n):
+    """The fused Triton path (t from the forward kernel without its dense output, then one program
+    per row writing the non-zeros) gives bit for bit what the dense Triton gate + compaction gives."""
+    x = make_rows(R, n, "relu", dtype=dtype)
+    k = rand_k(R, n)
+    vals, idx = softsae.soft_topk_gate(x, k, alpha, backend=backend, sparse=True)
+    want_v, want_i = dense_then_compact(x, k, alpha, backend)
+    assert vals.dtype == dtype and idx.dtype == torch.int64
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(vals, want_v, atol=0, rtol=0)
+    for m in (0, 1, max(1, want_i.shape[1] - 1), n + 3):  # a static width: no count pass, lowest indices kept
+        v_m, i_m = softsae.soft_topk_gate(x, k, alpha, backend=backend, sparse=True, max_count=m)
+        w_v, w_i = dense_then_compact(x, k, alpha, backend, max_count=m)
+        assert torch.equal(i_m, w_i), m
+        torch.testing.assert_close(v_m, w_v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_gradients_and_nan_rows(backend):
+    x = make_rows(6, 50, "randn").requires_grad_()
+    k = rand_k(6, 50).requires_grad_()
+    vals, idx = softsae.soft_topk_gate(x, k, 0.02, backend=backend, sparse=True)
+    dv, di = dense_then_compact(x, k, 0.02, "reference")
+    assert torch.equal(idx, di)
+    g = torch.randn_like(vals)
+    got = torch.autograd.grad((vals * g).sum(), (x, k))
+    want = torch.autograd.grad((dv * g).sum(), (x, k))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+    xn = make_rows(3, 20, "randn", dtype=torch.float32)
+    xn[1, 4] = float("nan")
+    vals, idx = softsae.soft_topk_gate(xn, 5.0, 0.1, backend=backend, sparse=True)
+    want_v, want_i = dense_then_compact(xn, 5.0, 0.1, backend)
+    assert torch.equal(idx, want_i) and torch.isnan(vals[1][idx[1] >= 0]).all()

@@ -5,13 +5,15 @@
 The custom op ``softsae::soft_topk_gate_sparse_fwd`` returns the padded pairs (R, K) and the
 thresholds t (R,) without a dense (R, n) output: the CPU backend gates each row into a per-thread
 scratch row (the same numbers as the dense gate, docs/math.md section 1) and keeps its non-zeros;
-the reference backend runs the dense reference gate and compacts. K is the largest row count, or
+the Triton backend runs its forward kernel for t only, then one program per row writes the
+non-zeros with block prefix sums (kernels/soft_topk.py, ``launch_soft_topk_gate_sparse``); the
+reference backend runs the dense reference gate and compacts. K is the largest row count, or
 ``min(max_count, n)`` (rows with more non-zeros keep their lowest indices, as ``nonzero_per_row``).
 
 Backward: the gradient of the pairs is scattered into a dense (R, n) gradient (zero off the
 pairs, as autograd through the dense gate + gather gives) and handed to the soft top-k backward
 op (``softsae::soft_topk_bwd``, gate=True), so gradients to x, k and alpha equal the dense path's.
-CUDA tensors (and Triton) keep the dense-then-compact path of soft_topk.py.
+The CUDA backend keeps the dense-then-compact path of soft_topk.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def _fwd_impl(x: Tensor, k: Tensor, alpha: Tensor, largest: bool, max_count: int
         xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
         vals, idx, t = _backends.cpu_ext().soft_topk_gate_sparse_fwd(xc, k, float(s), largest, max_count)
         return vals.to(x.dtype), idx, t
+    if backend == "triton":
+        from softsae.kernels.soft_topk import launch_soft_topk_gate_sparse
+
+        return launch_soft_topk_gate_sparse(x, k, s, largest, None if max_count < 0 else max_count)
     out, t = soft_topk_fwd_ref(x, k, s, largest, True)
     vals, idx = st.nonzero_per_row(out, None if max_count < 0 else max_count)
     return vals, idx, t
@@ -70,12 +76,13 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_backend(x: Tensor, backend: str) -> str | None:
-    """The backend name when the fused sparse path serves ``x`` (CPU tensors on the cpu or
-    reference backend), else None."""
-    if x.device.type != "cpu":
-        return None
+    """The backend name when the fused sparse path serves ``x``: the cpu or reference backend on
+    CPU tensors, the triton backend (CUDA tensors, or CPU ones under TRITON_INTERPRET=1); else
+    None (the CUDA backend: dense gate, then compaction)."""
     name = _backends.resolve(backend, x.device)
-    return name if name in ("cpu", "reference") else None
+    if name == "triton":
+        return name
+    return name if x.device.type == "cpu" and name in ("cpu", "reference") else None
 
 
 def soft_topk_gate_sparse(x2: Tensor, k_rows: Tensor, alpha_t: Tensor, largest: bool, max_count: int | None,
