@@ -438,6 +438,27 @@ def test_cuda_graph_captures_a_full_training_step(backend, arch):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize(("r", "n"), [(1, 1), (64, 7), (16, 1000), (8, 4097), (2, 65536)])
+@pytest.mark.parametrize("alpha", [1e-4, 1e-2, 1.0])
+def test_sparse_gate_equals_dense_gate_then_compaction(backend, dtype, r, n, alpha):
+    """soft_topk_gate(sparse=True): Triton's fused path (no dense output) and CUDA's dense-then-
+    compact path give the backend's dense gate's non-zeros exactly; with max_count, no count pass."""
+    from softsae.ops.soft_topk import nonzero_per_row
+
+    x = make_rows(r, n, "relu", dtype, device=DEV)
+    k = rand_k(r, n, device=DEV)
+    vals, idx = softsae.soft_topk_gate(x, k, alpha, backend=backend, sparse=True)
+    want_v, want_i = nonzero_per_row(softsae.soft_topk_gate(x, k, alpha, backend=backend))
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(vals, want_v, atol=0, rtol=0)
+    m = max(1, want_i.shape[1] // 2)
+    v_m, i_m = softsae.soft_topk_gate(x, k, alpha, backend=backend, sparse=True, max_count=m)
+    w_v, w_i = nonzero_per_row(softsae.soft_topk_gate(x, k, alpha, backend=backend), max_count=m)
+    assert torch.equal(i_m, w_i) and torch.equal(v_m, w_v)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("alpha", [1e-3, 0.05, 2.0])
 def test_straight_through_k_step_equals_dense_formula(backend, alpha):
     """SoftSAE's st_mode "k" step on CUDA (hard codes + k_direction, whose coefficients come from
