@@ -243,14 +243,10 @@ class SparseAutoencoder(nn.Module):
         project_row_grad_(self.W_dec)
 
 
-def straight_through(z_hard: Tensor, pre: Tensor, k_hat: Tensor, soft: Callable[[Tensor, Tensor], Tensor],
-                     mode: str) -> Tensor:
-    """Dense codes (B, n) equal to the hard codes ``z_hard`` in value (docs/math.md section 3), with
-    ``soft(pre, k_hat)`` the soft gate. mode "k": pre's gradient is the hard codes' own, k_hat's the
-    soft gate's; "soft": both gradients are the soft gate's."""
-    if mode == "k":
-        z_soft = soft(pre.detach(), k_hat)
-        return z_hard + (z_soft - z_soft.detach())
+def straight_through(z_hard: Tensor, pre: Tensor, k_hat: Tensor, soft: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """st_mode "soft": dense codes (B, n) equal to the hard codes ``z_hard`` in value, with the
+    gradients to ``pre`` and ``k_hat`` of the soft gate ``soft(pre, k_hat)`` (docs/math.md section 3).
+    st_mode "k" does not come here: the hard codes plus ``SoftSAE.k_direction``."""
     z_soft = soft(pre, k_hat)
     return z_soft + (z_hard - z_soft).detach()
 
@@ -366,9 +362,8 @@ class SoftSAE(SparseAutoencoder):
             vals, idx = soft_gate_dk(y, k, self.alpha, backend=self.backend)
             if idx.shape[1] * 8 <= self.n:
                 v = sparse_decode(vals.to(W.dtype), idx, W, None, backend=self.backend)
-            else:  # wide (large alpha): scatter into dense rows, one GEMM
-                c = vals.new_zeros(y.shape[0], self.n + 1).scatter_(1, torch.where(idx >= 0, idx, self.n), vals)
-                v = c[:, : self.n].to(W.dtype) @ W
+            else:  # wide (large alpha): dense rows, one GEMM
+                v = Codes(self.n, vals=vals, idx=idx).to_dense().to(W.dtype) @ W
         else:
             v = soft_gate_dk(y, k, self.alpha, backend=self.backend, sparse=False).to(W.dtype) @ W
         if scale is not None:
@@ -384,7 +379,7 @@ class SoftSAE(SparseAutoencoder):
             if self.st_mode == "k":  # k_hat's gradient: forward_train adds k_direction to the decode
                 return self._hard_codes(pre, self.hard_k(k_hat)), k_hat
             z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
-            return Codes(self.n, dense=straight_through(z_hard, pre, k_hat, self.soft_dense, self.st_mode)), k_hat
+            return Codes(self.n, dense=straight_through(z_hard, pre, k_hat, self.soft_dense)), k_hat
         if self._use_sparse(False) and not self.alpha_relative:
             vals, idx = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend, sparse=True)
             return Codes(self.n, vals=vals, idx=idx, soft_pre=pre), k_hat

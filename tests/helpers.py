@@ -160,3 +160,10 @@ def use_cpu_isa(name: str) -> Iterator[None]:
         yield
     finally:
         ext.set_cpu_isa(previous)
+
+
+def dense_straight_through_k(z_hard: torch.Tensor, pre: torch.Tensor, k_hat: torch.Tensor, soft) -> torch.Tensor:
+    """The st_mode "k" codes written densely (docs/math.md section 3), the oracle of SoftSAE.k_direction:
+    the hard codes in value, pre's gradient the hard codes' own, k_hat's the soft gate ``soft(sg(pre), k_hat)``."""
+    z_soft = soft(pre.detach(), k_hat)
+    return z_hard + (z_soft - z_soft.detach())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ALPHAS, HALF, HALF_ERR_RATIO, SUM_ORDER_ERR_RATIO, make_rows, rand_k
+from helpers import ALPHAS, HALF, HALF_ERR_RATIO, SUM_ORDER_ERR_RATIO, dense_straight_through_k, make_rows, rand_k
 
 import softsae
 from softsae.ops.soft_topk_ref import soft_topk_bwd_ref, soft_topk_fwd_ref
@@ -463,7 +463,7 @@ def test_sparse_gate_equals_dense_gate_then_compaction(backend, dtype, r, n, alp
 def test_straight_through_k_step_equals_dense_formula(backend, alpha):
     """SoftSAE's st_mode "k" step on CUDA (hard codes + k_direction, whose coefficients come from
     the dense soft_gate_dk there) against the dense formula, every gradient, in float64."""
-    from softsae.models import SoftSAE, straight_through
+    from softsae.models import SoftSAE
 
     x = torch.randn(64, 32, dtype=torch.float64, device=DEV)
     grads = {}
@@ -478,7 +478,7 @@ def test_straight_through_k_step_equals_dense_formula(backend, alpha):
         else:
             pre = m.pre_acts(x)
             k_hat = m.k_hat_norm(x)
-            z = straight_through(m._hard_codes(pre, m.hard_k(k_hat)).to_dense(), pre, k_hat, m.soft_dense, "k")
+            z = dense_straight_through_k(m._hard_codes(pre, m.hard_k(k_hat)).to_dense(), pre, k_hat, m.soft_dense)
             x_hat = z @ m.W_dec + m.b_dec
         ((x_hat - x).pow(2).sum() + 0.1 * x_hat.sin().sum()).backward()
         grads[path] = [x_hat.detach()] + [p.grad.clone() for p in m.parameters()]

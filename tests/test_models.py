@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dense_straight_through_k
 
 import softsae
 from softsae.losses import DeadLatentTracker, auxk_loss, fvu, k_loss, reconstruction_loss
 from softsae.metrics import dictionary_recovery, rankdata, spearman
-from softsae.models import BatchTopKSAE, Codes, SoftSAE, TopKSAE, build_model, straight_through
+from softsae.models import BatchTopKSAE, Codes, SoftSAE, TopKSAE, build_model
 from softsae.ops.soft_topk import soft_topk
 
 D, N, B = 12, 40, 64
@@ -312,7 +313,7 @@ def test_softsae_straight_through_k_mode():
 @pytest.mark.parametrize("decode_mode", ["auto", "dense"])
 def test_softsae_straight_through_k_mode_equals_dense_formula(backend, alpha, relative, decode_mode):
     """The st_mode "k" step (hard codes + SoftSAE.k_direction) gives the same forward and every
-    gradient as the dense formula straight_through(z_hard, pre, k_hat, soft, "k") decoded by a GEMM."""
+    gradient as the dense formula (helpers.dense_straight_through_k) decoded by a GEMM."""
     if backend not in softsae.available_backends("cpu"):
         pytest.skip(f"backend {backend} not built")
     n = 600
@@ -334,7 +335,7 @@ def test_softsae_straight_through_k_mode_equals_dense_formula(backend, alpha, re
             pre = m.pre_acts(x_n)
             k_hat = m.k_hat_norm(x_n)
             z_hard = m._hard_codes(pre, m.hard_k(k_hat)).to_dense()
-            z = straight_through(z_hard, pre, k_hat, m.soft_dense, "k")
+            z = dense_straight_through_k(z_hard, pre, k_hat, m.soft_dense)
             x_hat = z @ m.W_dec + m.b_dec
         loss = (x_hat - x_n).pow(2).sum() + 0.1 * x_hat.sin().sum()
         loss.backward()

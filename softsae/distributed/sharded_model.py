@@ -189,7 +189,7 @@ class ShardedSAE(nn.Module):
                 if self.st_mode == "k":  # k_hat's gradient: forward_train adds k_direction
                     return self._hard_codes(pre, self.hard_k(k_hat)), k_hat
                 z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
-                z = straight_through(z_hard, pre, k_hat, self._soft_dense, self.st_mode)
+                z = straight_through(z_hard, pre, k_hat, self._soft_dense)
                 return Codes(self.n_local, dense=z), k_hat
             return Codes(self.n_local, dense=self._soft_dense(pre, k_hat), soft_pre=pre), k_hat
         if not self.training:

@@ -424,10 +424,11 @@ def sharded_gate_k_direction(x: Tensor, k, alpha, W_dec: Tensor, group: dist.Pro
     kk = kk.clamp(K_EPS, n - K_EPS) if n > 1 else kk.clamp(K_EPS, 1 - K_EPS)
     s = _scale(alpha_t)
     xw = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
-    t = _global_threshold(xw.to(torch.float64), kk, s, n, group)
+    x64 = xw.to(torch.float64)
+    t = _global_threshold(x64, kk, s, n, group)
     m = torch.full((R,), math.inf, dtype=torch.float64, device=x.device)
     if x.shape[1]:
-        m = (xw.to(torch.float64) - t[:, None]).abs().amin(dim=-1) / s
+        m = (x64 - t[:, None]).abs_().amin(dim=-1) / s
     all_reduce_(m, dist.ReduceOp.MIN, group)
     buf = torch.zeros(R, d + 1, dtype=torch.float64, device=x.device)
     if x.shape[1]:

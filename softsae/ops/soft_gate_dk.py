@@ -29,6 +29,7 @@ from torch import Tensor
 
 from softsae import _backends
 from softsae.ops import soft_topk as st
+from softsae.ops import soft_topk_sparse as sts
 
 DK_CUT = 32.0  # entries with |u| more than this above the row's smallest |u| are dropped
 
@@ -45,16 +46,15 @@ def _prepare(x: Tensor, k, alpha, backend: str) -> tuple[Tensor, Tensor, Tensor,
 def soft_topk_threshold(x: Tensor, k, alpha, backend: str = "auto") -> Tensor:
     """Per-row threshold t (R,) float64 of the soft top-k of x (R, n): sum_i F((x_i - t)/s) = k.
 
-    The CPU backend finds it without writing the dense (R, n) weights; other backends run the
-    soft top-k forward and keep its t. Not differentiable.
+    The backends of the fused sparse gate (cpu, triton) find it without writing the dense (R, n)
+    weights: the sparse gate's forward with width 0; the cuda backend runs the soft top-k forward
+    and keeps its t. Not differentiable.
     """
     x2, k_rows, alpha_t, name = _prepare(x, k, alpha, backend)
     if x2.numel() == 0:
         return x2.new_empty(x2.shape[0], dtype=torch.float64)
-    if name == "cpu" and x2.device.type == "cpu":
-        xc = x2 if x2.dtype in (torch.float32, torch.float64) else x2.float()
-        s = float(st.scale_of(alpha_t))
-        return _backends.cpu_ext().soft_topk_gate_sparse_fwd(xc, k_rows, s, True, 0)[2]
+    if sts.fused_backend(x2, name) is not None:
+        return sts._fwd_impl(x2, k_rows, alpha_t, True, 0, name)[2]
     return st._fwd_op(x2, k_rows, alpha_t, True, False, name)[1]
 
 
@@ -83,26 +83,28 @@ def soft_gate_dk(x: Tensor, k, alpha, backend: str = "auto", sparse: bool = True
         fr = torch.exp(-(au - au.amin(dim=-1, keepdim=True)))
         return (x2.double() * fr / fr.sum(dim=-1, keepdim=True)).to(x2.dtype)
     xw = x2 if x2.dtype in (torch.float32, torch.float64) else x2.float()
-    dmin = (xw - t.to(xw.dtype)[:, None]).abs_().amin(dim=-1)
-    vals, idx, f_sum = dk_terms(xw, t, s, dmin.double() / s, cut)
+    vals, idx, f_sum = dk_terms(xw, t, s, None, cut)
     return vals / f_sum[:, None], idx
 
 
 @torch.no_grad()
-def dk_terms(x: Tensor, t: Tensor, s: Tensor, shift: Tensor, cut: float = DK_CUT
+def dk_terms(x: Tensor, t: Tensor, s: Tensor, shift: Tensor | None, cut: float = DK_CUT
              ) -> tuple[Tensor, Tensor, Tensor]:
     """Unnormalised sparse terms of dz/dk for rows x (R, n) float32/64 with thresholds t (R,) and
     scale s (float64): with fr_i = e^{-(|u_i| - shift)}, returns padded ``(vals, idx)`` (R, M) of
     x_i fr_i (float64; idx -1 = pad) for the entries with |u_i| - shift < cut + 1 and x_i != 0, and
     ``f_sum`` (R,) = sum of fr over every entry of the row (the zeros of x in closed form; entries
     beyond the cut contribute below e^-cut each and are left out). ``shift`` (R,) float64 must be
-    at most min_i |u_i| plus a little (every kept exp stays <= about 1): the row's own minimum, or
-    the minimum over all shards of a sharded row, whose f_sum are then summed (softsae.distributed).
+    at most min_i |u_i| plus a little (every kept exp stays <= about 1): None for the row's own
+    minimum, or the minimum over all shards of a sharded row, whose f_sum are then summed
+    (softsae.distributed).
     dz_i/dk = vals_i / (total f_sum) (docs/math.md section 3). The width M is read back to the host.
     """
     R = x.shape[0]
     # Candidate mask in x's precision with one unit of margin; the kept values are then exact.
     dist = (x - t.to(x.dtype)[:, None]).abs_()
+    if shift is None:
+        shift = dist.amin(dim=-1).double() / s
     keep = dist < ((shift + cut + 1.0) * s).to(x.dtype)[:, None]
     keep &= x != 0
     rows, cols = keep.nonzero(as_tuple=True)
