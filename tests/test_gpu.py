@@ -438,24 +438,31 @@ def test_cuda_graph_captures_a_full_training_step(backend, arch):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize(("r", "n"), [(1, 1), (64, 7), (16, 1000), (8, 4097), (2, 65536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("r", "n"), [(1, 1), (3, 1), (64, 7), (16, 1000), (8, 4097), (5, 4100), (2, 65536)])
 @pytest.mark.parametrize("alpha", [1e-4, 1e-2, 1.0])
-def test_sparse_gate_equals_dense_gate_then_compaction(backend, dtype, r, n, alpha):
-    """soft_topk_gate(sparse=True): Triton's fused path (no dense output) and CUDA's dense-then-
-    compact path give the backend's dense gate's non-zeros exactly; with max_count, no count pass."""
+@pytest.mark.parametrize("largest", [True, False])
+def test_sparse_gate_equals_dense_gate_then_compaction(backend, dtype, r, n, alpha, largest):
+    """soft_topk_gate(sparse=True): the fused paths of Triton and CUDA (no dense output) give the
+    backend's dense gate's non-zeros exactly, NaN rows included; with max_count, no count pass."""
     from softsae.ops.soft_topk import nonzero_per_row
 
     x = make_rows(r, n, "relu", dtype, device=DEV)
+    if not largest:
+        x = -x
+    if r >= 3:
+        x[1, n // 2] = float("nan")  # a non-finite row: NaN everywhere in the dense gate
     k = rand_k(r, n, device=DEV)
-    vals, idx = softsae.soft_topk_gate(x, k, alpha, backend=backend, sparse=True)
-    want_v, want_i = nonzero_per_row(softsae.soft_topk_gate(x, k, alpha, backend=backend))
+    gate = softsae.soft_topk_gate(x, k, alpha, largest=largest, backend=backend)
+    vals, idx = softsae.soft_topk_gate(x, k, alpha, largest=largest, backend=backend, sparse=True)
+    want_v, want_i = nonzero_per_row(gate)
     assert torch.equal(idx, want_i)
-    torch.testing.assert_close(vals, want_v, atol=0, rtol=0)
+    torch.testing.assert_close(vals, want_v, atol=0, rtol=0, equal_nan=True)
     m = max(1, want_i.shape[1] // 2)
-    v_m, i_m = softsae.soft_topk_gate(x, k, alpha, backend=backend, sparse=True, max_count=m)
-    w_v, w_i = nonzero_per_row(softsae.soft_topk_gate(x, k, alpha, backend=backend), max_count=m)
-    assert torch.equal(i_m, w_i) and torch.equal(v_m, w_v)
+    v_m, i_m = softsae.soft_topk_gate(x, k, alpha, largest=largest, backend=backend, sparse=True, max_count=m)
+    w_v, w_i = nonzero_per_row(gate, max_count=m)
+    assert torch.equal(i_m, w_i)
+    torch.testing.assert_close(v_m, w_v, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

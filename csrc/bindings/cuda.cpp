@@ -3,7 +3,8 @@
 // This file owns argument checking (a wrong call raises, never crashes), output allocation,
 // the device guard and current stream, and the torch-side preparation of the deterministic dW path
 // (stable sort of the pairs by latent). The kernels take raw pointers and a cudaStream_t.
-// Nothing here synchronises with the device.
+// Nothing here synchronises with the device, except soft_topk_gate_sparse_fwd without max_count
+// (it reads the widest row count back to size its output).
 #include <torch/extension.h>
 
 // c10 headers only: ATen/cuda/CUDAContext.h would also pull in the cuBLAS/cuSPARSE headers,
@@ -12,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <optional>
@@ -112,6 +114,59 @@ std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, const
                                  c10::cuda::getCurrentCUDAStream()),
                "soft_topk_fwd");
   return {out, t};
+}
+
+// The fused sparse gate: (vals (R, W), idx (R, W) int64, t (R,) f64), the non-zeros of
+// x * soft_topk(x, k, s) without a dense (R, n) output (contract: launchers.h). W is
+// min(max_count, n), or with max_count < 0 the largest row count: a counting launch and a
+// read-back of its maximum (the one host sync here, as in the Triton path).
+std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, const Tensor& k,
+                                                             const Tensor& s, bool largest,
+                                                             int64_t max_count) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+  check_matrix(x, "x", x);
+  const sc::DType dt = dtype_of(x, "x");
+  const int64_t R = x.size(0), n = x.size(1);
+  check_rows_f64(k, "k", x, R);
+  check_scale_tensor(s, x);
+  TORCH_CHECK(R <= INT_MAX && n <= INT_MAX,
+              "soft_topk_gate_sparse_fwd: R and n must be < 2^31, got ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor t = at::empty({R}, x.options().dtype(at::kDouble));
+  auto pairs = [&](int64_t width) {
+    return std::make_tuple(at::empty({R, width}, x.options()),
+                           at::empty({R, width}, x.options().dtype(at::kLong)));
+  };
+  if (R == 0 || n == 0) {
+    auto [vals, idx] = pairs(max_count < 0 ? 0 : std::min(max_count, n));
+    return {vals, idx, t.zero_()};
+  }
+  const Tensor s1 = s.contiguous();
+  check_launch(sc::soft_topk_fwd(x.data_ptr(), k.data_ptr<double>(), s1.data_ptr<double>(),
+                                 largest, /*gate=*/true, /*out=*/nullptr, t.data_ptr<double>(), R,
+                                 n, dt, stream),
+               "soft_topk_gate_sparse_fwd (t)");
+  Tensor cnt = at::empty({R}, x.options().dtype(at::kInt));
+  int64_t width = max_count < 0 ? 0 : std::min(max_count, n);
+  if (max_count < 0) {
+    check_launch(sc::soft_topk_gate_sparse(x.data_ptr(), k.data_ptr<double>(),
+                                           s1.data_ptr<double>(), t.data_ptr<double>(), largest,
+                                           nullptr, nullptr, cnt.data_ptr<int>(), R, n, 0,
+                                           /*write=*/false, dt, stream),
+                 "soft_topk_gate_sparse_fwd (count)");
+    width = cnt.max().item<int64_t>();
+  }
+  auto [vals, idx] = pairs(width);
+  if (width > 0) {
+    check_launch(sc::soft_topk_gate_sparse(x.data_ptr(), k.data_ptr<double>(),
+                                           s1.data_ptr<double>(), t.data_ptr<double>(), largest,
+                                           vals.data_ptr(), idx.data_ptr<int64_t>(),
+                                           cnt.data_ptr<int>(), R, n, width, /*write=*/true, dt,
+                                           stream),
+                 "soft_topk_gate_sparse_fwd (write)");
+  }
+  return {vals, idx, t};
 }
 
 std::tuple<Tensor, Tensor, Tensor> soft_topk_bwd(const Tensor& grad, const Tensor& x,
@@ -348,6 +403,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(grad, x, t, s: float, largest, gate)", py::arg("grad"), py::arg("x"), py::arg("t"),
       py::arg("s"), py::arg("largest"), py::arg("gate"));
+  m.def("soft_topk_gate_sparse_fwd", &soft_topk_gate_sparse_fwd,
+        "(x (R, n), k (R,) f64, s (1,) f64 tensor, largest, max_count: int, < 0 for none) -> "
+        "(vals (R, W), idx (R, W) int64, t (R,) f64): the gate's non-zeros, no dense output",
+        py::arg("x"), py::arg("k"), py::arg("s"), py::arg("largest"), py::arg("max_count"));
   m.def("sparse_decode_fwd", &sparse_decode_fwd,
         "(vals (B, K), idx (B, K) int64, W (n, d), b (d,) or None) -> out (B, d)",
         py::arg("vals"), py::arg("idx"), py::arg("W"), py::arg("b") = py::none());

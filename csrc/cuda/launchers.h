@@ -28,6 +28,19 @@ cudaError_t soft_topk_fwd(const void* x, const double* k, const double* s, bool 
                           void* out, double* t, int64_t R, int64_t n, DType dtype,
                           cudaStream_t stream);
 
+// out may be nullptr: then only t is written (the fused sparse gate's first launch).
+
+// The fused sparse gate's second launch, after soft_topk_fwd(..., out = nullptr) wrote t:
+// vals (R, width) of `dtype` and idx (R, width) int64 get the non-zeros of the gate
+// x * soft_topk(x, k, s) in increasing index order (bitwise the dense gate's values), padded
+// with 0 / -1; cnt (R,) int32 gets each row's full count (rows with more than width non-zeros
+// keep their lowest indices). write = false only fills cnt (vals / idx may be nullptr), so the
+// caller can size width. Requires R, n >= 1, R, n < 2^31 and 0 <= width <= n.
+cudaError_t soft_topk_gate_sparse(const void* x, const double* k, const double* s,
+                                  const double* t, bool largest, void* vals, int64_t* idx,
+                                  int* cnt, int64_t R, int64_t n, int64_t width, bool write,
+                                  DType dtype, cudaStream_t stream);
+
 // grad, x, dx: (R, n) of `dtype`; t: (R,) float64 from soft_topk_fwd;
 // dk, ds: (R,) float64 out (ds is per row; the caller sums rows and applies sign(alpha)).
 cudaError_t soft_topk_bwd(const void* grad, const void* x, const double* t, const double* s,

@@ -40,6 +40,7 @@ namespace {
 using namespace detail;
 
 constexpr int kMaxThreads = 1024;
+constexpr int kSparseThreads = 512;  // block bound of the fused sparse gate's writing kernel
 constexpr int kHistBins = 2048;
 // Histogram (2048 ints) and candidate buffer share this block of dynamic shared memory
 // (short rows get only what their candidates need, so many blocks fit on an SM).
@@ -426,13 +427,13 @@ __device__ __forceinline__ void single_element_row(const T* xr, C sgn, double k,
   const C xv = to_compute(xr[0]);
   const double y = double(sgn * xv);
   if (!isfinite(y)) {
-    outr[0] = from_compute<T>(C(d_nan()));
+    if (outr != nullptr) outr[0] = from_compute<T>(C(d_nan()));
     *t_out = d_nan();
     return;
   }
   *t_out = y - s * laplace_icdf(k);
   const C p = C(k);
-  outr[0] = from_compute<T>(gate ? xv * p : p);
+  if (outr != nullptr) outr[0] = from_compute<T>(gate ? xv * p : p);
 }
 
 // ---- A: one read of the row: max/min of y = sgn x and whether any y is non-finite (block-reduced,
@@ -530,6 +531,7 @@ __device__ __forceinline__ void write_output(Chunk chunk, const C* cand, bool fr
 }
 
 // The forward kernel: one block per row; passes A-D of the file header (docs/math.md 1).
+// out == nullptr: t only (no pass D), for the fused sparse gate.
 template <class T, int V>
 __global__ void __launch_bounds__(kMaxThreads)
     soft_topk_fwd_kernel(const T* __restrict__ x, const double* __restrict__ kvec,
@@ -546,7 +548,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int tid = threadIdx.x, bd = blockDim.x;
   const int64_t row = blockIdx.x;
   const T* xr = x + row * n;
-  T* outr = out + row * n;
+  T* outr = out == nullptr ? nullptr : out + row * n;
   T* cache = reinterpret_cast<T*>(dyn_smem + scratch_bytes);
   const double k = kvec[row];
   const C sgn = largest ? C(1) : C(-1);
@@ -563,7 +565,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   // ---- A
   const MinMax<C> mm = row_range<T, V>(xr, cache, use_cache, nchunks, sgn);
   if (mm.bad) {  // NaN/inf in the row: NaN out, NaN t (design.md)
-    fill_row_nan<T, V>(outr, nchunks);
+    if (outr != nullptr) fill_row_nan<T, V>(outr, nchunks);
     if (tid == 0) tout[row] = d_nan();
     return;
   }
@@ -627,7 +629,80 @@ __global__ void __launch_bounds__(kMaxThreads)
   const double t = solve_threshold<C>(eval, lo, hi, k, s);
   if (tid == 0) tout[row] = t;
   // ---- D
-  write_output<T, V>(chunk, cand, n <= kCap, nchunks, sgn, gate, make_pivot<C>(t, s), outr);
+  if (outr != nullptr)
+    write_output<T, V>(chunk, cand, n <= kCap, nchunks, sgn, gate, make_pivot<C>(t, s), outr);
+}
+
+// ---- The fused sparse gate's writing pass: one block per row, after the forward kernel has
+// written t without a dense output. The non-zeros of the gate x * F(u), each computed by
+// write_output's expression (so equal to the dense gate's value in T), go to vals / idx
+// (R, width) in increasing index order (a block scan per round of blockDim.x chunks), padded
+// with 0 / -1. cnt[row] gets the row's full count; entries past width are counted, not written
+// (the lowest indices are kept, as nonzero_per_row does). A NaN value counts as a non-zero, so
+// a non-finite row (t = NaN) lists every entry as NaN, as dense-then-compact does. write = false
+// only counts (the host then sizes width). At most kSparseThreads threads: a 1024-thread bound
+// caps registers at 32 and spills the double kernel on sm_90.
+template <class T, int V>
+__global__ void __launch_bounds__(kSparseThreads)
+    soft_topk_gate_sparse_kernel(const T* __restrict__ x, const double* __restrict__ kvec,
+                                 const double* __restrict__ s_ptr, const double* __restrict__ tvec,
+                                 const bool largest, T* __restrict__ vals,
+                                 int64_t* __restrict__ idx, int* __restrict__ cnt, const int n,
+                                 const int width, const bool write) {
+  using C = compute_t<T>;
+  const double s = load_scale(s_ptr);
+  const int tid = threadIdx.x, bd = blockDim.x;
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * n;
+  T* vr = vals + row * width;
+  int64_t* ir = idx + row * width;
+  const C sgn = largest ? C(1) : C(-1);
+  const int nchunks = n / V;
+  const Pivot<C> pv = make_pivot<C>(tvec[row], s);
+  const C k1 = C(kvec[row]);  // n == 1: p = k (single_element_row)
+  int count = 0;
+  for (int j0 = 0; j0 < nchunks; j0 += bd) {  // uniform trip count: every thread scans
+    const int j = j0 + tid;
+    T g[V];
+    int mine = 0;
+    if (j < nchunks) {
+      const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const C xv = to_compute(v.v[q]);
+        C p;
+        if (n == 1) {
+          p = isfinite(sgn * xv) ? k1 : C(d_nan());
+        } else {
+          p = laplace_cdf(pv.u(sgn * xv));
+        }
+        g[q] = from_compute<T>(xv * p);
+        mine += !(to_compute(g[q]) == C(0));
+      }
+    }
+    int total;
+    int pos = count + block_inclusive_scan(mine, &total) - mine;
+    if (write && j < nchunks) {
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        if (!(to_compute(g[q]) == C(0))) {
+          if (pos < width) {
+            vr[pos] = g[q];
+            ir[pos] = int64_t(j) * V + q;
+          }
+          ++pos;
+        }
+      }
+    }
+    count += total;
+  }
+  if (tid == 0) cnt[row] = count;
+  if (write) {
+    for (int p = count + tid; p < width; p += bd) {
+      vr[p] = from_compute<T>(C(0));
+      ir[p] = -1;
+    }
+  }
 }
 
 // ----------------------------------------------------------------- backward
@@ -808,6 +883,24 @@ cudaError_t fwd_impl(const void* x_, const double* k, const double* s, bool larg
 }
 
 template <class T>
+cudaError_t gate_sparse_impl(const void* x_, const double* k, const double* s, const double* t,
+                             bool largest, void* vals_, int64_t* idx, int* cnt, int64_t R,
+                             int64_t n, int64_t width, bool write, cudaStream_t stream) {
+  if (R < 1 || n < 1 || R > INT_MAX || n > INT_MAX || width < 0 || width > n)
+    return cudaErrorInvalidValue;
+  if (write && width > 0 && (vals_ == nullptr || idx == nullptr)) return cudaErrorInvalidValue;
+  const T* x = static_cast<const T*>(x_);
+  T* vals = static_cast<T*>(vals_);
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = n % kVec == 0 && aligned16(x);
+  auto kernel = vec ? soft_topk_gate_sparse_kernel<T, kVec> : soft_topk_gate_sparse_kernel<T, 1>;
+  const int threads = threads_for(n) < kSparseThreads ? threads_for(n) : kSparseThreads;
+  kernel<<<unsigned(R), threads, 0, stream>>>(x, k, s, t, largest, vals, idx, cnt, int(n),
+                                              int(width), write);
+  return cudaGetLastError();
+}
+
+template <class T>
 cudaError_t bwd_impl(const void* grad_, const void* x_, const double* t, const double* s, bool largest,
                      bool gate, void* dx_, double* dk, double* ds, int64_t R, int64_t n,
                      cudaStream_t stream) {
@@ -841,6 +934,27 @@ cudaError_t soft_topk_fwd(const void* x, const double* k, const double* s, bool 
       return fwd_impl<__nv_bfloat16>(x, k, s, largest, gate, out, t, R, n, stream);
     case DType::kFloat32: return fwd_impl<float>(x, k, s, largest, gate, out, t, R, n, stream);
     case DType::kFloat64: return fwd_impl<double>(x, k, s, largest, gate, out, t, R, n, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t soft_topk_gate_sparse(const void* x, const double* k, const double* s,
+                                  const double* t, bool largest, void* vals, int64_t* idx,
+                                  int* cnt, int64_t R, int64_t n, int64_t width, bool write,
+                                  DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return gate_sparse_impl<__half>(x, k, s, t, largest, vals, idx, cnt, R, n, width, write,
+                                      stream);
+    case DType::kBFloat16:
+      return gate_sparse_impl<__nv_bfloat16>(x, k, s, t, largest, vals, idx, cnt, R, n, width,
+                                             write, stream);
+    case DType::kFloat32:
+      return gate_sparse_impl<float>(x, k, s, t, largest, vals, idx, cnt, R, n, width, write,
+                                     stream);
+    case DType::kFloat64:
+      return gate_sparse_impl<double>(x, k, s, t, largest, vals, idx, cnt, R, n, width, write,
+                                      stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -263,8 +263,8 @@ def soft_topk_gate(
     more non-zeros keep their ``max_count`` lowest indices, so give ``n`` to be exact).
     The set is exact (an entry is listed iff it is non-zero in the dense result), because in
     floating point most soft weights underflow to exactly 0 at small alpha. ``vals`` is
-    differentiable. The cpu, reference and triton backends take the fused path of
-    softsae/ops/soft_topk_sparse.py (no dense (..., n) output); the cuda backend compacts the dense result.
+    differentiable. Every backend takes the fused path of softsae/ops/soft_topk_sparse.py (no
+    dense (..., n) output; the reference backend compacts its dense result there).
     """
     if sparse:
         from softsae.ops.soft_topk_sparse import fused_backend, soft_topk_gate_sparse

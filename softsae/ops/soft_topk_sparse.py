@@ -7,13 +7,14 @@ thresholds t (R,) without a dense (R, n) output: the CPU backend gates each row 
 scratch row (the same numbers as the dense gate, docs/math.md section 1) and keeps its non-zeros;
 the Triton backend runs its forward kernel for t only, then one program per row writes the
 non-zeros with block prefix sums (kernels/soft_topk.py, ``launch_soft_topk_gate_sparse``); the
-reference backend runs the dense reference gate and compacts. K is the largest row count, or
+CUDA backend does the same with its forward kernel (no pass D) and a block-scan kernel
+(csrc/cuda/soft_topk.cu, ``soft_topk_gate_sparse_kernel``); the reference backend runs the
+dense reference gate and compacts. K is the largest row count, or
 ``min(max_count, n)`` (rows with more non-zeros keep their lowest indices, as ``nonzero_per_row``).
 
 Backward: the gradient of the pairs is scattered into a dense (R, n) gradient (zero off the
 pairs, as autograd through the dense gate + gather gives) and handed to the soft top-k backward
 op (``softsae::soft_topk_bwd``, gate=True), so gradients to x, k and alpha equal the dense path's.
-The CUDA backend keeps the dense-then-compact path of soft_topk.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def _fwd_impl(x: Tensor, k: Tensor, alpha: Tensor, largest: bool, max_count: int
         from softsae.kernels.soft_topk import launch_soft_topk_gate_sparse
 
         return launch_soft_topk_gate_sparse(x, k, s, largest, None if max_count < 0 else max_count)
+    if backend == "cuda":
+        return _backends.cuda_ext().soft_topk_gate_sparse_fwd(x.contiguous(), k, s, largest, max_count)
     out, t = soft_topk_fwd_ref(x, k, s, largest, True)
     vals, idx = st.nonzero_per_row(out, None if max_count < 0 else max_count)
     return vals, idx, t
@@ -77,10 +80,10 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def fused_backend(x: Tensor, backend: str) -> str | None:
     """The backend name when the fused sparse path serves ``x``: the cpu or reference backend on
-    CPU tensors, the triton backend (CUDA tensors, or CPU ones under TRITON_INTERPRET=1); else
-    None (the CUDA backend: dense gate, then compaction)."""
+    CPU tensors, the triton or cuda backend (CUDA tensors; triton also on CPU ones under
+    TRITON_INTERPRET=1); else None (the caller gates densely, then compacts)."""
     name = _backends.resolve(backend, x.device)
-    if name == "triton":
+    if name in ("triton", "cuda"):
         return name
     return name if x.device.type == "cpu" and name in ("cpu", "reference") else None
 
@@ -88,7 +91,7 @@ def fused_backend(x: Tensor, backend: str) -> str | None:
 def soft_topk_gate_sparse(x2: Tensor, k_rows: Tensor, alpha_t: Tensor, largest: bool, max_count: int | None,
                           backend: str) -> tuple[Tensor, Tensor]:
     """(vals, idx) (R, K) for the checked (R, n) rows x2, k_rows (R,) float64 clamped, alpha_t 0-d
-    float64 (soft_topk.py prepares them); backend: 'cpu' or 'reference'."""
+    float64 (soft_topk.py prepares them); backend: a name ``fused_backend`` returned."""
     if max_count is not None and (not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 0):
         raise ValueError(f"max_count must be an int >= 0 or None, got {max_count!r}")
     vals, idx, _t = _fwd_op(x2, k_rows, alpha_t, largest, -1 if max_count is None else max_count, backend)
