@@ -24,8 +24,10 @@ step (Adam), decoder renormalisation, dead-latent bookkeeping. Every framework g
   bitsandbytes is absent), ``zero_grad``, the dead-latent counters. Not timed: the LR scheduler
   (a scalar) and the model forward that produces activations. No grad clipping (it has none).
 
-Models (``--models``): topk, batchtopk, softsae-soft (dense gate + GEMM decode: the trainer's
-default in the soft phase), softsae-soft-sparse (sparse gate + sparse_decode), softsae-hard.
+Models (``--models``): topk, batchtopk, softsae-soft (the trainer's default step before the hard
+phase: the hard codes' sparse decode plus the k head's straight-through term), softsae-soft-sparse
+(decode_mode "sparse"), softsae-hard, softsae-soft-kh4 (softsae-soft with a k head of width n/4
+instead of the paper's n: ``k_hidden``, whose cost in FVU benchmarks/k_head_width.py measures).
 A framework whose package is missing is skipped with the reason (printed and in the JSON rows).
 
 Memory on CPU: the peak RSS during one step over the RSS just before it (Linux: the high-water mark
@@ -60,13 +62,14 @@ import softsae  # noqa: E402
 from softsae.cpu_memory import keep_freed_memory  # noqa: E402
 
 FRAMEWORKS = ("softsae", "reference", "dictionary_learning", "sparsify")
-MODELS = ("topk", "batchtopk", "softsae-soft", "softsae-soft-sparse", "softsae-hard")
-SOFTSAE_MODELS = {  # model -> (arch, hard phase, decode_mode), as in bench_train_throughput.VARIANTS
-    "topk": ("topk", False, "auto"),
-    "batchtopk": ("batchtopk", False, "auto"),
-    "softsae-soft": ("softsae", False, "auto"),
-    "softsae-soft-sparse": ("softsae", False, "sparse"),
-    "softsae-hard": ("softsae", True, "auto"),
+MODELS = ("topk", "batchtopk", "softsae-soft", "softsae-soft-sparse", "softsae-hard", "softsae-soft-kh4")
+SOFTSAE_MODELS = {  # model -> (arch, hard phase, decode_mode, k head width as a divisor of n), as in
+    "topk": ("topk", False, "auto", 1),  # bench_train_throughput.VARIANTS
+    "batchtopk": ("batchtopk", False, "auto", 1),
+    "softsae-soft": ("softsae", False, "auto", 1),
+    "softsae-soft-sparse": ("softsae", False, "sparse", 1),
+    "softsae-hard": ("softsae", True, "auto", 1),
+    "softsae-soft-kh4": ("softsae", False, "auto", 4),  # k_hidden = n / 4 (benchmarks/k_head_width.py)
 }
 PACKAGES = {"softsae": "softsae", "reference": "softsae", "dictionary_learning": "dictionary-learning",
             "sparsify": "eai-sparsify"}
@@ -107,8 +110,9 @@ def fast_backend(device: torch.device) -> str:
 
 
 def softsae_step(backend: str, model: str, s: Shape, x: torch.Tensor, alpha: float, dead_frac: float) -> Callable:
-    arch, hard, mode = SOFTSAE_MODELS[model]
-    return make_train_step(x.device, backend, arch, hard, mode, s.d, s.n, s.B, s.k, alpha, x=x, dead_frac=dead_frac)
+    arch, hard, mode, div = SOFTSAE_MODELS[model]
+    return make_train_step(x.device, backend, arch, hard, mode, s.d, s.n, s.B, s.k, alpha, x=x, dead_frac=dead_frac,
+                           k_hidden=None if div == 1 else max(1, s.n // div))
 
 
 def dictionary_learning_step(model: str, s: Shape, x: torch.Tensor, dead_frac: float) -> Callable:
@@ -279,6 +283,8 @@ def ratio_rows(records: list[dict]) -> list[list[object]]:
               ("softsae TopK speed-up over sparsify TopK", ("sparsify", "topk"), ("softsae", "topk"), ">= 1"),
               ("SoftSAE soft step / softsae TopK step", ("softsae", "softsae-soft"), ("softsae", "topk"), "<= 1.5"),
               ("SoftSAE soft (sparse gate+decode) / softsae TopK", ("softsae", "softsae-soft-sparse"),
+               ("softsae", "topk"), "<= 1.5"),
+              ("SoftSAE soft step, k head n/4 / softsae TopK step", ("softsae", "softsae-soft-kh4"),
                ("softsae", "topk"), "<= 1.5")]
     for k in sorted({key(r) for r in by.values()}):
         for label, num, den, target in checks:

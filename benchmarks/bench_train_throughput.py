@@ -35,13 +35,13 @@ VARIANTS = [  # (label, arch, hard phase, decode_mode)
 ]
 
 
-def make_train_step(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, x=None, dead_frac=0.1):
+def make_train_step(device, backend, arch, hard, decode_mode, d, n, B, k, alpha, x=None, dead_frac=0.1, k_hidden=None):
     """A closure running one softsae training step (``train_step``) on the batch ``x`` (B, d), default
     N(0, 1). Before each step the first ``dead_frac`` of the latents are marked dead, so the auxk path
     runs on every step, not only until they fire."""
     c = TrainConfig(arch=arch, dict_size=n, k=k, steps=10, batch_size=B, backend=backend, alpha=alpha,
                     decode_mode=decode_mode, warmup_steps=0, hard_topk_steps=10 if hard else 0,
-                    dead_feature_threshold=B * 1000, device=str(device)).resolved(d)
+                    dead_feature_threshold=B * 1000, device=str(device), k_hidden=k_hidden).resolved(d)
     torch.manual_seed(0)
     model = new_model(c, d).to(device)
     opt = make_optimizer(model.parameters(), c.lr)

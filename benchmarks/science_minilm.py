@@ -68,15 +68,18 @@ def git_commit(path: str) -> str:
     return h + (" + uncommitted changes" if dirty else "")
 
 
-def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Tensor, mean_cos) -> dict:
-    """Train (or resume) one model, evaluate it on the held-out split; cached in result.json."""
-    out = a.runs / f"{arch}_k{k}_s{seed}"
+def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Tensor, mean_cos,
+            extra: dict | None = None, name: str | None = None) -> dict:
+    """Train (or resume) one model, evaluate it on the held-out split; cached in result.json.
+    ``extra``: TrainConfig fields beyond the defaults (then give the run its own ``name``)."""
+    out = a.runs / (name or f"{arch}_k{k}_s{seed}")
     res_file = out / "result.json"
     if res_file.exists():
         return json.loads(res_file.read_text())
     steps = -(-a.tokens_per_model // a.batch_size)  # ceil: every model sees at least tokens_per_model
     cfg = TrainConfig(arch=arch, dict_size=a.dict_size, k=k, steps=steps, batch_size=a.batch_size, seed=seed,
-                      backend=a.backend, device=a.device, progress=a.progress, checkpoint_every=a.checkpoint_every)
+                      backend=a.backend, device=a.device, progress=a.progress, checkpoint_every=a.checkpoint_every,
+                      **(extra or {}))
     t0 = time.perf_counter()
     result = train(str(paths["train"]), cfg, out_dir=out, resume=True)
     secs = time.perf_counter() - t0
@@ -91,7 +94,7 @@ def run_one(arch: str, k: int, seed: int, a, paths: dict, splice, mean: torch.Te
 
         res["diagnostics"] = softsae_diagnostics(model, str(paths["heldout"]), max_rows=a.diag_rows)
     atomic_write_json(res_file, res)
-    print(f"{arch:9s} K={k:<3d} seed {seed}: FVU {rep['fvu']:.4f}  L0 {rep['l0']['mean']:.2f}  "
+    print(f"{name or arch:9s} K={k:<3d} seed {seed}: FVU {rep['fvu']:.4f}  L0 {rep['l0']['mean']:.2f}  "
           f"dead {rep['dead_fraction']:.3f}  frac_rec {down['frac_recovered']:.4f}  ({secs:.0f} s)", flush=True)
     return res
 
@@ -294,6 +297,27 @@ def plots(results: list[dict], agg: dict, a, ks: list[int], archs: list[str], ta
     return [p1, p2]
 
 
+def prepare(a) -> tuple:
+    """The activations (extracted once, cached), the held-out paragraphs and the splice evaluator
+    with its mean-ablation baseline: (meta, paths, texts, splice, mean, mean_cos). Sets
+    ``a.trainer_commit``."""
+    a.trainer_commit = git_commit("softsae/trainer.py")  # the recipe this process imported
+    from softsae.corpus import python_docs_corpus
+    from softsae.downstream import SpliceEvaluator, train_mean
+
+    docs = python_docs_corpus()
+    meta = extract_corpus(a.acts, docs, heldout_frac=0.1, dtype="float16", max_tokens=a.max_acts_tokens,
+                          device=a.device, progress=a.progress)
+    paths = output_paths(a.acts, 0.1)
+    print(f"activations: {meta['rows']} tokens (train / held-out), d={meta['d']}, {meta['dtype']}", flush=True)
+    mean = train_mean(str(paths["train"]))
+    texts = heldout_texts(docs, meta, a.downstream_texts)
+    splice = SpliceEvaluator(texts, device=a.device)
+    mean_cos = splice.cosines(lambda h: mean.to(h.device).expand_as(h))
+    print(f"downstream: {len(texts)} held-out paragraphs, mean-ablation cosine {mean_cos.mean():.4f}", flush=True)
+    return meta, paths, texts, splice, mean, mean_cos
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help=f"the full experiment: {FULL}")
@@ -331,24 +355,7 @@ def main() -> None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    a.trainer_commit = git_commit("softsae/trainer.py")  # the recipe this process imported
-
-    from softsae.corpus import python_docs_corpus
-
-    docs = python_docs_corpus()
-    meta = extract_corpus(a.acts, docs, heldout_frac=0.1, dtype="float16", max_tokens=a.max_acts_tokens,
-                          device=a.device, progress=a.progress)
-    paths = output_paths(a.acts, 0.1)
-    print(f"activations: {meta['rows']} tokens (train / held-out), d={meta['d']}, {meta['dtype']}", flush=True)
-
-    from softsae.downstream import SpliceEvaluator, train_mean
-
-    mean = train_mean(str(paths["train"]))
-    texts = heldout_texts(docs, meta, a.downstream_texts)
-    splice = SpliceEvaluator(texts, device=a.device)
-    mean_cos = splice.cosines(lambda h: mean.to(h.device).expand_as(h))
-    print(f"downstream: {len(texts)} held-out paragraphs, mean-ablation cosine {mean_cos.mean():.4f}", flush=True)
-
+    meta, paths, texts, splice, mean, mean_cos = prepare(a)
     results = [run_one(arch, k, seed, a, paths, splice, mean, mean_cos)
                for seed in a.seeds for k in a.ks for arch in a.archs]
     agg = aggregate(results)

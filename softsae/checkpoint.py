@@ -171,7 +171,7 @@ def from_reference_state_dict(state: dict[str, Tensor], arch: str | None = None,
     model: SparseAutoencoder
     if arch == "softsae":
         model = SoftSAE(d, n, k, k_max=_scalar(state, "k_max"), alpha=abs(_scalar(state, "alpha", 1e-4)),
-                        backend=backend)
+                        backend=backend, k_hidden=int(state["k_estimator.0.weight"].shape[0]))
         for i in (0, 2):
             for p in ("weight", "bias"):
                 getattr(model.k_estimator[i], p).data.copy_(state[f"k_estimator.{i}.{p}"].float())
@@ -206,6 +206,9 @@ def to_reference_state_dict(model: SparseAutoencoder) -> dict[str, Tensor]:
         "shift_factor": model.norm_shift.detach().clone(),
     }
     if isinstance(model, SoftSAE):
+        if model.k_hidden != model.n:
+            raise ValueError(f"k_hidden={model.k_hidden}: the reference layout has a k head of width n = "
+                             f"{model.n}; only a model with k_hidden == n can be exported to it")
         sd["alpha"] = torch.tensor(model.alpha)
         sd["k_max"] = torch.tensor(model.k_max)
         for k, v in model.k_estimator.state_dict().items():

@@ -61,6 +61,8 @@ def _add_train(sub) -> None:
                    help="metrics logger: jsonl (OUT/metrics.jsonl, the default; always written), tensorboard "
                    "(+ OUT/tensorboard, needs the tensorboard package) or wandb (+ an offline run in OUT/wandb)")
     p.add_argument("--k-max", type=float, help="SoftSAE k-head range (default 2k)")
+    p.add_argument("--k-hidden", type=int, help="SoftSAE k-head width (default --dict-size, the paper's; "
+                   "a narrower head makes the training step cheaper)")
     p.add_argument("--alpha", type=float, help="final soft top-k scale (normalised units; see "
                    "softsae.trainer for the default and the evidence)")
     p.add_argument("--alpha-start", type=float, help="alpha at step 0 when annealing (default 1)")

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from softsae.ops.k_head import k_head_logit
 from softsae.ops.soft_gate_dk import soft_gate_dk
 from softsae.ops.soft_topk import nonzero_per_row, soft_topk, soft_topk_gate
 from softsae.ops.sparse_decode import sparse_decode
@@ -273,14 +274,21 @@ class SoftSAE(SparseAutoencoder):
         k: target mean budget K (the trainer's k-loss keeps mean(k_hat) near it).
         k_max: upper end of the head's range (default 2k, at most n); k_hat in [1, min(k_max, n)].
         alpha: scale of the soft top-k (the trainer may anneal ``self.alpha``).
+        k_hidden: width m of the head ``Linear(d, m) -> ReLU -> Linear(m, 1)``; default n (the
+            paper's). The head's two (B, m, d) GEMMs per training step cost as much as the
+            encoder's at m = n; a narrower head is cheaper (benchmarks/k_head_width.py measures
+            what it costs in FVU).
     """
 
     arch = "softsae"
 
     def __init__(self, d: int, n: int, k: float, k_max: float | None = None, alpha: float = 1e-4,
                  backend: str = "auto", decode_mode: str = "auto", k_round: str = "floor",
-                 alpha_relative: bool = False) -> None:
+                 alpha_relative: bool = False, k_hidden: int | None = None) -> None:
         super().__init__(d, n, k, backend, decode_mode)
+        m = n if k_hidden is None else k_hidden
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+            raise ValueError(f"k_hidden must be an int in [1, n={n}] or None (= n), got {k_hidden!r}")
         self.k_max = float(min(2 * k if k_max is None else k_max, n))
         if self.k_max < k:
             raise ValueError(f"k_max ({self.k_max}) must be >= k ({k})")
@@ -294,30 +302,34 @@ class SoftSAE(SparseAutoencoder):
         self.straight_through = False  # trainer flag: hard forward, soft-gate backward
         self.st_mode = "soft"  # trainer flag: "soft" (encoder and k head get the soft gate's gradient) | "k"
         self.hard_encoder_grad = True  # trainer flag: False selects on detached pre in the hard phase
-        self.k_estimator = nn.Sequential(nn.Linear(d, n), nn.ReLU(), nn.Linear(n, 1))
+        self.k_hidden = m
+        self.k_estimator = nn.Sequential(nn.Linear(d, m), nn.ReLU(), nn.Linear(m, 1))
         with torch.no_grad():
-            self.k_estimator[0].weight.copy_(self.W_enc)
+            self.k_estimator[0].weight.copy_(self.W_enc[:m])
             self.k_estimator[0].bias.zero_()
             self.k_estimator[2].weight.zero_()  # start at k_hat = k_max / 2 (= k by default)
             self.k_estimator[2].bias.zero_()
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k_max": self.k_max, "alpha": self.alpha, "k_round": self.k_round,
-                "alpha_relative": self.alpha_relative}
+                "alpha_relative": self.alpha_relative, "k_hidden": self.k_hidden}
 
     def k_hat_norm(self, x_n: Tensor) -> Tensor:
         """Predicted budget (B,) in [1, n] for normalised x_n (B, d).
 
         The head's first layer takes ``x_n - b_dec``; outside autocast that shift is folded into its
         bias, ``x_n W1^T + (b1 - W1 b_dec)`` (docs/math.md, section 3): x_n needs no gradient, so
-        b_dec's gradient is a GEMV instead of the (B, n) x (n, d) input-gradient GEMM. Under
-        autocast (bf16) the shift stays before the GEMM, where it cancels in float32."""
+        b_dec's gradient is a GEMV instead of the (B, m) x (m, d) input-gradient GEMM, and the head
+        is one autograd node (``softsae.ops.k_head``). Under autocast (bf16) the shift stays before
+        the GEMM, where it cancels in float32, and the nn modules run."""
         lin1, act, lin2 = self.k_estimator
         if torch.is_autocast_enabled(x_n.device.type):
-            h = lin1(x_n - self.b_dec)
+            logit = lin2(act(lin1(x_n - self.b_dec))).squeeze(-1)
         else:
-            h = F.linear(x_n, lin1.weight, lin1.bias - lin1.weight @ self.b_dec)
-        logit = lin2(act(h)).squeeze(-1).float()  # float32 even under autocast
+            logit = k_head_logit(x_n, lin1.weight, lin1.bias - lin1.weight @ self.b_dec,
+                                 lin2.weight.reshape(-1), lin2.bias)
+        if logit.dtype not in (torch.float32, torch.float64):
+            logit = logit.float()  # at least float32 (bf16 under autocast)
         return (self.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.n))
 
     def predict_k(self, x: Tensor) -> Tensor:

@@ -115,6 +115,7 @@ class TrainConfig:
     dict_size: int = 4096
     k: float = 32  # TopK/BatchTopK: latents per input; SoftSAE: target mean budget K
     k_max: float | None = None  # SoftSAE head range, default 2k
+    k_hidden: int | None = None  # SoftSAE head width, default dict_size (the paper's)
     steps: int = 10_000
     batch_size: int = 4096
     lr: float | None = None  # default 2e-4 / sqrt(dict_size / 2**14)
@@ -285,7 +286,8 @@ def new_model(c: TrainConfig, d: int) -> SparseAutoencoder:
     """A freshly initialised SAE for resolved config ``c``."""
     if c.arch == "softsae":
         return SoftSAE(d, c.dict_size, c.k, k_max=c.k_max, alpha=c.alpha, backend=c.backend,
-                       decode_mode=c.decode_mode, k_round=c.k_round, alpha_relative=c.alpha_relative)
+                       decode_mode=c.decode_mode, k_round=c.k_round, alpha_relative=c.alpha_relative,
+                       k_hidden=c.k_hidden)
     if c.arch == "topk":
         return TopKSAE(d, c.dict_size, int(c.k), backend=c.backend, decode_mode=c.decode_mode)
     return BatchTopKSAE(d, c.dict_size, int(c.k), threshold_beta=c.threshold_beta, backend=c.backend,

@@ -95,3 +95,50 @@ def test_bad_arguments_name_themselves():
 def test_empty_rows():
     vals, idx = soft_gate_dk(torch.zeros(0, 5), torch.zeros(0, dtype=torch.float64), 0.1)
     assert vals.shape == (0, 0) and idx.shape == (0, 0)
+
+
+@pytest.mark.skipif(softsae._backends.cpu_ext() is None, reason="the CPU extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [1e-5, 1e-3, 0.1, 10.0])
+@pytest.mark.parametrize("kind", ["relu", "randn", "ties"])
+@pytest.mark.parametrize(("R", "n"), [(1, 1), (3, 2), (6, 7), (9, 300), (4, 3001)])
+@pytest.mark.parametrize("given_shift", [False, True])
+def test_cpu_kernel_equals_the_tensor_reference(dtype, alpha, kind, R, n, given_shift):
+    """csrc/cpu/soft_gate_dk.cpp against dk_terms_reference: the same kept set, the same terms
+    and sums (float64, summation order aside), also with a shift from outside (the sharded path)
+    and with a NaN row."""
+    from softsae.ops import soft_topk as st
+    from softsae.ops.soft_gate_dk import dk_terms_reference
+
+    x = make_rows(R, n, kind, dtype)
+    if R >= 3:
+        x[2, n // 2] = float("nan")
+    k = rand_k(R, n)
+    t = soft_topk_threshold(x, k, alpha, backend="cpu")
+    s = st.scale_of(torch.tensor(alpha, dtype=torch.float64))
+    shift = None
+    if given_shift:  # a smaller shift than the row's own, as a sharded row's global minimum can be
+        shift = ((x.double() - t[:, None]).abs().amin(dim=-1) / s - 0.5).clamp_min(0)
+    got = softsae._backends.cpu_ext().soft_gate_dk_terms(x, t, float(s), shift, DK_CUT)
+    want = dk_terms_reference(x, t, s, shift, DK_CUT)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-13, atol=0)
+    fine = t.isfinite()
+    torch.testing.assert_close(got[2][fine], want[2][fine], rtol=1e-12, atol=0)
+    assert got[2][~fine].isnan().all()  # a NaN row's sum is NaN (the reference's may be 0 or NaN)
+    assert (got[1][~fine] == -1).all()
+
+
+def test_cpu_kernel_names_bad_arguments():
+    ext = softsae._backends.cpu_ext()
+    if ext is None:
+        pytest.skip("the CPU extension is not built")
+    x, t = torch.zeros(2, 3), torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="t must be"):
+        ext.soft_gate_dk_terms(x, t.float(), 1.0, None, DK_CUT)
+    with pytest.raises(RuntimeError, match="shift must have shape"):
+        ext.soft_gate_dk_terms(x, t, 1.0, torch.zeros(3, dtype=torch.float64), DK_CUT)
+    with pytest.raises(ValueError, match="cut must be > 0"):
+        ext.soft_gate_dk_terms(x, t, 1.0, None, 0.0)
+    with pytest.raises(ValueError, match="s = |alpha|"):
+        ext.soft_gate_dk_terms(x, t, -1.0, None, DK_CUT)

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/soft_gate_dk.h"
 #include "cpu/soft_topk.h"
 #include "cpu/soft_topk_isa.h"
 #include "cpu/sparse_decode.h"
@@ -391,6 +393,57 @@ std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, co
 }
 // -------------------------------------------------- sparse encoder (end; helper sparseenc)
 
+// Terms of the soft gate's k-derivative (cpu/soft_gate_dk.h): (vals (R, M) f64, idx (R, M)
+// int64 with -1 = padding, f_sum (R,) f64), M = the largest kept count of a row.
+std::tuple<Tensor, Tensor, Tensor> soft_gate_dk_terms(const Tensor& x, const Tensor& t, double s,
+                                                      const std::optional<Tensor>& shift,
+                                                      double cut) {
+  check_float_matrix(x, "x");
+  const int64_t R = x.size(0), n = x.size(1);
+  check_vector(t, "t", at::kDouble, R);
+  if (shift.has_value()) check_vector(*shift, "shift", at::kDouble, R);
+  check_scale(s);
+  TORCH_CHECK_VALUE(cut > 0.0, "cut must be > 0, got ", cut);
+  Tensor count = at::zeros({R}, x.options().dtype(at::kLong));
+  Tensor f_sum = at::zeros({R}, x.options().dtype(at::kDouble));
+  struct Chunk {
+    int64_t begin;
+    std::vector<double> v;
+    std::vector<int64_t> i;
+  };
+  std::vector<Chunk> chunks;
+  std::mutex mu;
+  int64_t* cp = count.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_gate_dk_terms", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const double* tp = t.data_ptr<double>();
+    const double* sp = shift.has_value() ? shift->data_ptr<double>() : nullptr;
+    double* fp = f_sum.data_ptr<double>();
+    at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+      Chunk c{begin, {}, {}};
+      softsae::cpu::soft_gate_dk_rows<scalar_t>(xp, tp, sp, n, begin, end, s, cut, cp, fp, c.v,
+                                                c.i);
+      const std::lock_guard<std::mutex> lock(mu);
+      chunks.push_back(std::move(c));
+    });
+  });
+  int64_t M = 0;
+  for (int64_t r = 0; r < R; ++r) M = std::max(M, cp[r]);
+  Tensor vals = at::zeros({R, M}, x.options().dtype(at::kDouble));
+  Tensor idx = at::full({R, M}, -1, x.options().dtype(at::kLong));
+  double* vp = vals.data_ptr<double>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  for (const Chunk& c : chunks) {
+    int64_t pos = 0;
+    for (int64_t r = c.begin; pos < static_cast<int64_t>(c.v.size()); ++r) {
+      std::copy(c.v.begin() + pos, c.v.begin() + pos + cp[r], vp + r * M);
+      std::copy(c.i.begin() + pos, c.i.begin() + pos + cp[r], ip + r * M);
+      pos += cp[r];
+    }
+  }
+  return {vals, idx, f_sum};
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------ ISA dispatch
@@ -454,6 +507,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(vals, idx, K): padded non-zeros of grad * (pre > 0) (grad alone when pre is None), "
         "width K = the largest row count, increasing index order, -1 = padding; vals and idx "
         "are empty (0, 0) when max_width >= 0 and K > max_width (K then only bounds it from below).");
+  m.def("soft_gate_dk_terms", &soft_gate_dk_terms, py::arg("x"), py::arg("t"), py::arg("s"),
+        py::arg("shift") = py::none(), py::arg("cut") = 32.0,
+        "Terms of the soft gate's k-derivative. x (R, n) float32/float64, t (R,) float64, s > 0, "
+        "shift (R,) float64 or None (each row's own min |u|), cut > 0. Returns (vals (R, M) "
+        "float64 = x_i fr_i, idx (R, M) int64 (-1 = padding), f_sum (R,) float64); "
+        "dz_i/dk = vals / f_sum (softsae/ops/soft_gate_dk.py::dk_terms is the reference).");
   m.def("soft_topk_gate_sparse_fwd", &soft_topk_gate_sparse_fwd, py::arg("x"), py::arg("k"),
         py::arg("s"), py::arg("largest"), py::arg("max_count") = -1,
         "Fused sparse soft top-k gate. x (R, n), k (R,) float64 in (0, n), s > 0. Returns (vals "

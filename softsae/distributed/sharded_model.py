@@ -94,6 +94,9 @@ class ShardedSAE(nn.Module):
         super().__init__()
         if not isinstance(model, (SoftSAE, TopKSAE, BatchTopKSAE)):
             raise TypeError(f"model must be a SoftSAE, TopKSAE or BatchTopKSAE, got {type(model).__name__}")
+        if isinstance(model, SoftSAE) and model.k_hidden != model.n:
+            raise ValueError(f"dictionary mode shards the k head's hidden layer with the dictionary, so it needs "
+                             f"k_hidden == n = {model.n}, got k_hidden={model.k_hidden}")
         rank, world = group_rank_world(group)
         if model.n < world:
             raise ValueError(f"dict_size ({model.n}) must be >= the number of ranks ({world}) to shard the dictionary")

@@ -52,6 +52,9 @@ def fold(model: SparseAutoencoder, convention: str) -> Params:
     """Weights of ``model`` with its normalisation folded in (see the module doc for the formulas)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if isinstance(model, SoftSAE) and model.k_hidden != model.n:
+        raise ValueError(f"k_hidden={model.k_hidden}: the exported SoftSAE layouts have a k head of width "
+                         f"d_sae = {model.n}; only a model with k_hidden == n can be exported")
     c = float(model.norm_scale)
     s = _f32(model.norm_shift)
     W_enc, b_enc, W_dec, b_dec = (_f32(t) for t in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))

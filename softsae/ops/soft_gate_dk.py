@@ -46,9 +46,9 @@ def _prepare(x: Tensor, k, alpha, backend: str) -> tuple[Tensor, Tensor, Tensor,
 def soft_topk_threshold(x: Tensor, k, alpha, backend: str = "auto") -> Tensor:
     """Per-row threshold t (R,) float64 of the soft top-k of x (R, n): sum_i F((x_i - t)/s) = k.
 
-    The backends of the fused sparse gate (cpu, triton) find it without writing the dense (R, n)
-    weights: the sparse gate's forward with width 0; the cuda backend runs the soft top-k forward
-    and keeps its t. Not differentiable.
+    Every backend with a fused sparse gate (cpu, triton, cuda) finds it without writing the dense
+    (R, n) weights: the sparse gate's forward with width 0; the reference backend runs its soft
+    top-k forward and keeps its t. Not differentiable.
     """
     x2, k_rows, alpha_t, name = _prepare(x, k, alpha, backend)
     if x2.numel() == 0:
@@ -99,7 +99,19 @@ def dk_terms(x: Tensor, t: Tensor, s: Tensor, shift: Tensor | None, cut: float =
     minimum, or the minimum over all shards of a sharded row, whose f_sum are then summed
     (softsae.distributed).
     dz_i/dk = vals_i / (total f_sum) (docs/math.md section 3). The width M is read back to the host.
+    CPU tensors go to the CPU extension's one-pass kernel (csrc/cpu/soft_gate_dk.cpp) when it is
+    built; the tensor formulation below is its reference and serves every other device.
     """
+    ext = _backends.cpu_ext() if x.device.type == "cpu" else None
+    if ext is not None:
+        return ext.soft_gate_dk_terms(x.contiguous(), t.contiguous(), float(s), shift, cut)
+    return dk_terms_reference(x, t, s, shift, cut)
+
+
+@torch.no_grad()
+def dk_terms_reference(x: Tensor, t: Tensor, s: Tensor, shift: Tensor | None, cut: float = DK_CUT
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``dk_terms`` in tensor ops (any device; the reference of the CPU kernel)."""
     R = x.shape[0]
     # Candidate mask in x's precision with one unit of margin; the kept values are then exact.
     dist = (x - t.to(x.dtype)[:, None]).abs_()
