@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/soft_gate_dk.h"
 #include "cpu/soft_topk.h"
 #include "cpu/soft_topk_isa.h"
 #include "cpu/sparse_decode.h"
@@ -453,6 +454,33 @@ void test_half_exp(const softsae::cpu::SoftTopkIsa& isa) {
 
 }  // namespace
 
+// soft_gate_dk_rows on a hand-checked row: x = (0, 1, 3, 3.2, 0, 10), t = 3.1, s = 0.1: |u| =
+// (31, 21, 1, 1, 31, 69); cut 25 keeps the non-zeros with |u| - 1 < 26 (x = 1, 3, 3.2; not 10),
+// the two zeros (|u| - 1 = 30 > 26) stay out of f_sum, and a row with a NaN keeps nothing with a
+// NaN sum.
+template <typename T>
+void test_soft_gate_dk() {
+  const std::vector<T> x = {0, 1, 3, T(3.2), 0, 10, 1, std::numeric_limits<T>::quiet_NaN(), 2, 0, 0, 0};
+  const std::vector<double> t = {3.1, 3.0};
+  std::vector<int64_t> count(2);
+  std::vector<double> f_sum(2), vals;
+  std::vector<int64_t> idx;
+  softsae::cpu::soft_gate_dk_rows<T>(x.data(), t.data(), nullptr, 6, 0, 2, 0.1, 25.0, count.data(),
+                                     f_sum.data(), vals, idx);
+  const T tx = T(3.1);  // min |u| in T, as the kernel takes it
+  const double shift = double(std::min(std::abs(T(3) - tx), std::abs(T(3.2) - tx))) / 0.1;
+  double want_sum = 0.0;
+  for (int i : {1, 2, 3}) want_sum += std::exp(-(std::fabs(double(x[i]) - 3.1) / 0.1 - shift));
+  CHECK(count[0] == 3 && idx.size() == 3 && idx[0] == 1 && idx[1] == 2 && idx[2] == 3,
+        "soft_gate_dk: kept %lld entries", (long long)count[0]);
+  CHECK(std::fabs(f_sum[0] - want_sum) <= 1e-9 * want_sum, "soft_gate_dk: f_sum %.17g vs %.17g",
+        f_sum[0], want_sum);
+  CHECK(std::fabs(vals[2] - double(x[3]) * std::exp(-(std::fabs(double(x[3]) - 3.1) / 0.1 - shift))) <= 1e-12,
+        "soft_gate_dk: term of x = 3.2");
+  CHECK(count[1] == 0 && std::isnan(f_sum[1]), "soft_gate_dk: NaN row kept %lld, f_sum %g",
+        (long long)count[1], f_sum[1]);
+}
+
 int main() {
   for (const char* name : {"portable", "avx2", "avx512"}) {
     if (!softsae::cpu::set_cpu_isa(name)) {
@@ -473,6 +501,8 @@ int main() {
   }
   test_sparse_decode<float>();
   test_sparse_decode<double>();
+  test_soft_gate_dk<float>();
+  test_soft_gate_dk<double>();
   std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
