@@ -262,8 +262,9 @@ def normalize_rows_(W: Tensor) -> None:
 def project_row_grad_(W: Tensor) -> None:
     """W.grad (n, d) minus its component along each row of W, in place (no-op without a grad)."""
     g = W.grad
-    if g is not None:
-        g.sub_((g * W).sum(1, keepdim=True) * W / (W * W).sum(1, keepdim=True).clamp_min(1e-12))
+    if g is not None:  # row dot products without an (n, d) temporary, then one in-place pass
+        coef = torch.einsum("ij,ij->i", g, W) / torch.linalg.vector_norm(W, dim=1).square().clamp_min(1e-12)
+        g.addcmul_(coef[:, None], W, value=-1.0)
 
 
 class SoftSAE(SparseAutoencoder):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import HALF, HALF_ERR_RATIO, cpu_backends
+from helpers import HALF, HALF_ERR_RATIO, cpu_backends, cpu_isa_params, use_cpu_isa
 
 import softsae
 from softsae.ops.sparse_decode_ref import densify
@@ -56,6 +56,30 @@ def test_forward_and_grads_match_dense(backend, pattern, B, n, d, k_mean, with_b
         torch.testing.assert_close(got, exp, atol=1e-10, rtol=1e-10)
     if idx.numel():
         assert torch.all(got_grads[0][idx == -1] == 0), "padding gets a zero gradient"
+
+
+@pytest.mark.parametrize("isa", cpu_isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("B", "n", "d", "k_mean"), [(17, 50, 9, 5), (8, 64, 2304, 8), (300, 2000, 130, 40),
+                                                        (33, 700, 61, 30)])
+def test_every_cpu_isa_matches_dense(isa, dtype, B, n, d, k_mean):
+    """The cpu backend's row loops on each instruction set (they follow the soft top-k's dispatch):
+    forward, dvals, dW and (through the sparse encoder backward) dx, dW_enc, db against dense."""
+    vals, idx = make_pairs(B, n, k_mean, "scattered", dtype)
+    W = torch.randn(n, d, dtype=dtype)
+    b = torch.randn(d, dtype=dtype)
+    tol = {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-4, "rtol": 2e-4}
+    leaves = [vals.requires_grad_(), W.requires_grad_(), b.requires_grad_()]
+    with use_cpu_isa(isa):
+        out = softsae.sparse_decode(vals, idx, W, b, backend="cpu")
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, g)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    want_out = dense_decode(exact[0], idx, exact[1], exact[2])
+    want = torch.autograd.grad(want_out, exact, g.double())
+    torch.testing.assert_close(out.double(), want_out, **tol)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), e, **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -52,6 +52,19 @@ struct SoftTopkLoops {
                 double s, bool largest, bool gate, double* hbuf, uint8_t* active);
 };
 
+// The sparse decoder's row loops (sparse_decode.cpp, which the sparse encoder backward shares),
+// dispatched with the soft top-k's: d-long dot products and sums of scaled rows. Every element of
+// a sum is formed by the same expression in every variant, so the sums agree across variants up
+// to FMA contraction; a dot product's lane count (its reduction order) follows the vector width.
+template <typename T>
+struct SparseRowLoops {
+  // <a, b> over [0, d), with four vector accumulators combined in a fixed order.
+  T (*dot)(const T* a, const T* b, int64_t d);
+  // o[0, d) += v[0] rows[0] + ... + v[cnt - 1] rows[cnt - 1], added in that order (four rows per
+  // pass over o).
+  void (*axpy_list)(T* o, const T* v, const T* const* rows, int64_t cnt, int64_t d);
+};
+
 struct SoftTopkIsa {
   const char* name;  // "portable", "avx2" or "avx512"
   SoftTopkLoops<float> f32;
@@ -60,6 +73,8 @@ struct SoftTopkIsa {
   // accuracy); x and out hold n rounded up to a multiple of 16 elements.
   void (*half_exp_f)(const float* x, float* out, int64_t n);
   void (*half_exp_d)(const double* x, double* out, int64_t n);
+  SparseRowLoops<float> rows_f32;
+  SparseRowLoops<double> rows_f64;
 };
 
 // The variants compiled into this binary; nullptr when the compiler or target could not

@@ -1,7 +1,8 @@
 // CPU sparse decoder gather. See sparse_decode.h for the contract.
 //
 // Cost is sum_b k_b * d multiply-adds for each of forward, dvals and dW, against B * n * d
-// for the dense product. The d loops are vectorised; forward and dvals split over rows,
+// for the dense product. The d loops are vectorised for the instruction set chosen at run time
+// (SparseRowLoops in soft_topk_isa.h: SSE2, AVX2 or AVX-512); forward and dvals split over rows,
 // dW over latents after a counting sort of the pairs, so dW needs neither a dense (B, n)
 // intermediate nor atomics, and its summation order does not depend on the thread split.
 #include "sparse_decode.h"
@@ -9,69 +10,22 @@
 #include <cstring>
 #include <vector>
 
+#include "soft_topk_isa.h"
+
 namespace softsae {
 namespace cpu {
 namespace {
 
-#if defined(__AVX512F__)
-#define SOFTSAE_SD_VEC_BYTES 64
-#elif defined(__AVX__)
-#define SOFTSAE_SD_VEC_BYTES 32
-#else
-#define SOFTSAE_SD_VEC_BYTES 16
-#endif
-
+// The row loops of the instruction set in use (soft_topk_isa.h: the soft top-k's dispatch).
 template <typename T>
-struct Lanes {
-  typedef T V __attribute__((vector_size(SOFTSAE_SD_VEC_BYTES)));
-  static constexpr int L = SOFTSAE_SD_VEC_BYTES / sizeof(T);
-};
-
-// o += v0 w0 + v1 w1 + ... added left to right, i.e. exactly as that many single axpys in
-// sequence, with one pass over o instead of several.
-template <typename T>
-inline void axpy4(T* __restrict o, T v0, const T* __restrict w0, T v1, const T* __restrict w1,
-                  T v2, const T* __restrict w2, T v3, const T* __restrict w3, int64_t d) {
-  for (int64_t c = 0; c < d; ++c) o[c] = (((o[c] + v0 * w0[c]) + v1 * w1[c]) + v2 * w2[c]) + v3 * w3[c];
+const SparseRowLoops<T>& row_loops();
+template <>
+const SparseRowLoops<float>& row_loops<float>() {
+  return soft_topk_active_isa().rows_f32;
 }
-template <typename T>
-inline void axpy1(T* __restrict o, T v0, const T* __restrict w0, int64_t d) {
-  for (int64_t c = 0; c < d; ++c) o[c] += v0 * w0[c];
-}
-
-// Accumulates o += sum of vals[p] * rows[p] over a list of (value, row pointer) pairs.
-template <typename T>
-inline void axpy_list(T* o, const T* v, const T* const* rows, int64_t cnt, int64_t d) {
-  int64_t p = 0;
-  for (; p + 4 <= cnt; p += 4)
-    axpy4(o, v[p], rows[p], v[p + 1], rows[p + 1], v[p + 2], rows[p + 2], v[p + 3], rows[p + 3], d);
-  for (; p < cnt; ++p) axpy1(o, v[p], rows[p], d);
-}
-
-// <a, b> with 4 vector accumulators (fixed order, so results are reproducible).
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t d) {
-  using V = typename Lanes<T>::V;
-  constexpr int L = Lanes<T>::L;
-  V acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-  int64_t c = 0;
-  auto ld = [](const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  };
-  for (; c + 4 * L <= d; c += 4 * L) {
-    acc0 += ld(a + c) * ld(b + c);
-    acc1 += ld(a + c + L) * ld(b + c + L);
-    acc2 += ld(a + c + 2 * L) * ld(b + c + 2 * L);
-    acc3 += ld(a + c + 3 * L) * ld(b + c + 3 * L);
-  }
-  for (; c + L <= d; c += L) acc0 += ld(a + c) * ld(b + c);
-  V acc = (acc0 + acc1) + (acc2 + acc3);
-  T r = T(0);
-  for (int l = 0; l < L; ++l) r += acc[l];
-  for (; c < d; ++c) r += a[c] * b[c];
-  return r;
+template <>
+const SparseRowLoops<double>& row_loops<double>() {
+  return soft_topk_active_isa().rows_f64;
 }
 
 }  // namespace
@@ -79,6 +33,7 @@ inline T dot(const T* a, const T* b, int64_t d) {
 template <typename T>
 void sparse_decode_fwd_rows(const T* vals, const int64_t* idx, const T* W, const T* bias,
                             T* out, int64_t K, int64_t d, int64_t row_begin, int64_t row_end) {
+  const SparseRowLoops<T>& loops = row_loops<T>();
   std::vector<T> v(static_cast<size_t>(K));
   std::vector<const T*> rows(static_cast<size_t>(K));
   for (int64_t b = row_begin; b < row_end; ++b) {
@@ -95,18 +50,19 @@ void sparse_decode_fwd_rows(const T* vals, const int64_t* idx, const T* W, const
       rows[cnt] = W + i * d;
       ++cnt;
     }
-    axpy_list(o, v.data(), rows.data(), cnt, d);
+    loops.axpy_list(o, v.data(), rows.data(), cnt, d);
   }
 }
 
 template <typename T>
 void sparse_decode_bwd_dvals(const T* grad, const int64_t* idx, const T* W, T* dvals,
                               int64_t K, int64_t d, int64_t row_begin, int64_t row_end) {
+  const SparseRowLoops<T>& loops = row_loops<T>();
   for (int64_t b = row_begin; b < row_end; ++b) {
     const T* g = grad + b * d;
     for (int64_t j = 0; j < K; ++j) {
       const int64_t i = idx[b * K + j];
-      dvals[b * K + j] = i < 0 ? T(0) : dot(g, W + i * d, d);
+      dvals[b * K + j] = i < 0 ? T(0) : loops.dot(g, W + i * d, d);
     }
   }
 }
@@ -128,6 +84,7 @@ template <typename T>
 void sparse_decode_bwd_dW_sorted(const T* grad, const T* vals, const int64_t* offsets,
                               const int64_t* order, int64_t K, int64_t d, T* dW,
                               int64_t latent_begin, int64_t latent_end) {
+  const SparseRowLoops<T>& loops = row_loops<T>();
   std::vector<T> v;
   std::vector<const T*> rows;
   for (int64_t i = latent_begin; i < latent_end; ++i) {
@@ -142,7 +99,7 @@ void sparse_decode_bwd_dW_sorted(const T* grad, const T* vals, const int64_t* of
       v[q] = vals[p];
       rows[q] = grad + (p / K) * d;
     }
-    axpy_list(o, v.data(), rows.data(), cnt, d);
+    loops.axpy_list(o, v.data(), rows.data(), cnt, d);
   }
 }
 

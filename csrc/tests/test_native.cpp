@@ -498,9 +498,9 @@ int main() {
     test_bwd_underflow<float>();
     test_bwd_underflow<double>();
     test_bwd_f32_vs_f64();
+    test_sparse_decode<float>();  // its row loops follow the same dispatch
+    test_sparse_decode<double>();
   }
-  test_sparse_decode<float>();
-  test_sparse_decode<double>();
   test_soft_gate_dk<float>();
   test_soft_gate_dk<double>();
   std::printf("%d passed, %d failed\n", g_checks - g_failures, g_failures);
