@@ -1,6 +1,7 @@
 """SoftSAE's k-head width on MiniLM: what a head narrower than the paper's (k_hidden < n) costs.
 
     python benchmarks/k_head_width.py                       # K 16, seed 0, k_hidden 384 and 96 (n = 1536), 5M tokens
+    python benchmarks/k_head_width.py --ks 8 16 32 --seeds 0 1 --widths 384
 
 The head ``Linear(d, m) -> ReLU -> Linear(m, 1)`` costs two (B, m, d) GEMMs per training step
 (forward and weight gradient); at the paper's m = n that is twice the encoder's GEMM, and it is
@@ -27,7 +28,7 @@ from science_minilm import FULL, RESULTS, ROOT, interp_log, prepare, run_one  # 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--ks", type=int, nargs="+", default=[16])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[384, 96], help="k_hidden values (n itself is the "
                     "full experiment's run)")
@@ -59,23 +60,25 @@ def main() -> None:
         l0s = [r["eval"]["l0"]["mean"] for r in topk]
         fvus = [r["eval"]["fvu"] for r in topk]
         downs = [r["downstream"]["frac_recovered"] for r in topk]
-        variants = [(a.dict_size, run("softsae", a.k, seed))]
-        variants += [(w, run("softsae", a.k, seed, extra={"k_hidden": w}, name=f"softsae_k{a.k}_s{seed}_kh{w}"))
-                     for w in a.widths]
-        for w, r in variants:
-            l0, fvu = r["eval"]["l0"]["mean"], r["eval"]["fvu"]
-            t_fvu, extrap = interp_log(l0, l0s, fvus)
-            t_down, _ = interp_log(l0, l0s, downs)
-            rows.append((seed, w, l0, fvu, t_fvu, extrap, r["downstream"]["frac_recovered"], t_down,
-                         r["train_seconds"]))
+        for k in a.ks:
+            variants = [(a.dict_size, run("softsae", k, seed))]
+            variants += [(w, run("softsae", k, seed, extra={"k_hidden": w}, name=f"softsae_k{k}_s{seed}_kh{w}"))
+                         for w in a.widths]
+            for w, r in variants:
+                l0, fvu = r["eval"]["l0"]["mean"], r["eval"]["fvu"]
+                t_fvu, extrap = interp_log(l0, l0s, fvus)
+                t_down, _ = interp_log(l0, l0s, downs)
+                rows.append((k, seed, w, l0, fvu, t_fvu, extrap, r["downstream"]["frac_recovered"], t_down,
+                             r["train_seconds"]))
 
-    lines = ["| seed | k_hidden | mean L0 | FVU | TopK FVU at that L0 | ratio | downstream SoftSAE / TopK at that L0 "
-             "| train s (1 thread) |", "|---|---|---|---|---|---|---|---|"]
-    for seed, w, l0, fvu, t_fvu, extrap, down, t_down, secs in rows:
+    lines = ["| K | seed | k_hidden | mean L0 | FVU | TopK FVU at that L0 | ratio | downstream SoftSAE / TopK at "
+             "that L0 | train s (1 thread) |", "|---|---|---|---|---|---|---|---|---|"]
+    for k, seed, w, l0, fvu, t_fvu, extrap, down, t_down, secs in sorted(rows, key=lambda r: (r[0], r[1], -r[2])):
         tag = " (n, the paper's)" if w == a.dict_size else ""
-        lines.append(f"| {seed} | {w}{tag} | {l0:.2f} | {fvu:.4f} | {t_fvu:.4f}{' (extrapolated)' if extrap else ''} "
-                     f"| {fvu / t_fvu:.3f} | {down:.4f} / {t_down:.4f} | {secs:.0f} |")
-    text = (f"## SoftSAE k-head width on MiniLM (K={a.k})\n\n"
+        lines.append(f"| {k} | {seed} | {w}{tag} | {l0:.2f} | {fvu:.4f} | {t_fvu:.4f}"
+                     f"{' (extrapolated)' if extrap else ''} | {fvu / t_fvu:.3f} | {down:.4f} / {t_down:.4f} "
+                     f"| {secs:.0f} |")
+    text = (f"## SoftSAE k-head width on MiniLM (K {', '.join(map(str, a.ks))})\n\n"
             f"`{' '.join(['python benchmarks/k_head_width.py'] + sys.argv[1:])}`: {a.tokens_per_model} tokens per "
             f"model, dictionary {a.dict_size}, batch {a.batch_size}, seeds {a.seeds}, the trainer's defaults "
             f"(only k_hidden differs; the width-n and TopK runs are those of science_minilm.py --full in "
