@@ -9,7 +9,10 @@
 # 2. tests   pytest tests/test_gpu.py tests/test_no_host_sync.py  (junit XML in OUTDIR)
 # 3. bench   bench_soft_topk.py (B=4096, n in {4096, 16384, 65536}, float32 and bfloat16) and
 #            bench_sparse_decode.py (B=4096, n in {16384, 65536}, d in {512, 2304}, k in
-#            {32, 64, 128, 220}) for the reference, triton and cuda backends, --quick --json
+#            {32, 64, 128, 220}) for the reference, triton and cuda backends, --quick --json;
+#            bench_train_step.py --device cuda (one training step of softsae's TopK, SoftSAE with
+#            the paper's k head and with k_hidden = n/4, hard phase; d 768, n 16384, K 32, B 4096;
+#            the other frameworks when installed) -> OUTDIR/train_step.md and its JSON rows
 # 4. report  benchmarks/gpu_report.py -> OUTDIR/report.md and OUTDIR/report.json
 #
 # Prints the seconds each stage took (also in OUTDIR/stages.tsv). Target: < 8 minutes on an
@@ -122,6 +125,16 @@ if timeout "${BENCH_TIMEOUT:-120}" "$PY" benchmarks/bench_sparse_decode.py --dev
 else
   tail -20 "$OUT/bench_sparse_decode.log"
   stage_done bench_sparse_decode "$T0" failed
+fi
+T0=$SECONDS
+if timeout "${BENCH_TIMEOUT:-120}" "$PY" benchmarks/bench_train_step.py --device cuda --batch-size 4096 \
+    --frameworks softsae dictionary_learning sparsify --models topk softsae-soft softsae-soft-kh4 softsae-hard \
+    --repeat 10 --markdown "$OUT/train_step.md" --rows "$OUT/train_step.jsonl" \
+    > "$OUT/bench_train_step.log" 2>&1; then
+  stage_done bench_train_step "$T0" ok
+else
+  tail -20 "$OUT/bench_train_step.log"
+  stage_done bench_train_step "$T0" failed
 fi
 
 # ------------------------------------------------------------------ 4. report

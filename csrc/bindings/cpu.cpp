@@ -72,6 +72,36 @@ Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return out;
 }
 
+// Per-row lists of (value, index) pairs appended by parallel tasks, one chunk of consecutive rows
+// per task, then written out as padded (R, K) rows.
+template <typename V>
+struct RowLists {
+  struct Chunk {
+    int64_t begin;           // first row of the task
+    std::vector<V> v;        // the rows' values, row after row
+    std::vector<int64_t> i;  // their indices
+  };
+  std::vector<Chunk> chunks;
+  std::mutex mu;
+
+  void add(Chunk&& c) {
+    const std::lock_guard<std::mutex> lock(mu);
+    chunks.push_back(std::move(c));
+  }
+  // Row r's first min(count[r], K) pairs into vp / ip (R, K); the rest of each row is left as is.
+  void write_padded(const int64_t* count, int64_t K, V* vp, int64_t* ip) const {
+    for (const Chunk& c : chunks) {
+      int64_t pos = 0;
+      for (int64_t r = c.begin; pos < static_cast<int64_t>(c.v.size()); ++r) {
+        const int64_t m = std::min(count[r], K);
+        std::copy(c.v.begin() + pos, c.v.begin() + pos + m, vp + r * K);
+        std::copy(c.i.begin() + pos, c.i.begin() + pos + m, ip + r * K);
+        pos += count[r];
+      }
+    }
+  }
+};
+
 // Rows per task: enough elements that a task outweighs its scheduling and scratch setup.
 int64_t row_grain(int64_t work_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
@@ -351,25 +381,18 @@ std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, co
   Tensor count = at::zeros({R}, x.options().dtype(at::kLong));
   Tensor vals, idx;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_topk_gate_sparse_fwd", [&] {
-    struct Chunk {
-      int64_t begin;
-      std::vector<scalar_t> v;
-      std::vector<int64_t> i;
-    };
-    std::vector<Chunk> chunks;
-    std::mutex mu;
+    RowLists<scalar_t> lists;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const double* kp = k.data_ptr<double>();
     double* tp = t.data_ptr<double>();
     int64_t* cp = count.data_ptr<int64_t>();
     if (n > 0) {
       at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
-        Chunk c{begin, {}, {}};
+        typename RowLists<scalar_t>::Chunk c{begin, {}, {}};
         std::vector<scalar_t> scratch(static_cast<size_t>(n));
         softsae::cpu::soft_topk_gate_sparse_rows<scalar_t>(xp, kp, tp, cp, n, begin, end, s,
                                                            largest, scratch.data(), c.v, c.i);
-        const std::lock_guard<std::mutex> lock(mu);
-        chunks.push_back(std::move(c));
+        lists.add(std::move(c));
       });
     }
     int64_t K = 0;
@@ -377,17 +400,7 @@ std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, co
     if (max_count >= 0) K = std::min(max_count, n);
     vals = at::zeros({R, K}, x.options());
     idx = at::full({R, K}, -1, x.options().dtype(at::kLong));
-    scalar_t* vp = vals.data_ptr<scalar_t>();
-    int64_t* ip = idx.data_ptr<int64_t>();
-    for (const Chunk& c : chunks) {
-      int64_t pos = 0;
-      for (int64_t r = c.begin; pos < static_cast<int64_t>(c.v.size()); ++r) {
-        const int64_t m = std::min(cp[r], K);
-        std::copy(c.v.begin() + pos, c.v.begin() + pos + m, vp + r * K);
-        std::copy(c.i.begin() + pos, c.i.begin() + pos + m, ip + r * K);
-        pos += cp[r];
-      }
-    }
+    lists.write_padded(cp, K, vals.data_ptr<scalar_t>(), idx.data_ptr<int64_t>());
   });
   return {vals, idx, t};
 }
@@ -406,13 +419,7 @@ std::tuple<Tensor, Tensor, Tensor> soft_gate_dk_terms(const Tensor& x, const Ten
   TORCH_CHECK_VALUE(cut > 0.0, "cut must be > 0, got ", cut);
   Tensor count = at::zeros({R}, x.options().dtype(at::kLong));
   Tensor f_sum = at::zeros({R}, x.options().dtype(at::kDouble));
-  struct Chunk {
-    int64_t begin;
-    std::vector<double> v;
-    std::vector<int64_t> i;
-  };
-  std::vector<Chunk> chunks;
-  std::mutex mu;
+  RowLists<double> lists;
   int64_t* cp = count.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_gate_dk_terms", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -420,27 +427,17 @@ std::tuple<Tensor, Tensor, Tensor> soft_gate_dk_terms(const Tensor& x, const Ten
     const double* sp = shift.has_value() ? shift->data_ptr<double>() : nullptr;
     double* fp = f_sum.data_ptr<double>();
     at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
-      Chunk c{begin, {}, {}};
+      RowLists<double>::Chunk c{begin, {}, {}};
       softsae::cpu::soft_gate_dk_rows<scalar_t>(xp, tp, sp, n, begin, end, s, cut, cp, fp, c.v,
                                                 c.i);
-      const std::lock_guard<std::mutex> lock(mu);
-      chunks.push_back(std::move(c));
+      lists.add(std::move(c));
     });
   });
   int64_t M = 0;
   for (int64_t r = 0; r < R; ++r) M = std::max(M, cp[r]);
   Tensor vals = at::zeros({R, M}, x.options().dtype(at::kDouble));
   Tensor idx = at::full({R, M}, -1, x.options().dtype(at::kLong));
-  double* vp = vals.data_ptr<double>();
-  int64_t* ip = idx.data_ptr<int64_t>();
-  for (const Chunk& c : chunks) {
-    int64_t pos = 0;
-    for (int64_t r = c.begin; pos < static_cast<int64_t>(c.v.size()); ++r) {
-      std::copy(c.v.begin() + pos, c.v.begin() + pos + cp[r], vp + r * M);
-      std::copy(c.i.begin() + pos, c.i.begin() + pos + cp[r], ip + r * M);
-      pos += cp[r];
-    }
-  }
+  lists.write_padded(cp, M, vals.data_ptr<double>(), idx.data_ptr<int64_t>());
   return {vals, idx, f_sum};
 }
 

@@ -93,16 +93,23 @@ void check_launch(cudaError_t err, const char* what) {
 
 // ------------------------------------------------------------------------------ soft top-k
 
-std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, const Tensor& s,
-                                         bool largest, bool gate) {
+// The forward inputs: x (R, n) CUDA float, k (R,) float64, s one float64 on x's device, R and
+// n < 2^31. Returns x's dtype tag.
+sc::DType check_fwd_inputs(const Tensor& x, const Tensor& k, const Tensor& s, const char* what) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   check_matrix(x, "x", x);
   const sc::DType dt = dtype_of(x, "x");
-  const int64_t R = x.size(0), n = x.size(1);
-  check_rows_f64(k, "k", x, R);
+  check_rows_f64(k, "k", x, x.size(0));
   check_scale_tensor(s, x);
-  TORCH_CHECK(R <= INT_MAX && n <= INT_MAX, "soft_topk_fwd: R and n must be < 2^31, got ",
+  TORCH_CHECK(x.size(0) <= INT_MAX && x.size(1) <= INT_MAX, what, ": R and n must be < 2^31, got ",
               x.sizes());
+  return dt;
+}
+
+std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, const Tensor& s,
+                                         bool largest, bool gate) {
+  const sc::DType dt = check_fwd_inputs(x, k, s, "soft_topk_fwd");
+  const int64_t R = x.size(0), n = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty_like(x);
   Tensor t = at::empty({R}, x.options().dtype(at::kDouble));
@@ -123,14 +130,8 @@ std::tuple<Tensor, Tensor> soft_topk_fwd(const Tensor& x, const Tensor& k, const
 std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, const Tensor& k,
                                                              const Tensor& s, bool largest,
                                                              int64_t max_count) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
-  check_matrix(x, "x", x);
-  const sc::DType dt = dtype_of(x, "x");
+  const sc::DType dt = check_fwd_inputs(x, k, s, "soft_topk_gate_sparse_fwd");
   const int64_t R = x.size(0), n = x.size(1);
-  check_rows_f64(k, "k", x, R);
-  check_scale_tensor(s, x);
-  TORCH_CHECK(R <= INT_MAX && n <= INT_MAX,
-              "soft_topk_gate_sparse_fwd: R and n must be < 2^31, got ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Tensor t = at::empty({R}, x.options().dtype(at::kDouble));
