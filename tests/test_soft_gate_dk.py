@@ -80,6 +80,22 @@ def test_threshold_is_the_soft_topk_threshold(backend):
     torch.testing.assert_close(laplace_cdf(u), p, atol=1e-9, rtol=0)
 
 
+@pytest.mark.skipif(softsae._backends.cpu_ext() is None, reason="the CPU extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 300])
+@pytest.mark.parametrize("alpha", [1e-3, 1.0])
+def test_cpu_threshold_without_output_is_the_forward_t(dtype, n, alpha):
+    """The CPU threshold (the forward row kernel without its output pass) is bitwise the t of the
+    forward that writes the gate, NaN rows included."""
+    x = make_rows(5, n, "relu", dtype)
+    x[3, 0] = float("nan")
+    k = rand_k(5, n)
+    got = soft_topk_threshold(x, k, alpha, backend="cpu")
+    _out, want = softsae._backends.cpu_ext().soft_topk_fwd(x, k, alpha, True, True)
+    torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    assert got[3].isnan()
+
+
 def test_bad_arguments_name_themselves():
     x = torch.rand(3, 5)
     with pytest.raises(ValueError, match="cut"):

@@ -386,7 +386,11 @@ std::tuple<Tensor, Tensor, Tensor> soft_topk_gate_sparse_fwd(const Tensor& x, co
     const double* kp = k.data_ptr<double>();
     double* tp = t.data_ptr<double>();
     int64_t* cp = count.data_ptr<int64_t>();
-    if (n > 0) {
+    if (n > 0 && max_count == 0) {  // no pairs wanted: t alone, without the gate's output pass
+      at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
+        softsae::cpu::soft_topk_fwd_rows<scalar_t>(xp, kp, nullptr, tp, n, begin, end, s, largest, true);
+      });
+    } else if (n > 0) {
       at::parallel_for(0, R, row_grain(n), [&](int64_t begin, int64_t end) {
         typename RowLists<scalar_t>::Chunk c{begin, {}, {}};
         std::vector<scalar_t> scratch(static_cast<size_t>(n));

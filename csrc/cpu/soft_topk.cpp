@@ -225,16 +225,16 @@ void fwd_row(const SoftTopkLoops<T>& lp, const T* x, double k, T* out, double* t
   if (n == 1) {
     const double y = largest ? static_cast<double>(x[0]) : -static_cast<double>(x[0]);
     if (!std::isfinite(y)) {
-      out[0] = static_cast<T>(nan);
+      if (out) out[0] = static_cast<T>(nan);
       *t_out = nan;
       return;
     }
     *t_out = y - s * laplace_quantile(k);
-    out[0] = gate ? static_cast<T>(static_cast<double>(x[0]) * k) : static_cast<T>(k);
+    if (out) out[0] = gate ? static_cast<T>(static_cast<double>(x[0]) * k) : static_cast<T>(k);
     return;
   }
   if (!lp.row_finite(x, n)) {
-    std::fill(out, out + n, static_cast<T>(nan));
+    if (out) std::fill(out, out + n, static_cast<T>(nan));
     *t_out = nan;
     return;
   }
@@ -314,6 +314,7 @@ void fwd_row(const SoftTopkLoops<T>& lp, const T* x, double k, T* out, double* t
     }
   }
   *t_out = t;
+  if (!out) return;  // t only
   if (sizeof(T) == 4 && float_compute_ok(s, t))
     lp.write_f(x, out, n, t, s, largest, gate);
   else
@@ -428,7 +429,7 @@ void soft_topk_fwd_rows(const T* x, const double* k, T* out, double* t, int64_t 
   // + room for the -inf padding and for the whole-vector stores of compact
   std::vector<T> cand(static_cast<size_t>(n + kBlock));
   for (int64_t r = row_begin; r < row_end; ++r)
-    fwd_row<T>(lp, x + r * n, k[r], out + r * n, t + r, n, s, largest, gate, sc, cand);
+    fwd_row<T>(lp, x + r * n, k[r], out ? out + r * n : nullptr, t + r, n, s, largest, gate, sc, cand);
 }
 
 template <typename T>

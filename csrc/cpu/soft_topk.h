@@ -17,7 +17,7 @@ namespace cpu {
 //   x    (R, n) T, contiguous, n >= 1
 //   k    (R,)   double, each in (0, n) (the Python layer clamps into [1e-6, n - 1e-6])
 //   s    scale |alpha| > 0
-//   out  (R, n) T: p, or x * p when gate
+//   out  (R, n) T: p, or x * p when gate; nullptr: t only (no output pass)
 //   t    (R,)   double thresholds
 // A row holding NaN or +-inf gets NaN output and NaN t. n == 1 gives p = k exactly.
 // Accuracy: float64 rows to ~1e-12 in p; float32 rows to a few float32 ulps of the float64

@@ -92,6 +92,9 @@ void check_fwd_rows(const std::vector<T>& x, const std::vector<double>& k, int64
   const double tol = sizeof(T) == 4 ? 1e-4 : 1e-9;
   const FwdResult<T> r = run_fwd<T>(x, k, n, s, largest, false);
   const FwdResult<T> rg = run_fwd<T>(x, k, n, s, largest, true);
+  std::vector<double> t_only(k.size());  // out = nullptr: the same t without the output pass
+  softsae::cpu::soft_topk_fwd_rows<T>(x.data(), k.data(), nullptr, t_only.data(), n, 0,
+                                      int64_t(k.size()), s, largest, true);
   for (size_t row = 0; row < k.size(); ++row) {
     std::vector<double> y(n);
     for (int64_t i = 0; i < n; ++i) y[i] = (largest ? 1.0 : -1.0) * double(x[row * n + i]);
@@ -122,6 +125,8 @@ void check_fwd_rows(const std::vector<T>& x, const std::vector<double>& k, int64
     CHECK(gate_err <= 4 * std::numeric_limits<T>::epsilon(), "%s %s: gate != x * p (%.3g)", dt,
           what.c_str(), gate_err);
     CHECK(std::isfinite(r.t[row]), "%s %s: t not finite", dt, what.c_str());
+    CHECK(t_only[row] == r.t[row], "%s %s: t without output %.17g != %.17g", dt, what.c_str(),
+          t_only[row], r.t[row]);
   }
 }
 
