@@ -135,6 +135,37 @@ __device__ inline int block_inclusive_scan(int v, int* total) {
   return v + (warp_id() > 0 ? warp_tot[warp_id() - 1] : 0);
 }
 
+// Stable compaction of a row's chunks [0, nchunks) (V elements each) over the block, one round of
+// blockDim.x chunks at a time: make(j, e) fills e[0, V) from chunk j, keep(e[q]) selects, and
+// emit(pos, j, q, e[q]) stores the kept element q of chunk j at position pos, positions counting
+// kept elements in row order. Returns the number kept, identical in every thread. Every thread of
+// the block calls it (the scans hold barriers); no barrier after the last round.
+template <int V, class E, class Make, class Keep, class Emit>
+__device__ __forceinline__ int block_compact(int nchunks, Make make, Keep keep, Emit emit) {
+  const int tid = threadIdx.x, bd = blockDim.x;
+  int count = 0;
+  for (int j0 = 0; j0 < nchunks; j0 += bd) {  // uniform trip count: every thread scans
+    const int j = j0 + tid;
+    E e[V];
+    int mine = 0;
+    if (j < nchunks) {
+      make(j, e);
+#pragma unroll
+      for (int q = 0; q < V; ++q) mine += keep(e[q]) ? 1 : 0;
+    }
+    int total;
+    int pos = count + block_inclusive_scan(mine, &total) - mine;
+    if (j < nchunks) {
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        if (keep(e[q])) emit(pos++, j, q, e[q]);
+      }
+    }
+    count += total;
+  }
+  return count;
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace softsae

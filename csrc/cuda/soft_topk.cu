@@ -465,33 +465,17 @@ __device__ __forceinline__ MinMax<C> row_range(const T* xr, T* cache, bool use_c
 template <class T, int V, class C, class Chunk>
 __device__ __forceinline__ int compact_candidates(Chunk chunk, int nchunks, C sgn, C clo, C* cand,
                                                   int cap) {
-  const int tid = threadIdx.x, bd = blockDim.x;
-  int ncand = 0;
-  for (int j0 = 0; j0 < nchunks; j0 += bd) {  // uniform trip count: every thread scans
-    const int j = j0 + tid;
-    C yv[V];
-    int cnt = 0;
-    if (j < nchunks) {
-      const Vec<T, V> v = chunk(j);
+  const int ncand = block_compact<V, C>(
+      nchunks,
+      [&](int j, C* y) {
+        const Vec<T, V> v = chunk(j);
 #pragma unroll
-      for (int q = 0; q < V; ++q) {
-        yv[q] = sgn * to_compute(v.v[q]);
-        cnt += yv[q] >= clo;
-      }
-    }
-    int total;
-    int pos = ncand + block_inclusive_scan(cnt, &total) - cnt;
-    if (j < nchunks) {
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        if (yv[q] >= clo) {
-          if (pos < cap) cand[pos] = yv[q];
-          ++pos;
-        }
-      }
-    }
-    ncand += total;
-  }
+        for (int q = 0; q < V; ++q) y[q] = sgn * to_compute(v.v[q]);
+      },
+      [&](C y) { return y >= clo; },
+      [&](int pos, int, int, C y) {
+        if (pos < cap) cand[pos] = y;
+      });
   __syncthreads();
   return ncand;
 }
@@ -657,45 +641,31 @@ __global__ void __launch_bounds__(kSparseThreads)
   T* vr = vals + row * width;
   int64_t* ir = idx + row * width;
   const C sgn = largest ? C(1) : C(-1);
-  const int nchunks = n / V;
   const Pivot<C> pv = make_pivot<C>(tvec[row], s);
   const C k1 = C(kvec[row]);  // n == 1: p = k (single_element_row)
-  int count = 0;
-  for (int j0 = 0; j0 < nchunks; j0 += bd) {  // uniform trip count: every thread scans
-    const int j = j0 + tid;
-    T g[V];
-    int mine = 0;
-    if (j < nchunks) {
-      const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
+  const int count = block_compact<V, T>(
+      n / V,
+      [&](int j, T* g) {
+        const Vec<T, V> v = ld_vec<T, V>(xr + j * V);
 #pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const C xv = to_compute(v.v[q]);
-        C p;
-        if (n == 1) {
-          p = isfinite(sgn * xv) ? k1 : C(d_nan());
-        } else {
-          p = laplace_cdf(pv.u(sgn * xv));
-        }
-        g[q] = from_compute<T>(xv * p);
-        mine += !(to_compute(g[q]) == C(0));
-      }
-    }
-    int total;
-    int pos = count + block_inclusive_scan(mine, &total) - mine;
-    if (write && j < nchunks) {
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        if (!(to_compute(g[q]) == C(0))) {
-          if (pos < width) {
-            vr[pos] = g[q];
-            ir[pos] = int64_t(j) * V + q;
+        for (int q = 0; q < V; ++q) {
+          const C xv = to_compute(v.v[q]);
+          C p;
+          if (n == 1) {
+            p = isfinite(sgn * xv) ? k1 : C(d_nan());
+          } else {
+            p = laplace_cdf(pv.u(sgn * xv));
           }
-          ++pos;
+          g[q] = from_compute<T>(xv * p);
         }
-      }
-    }
-    count += total;
-  }
+      },
+      [&](T g) { return !(to_compute(g) == C(0)); },  // NaN counts: a bad row lists every entry
+      [&](int pos, int j, int q, T g) {
+        if (write && pos < width) {
+          vr[pos] = g;
+          ir[pos] = int64_t(j) * V + q;
+        }
+      });
   if (tid == 0) cnt[row] = count;
   if (write) {
     for (int p = count + tid; p < width; p += bd) {
