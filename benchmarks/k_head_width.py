@@ -9,7 +9,7 @@ why the SoftSAE step costs about 2x a TopK step (benchmarks/bench_train_step.py)
 SoftSAE with narrower heads under the recipe and data of ``science_minilm.py --full`` (same
 activations, dictionary, batch, tokens and seed; only ``k_hidden`` differs) and compares each with
 the full experiment's width-n run and TopK frontier, which it reads from the same run directory
-(trained there by ``science_minilm.py --full`` when missing). Everything is measured on the
+(and trains there, as ``science_minilm.py --full`` would, when they are missing). Everything is measured on the
 held-out split.
 """
 
