@@ -277,3 +277,34 @@ def load_lm(spec: str | Path | ModelSpec | None, device: str = "cpu") -> Languag
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"--model {ms.name}: cannot load a tokenizer and model from {ms.path} ({first})") from None
     return LanguageModel(ms, model.to(device).eval(), tok, device)
+
+
+def lm_texts(docs) -> list[str]:
+    """The texts a model reads of ``softsae.corpus.Document`` s, one per document, in order: for a causal LM
+    the document's paragraphs joined by blank lines (windowed as one text, so context crosses paragraphs)."""
+    return ["\n\n".join(doc.paragraphs()) for doc in docs]
+
+
+def model_key(spec: ModelSpec) -> str:
+    """A string naming the model's weights (the directory, or the .gguf file), for settings and caches."""
+    return str((spec.path / spec.gguf_file) if spec.gguf_file else spec.path.resolve())
+
+
+def run_lm_windows(lm: LanguageModel, windows: Sequence[Window], batch_size: int, layer: str | None = None,
+                   keep_special: bool = False) -> list:
+    """Layer outputs (numpy float32, (kept tokens, d)) of each window, in the input order.
+
+    Windows are batched by length (little padding); padding and (unless ``keep_special``) the positions
+    with ``keep`` False are dropped. With ``keep_special`` every non-padding token is returned.
+    """
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].ids))
+    out: list = [None] * len(windows)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, att, keep = batch_windows([windows[i] for i in idx], lm.pad_id)
+        if keep_special:
+            keep = att.bool()
+        hs = lm.residual(ids, att, layer).cpu()
+        for r, i in enumerate(idx):
+            out[i] = hs[r][keep[r]].numpy()
+    return out
