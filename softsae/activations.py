@@ -375,7 +375,8 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
     ``model_path``: anything ``softsae.lm.resolve_model`` takes (None / ``minilm``, ``smollm2``, an HF
     directory, a ``.gguf`` file); ``layer`` defaults to the model's documented layer. A causal LM reads
     each document as one text (paragraphs joined by blank lines) cut into BOS-led windows of ``seq_len``
-    tokens (``softsae.lm``); MiniLM reads paragraph by paragraph as before. Resumable (see the module doc for the layout). Returns the meta dict also written to
+    tokens (``softsae.lm``); MiniLM reads paragraph by paragraph as before. Resumable (see the module
+    doc for the layout). Returns the meta dict also written to
     ``<stem>.meta.json``: ``paths`` (split -> .npy), ``rows`` (split -> N), ``d``, ``dtype``,
     ``documents`` (split -> [[id, rows], ...]), ``tokens_per_s`` and ``seconds`` of this call's
     extraction. If the outputs already exist with the same settings, nothing is recomputed.

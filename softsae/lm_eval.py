@@ -248,8 +248,7 @@ class LMEvaluator:
                 l0s.append(out["l0"][sel].cpu())
             if out.get("k_hat") is not None:
                 khs.append(out["k_hat"][sel].float().cpu())
-        cat = (lambda xs: torch.cat(xs).numpy() if xs else None)
-        return torch.cat(ces).numpy(), torch.cat(kls).numpy(), cat(l0s), cat(khs)
+        return torch.cat(ces).numpy(), torch.cat(kls).numpy(), _cat(l0s), _cat(khs)
 
     # ------------------------------------------------------------------ reports
     def evaluate(self, sae: torch.nn.Module | None = None, splice: Splice | None = None,
@@ -290,6 +289,10 @@ class LMEvaluator:
                 per["k_hat"] = kh
             rep["per_token"] = per
         return rep
+
+
+def _cat(xs: list[Tensor]) -> np.ndarray | None:
+    return torch.cat(xs).numpy() if xs else None
 
 
 def _frac(ablated: float, sae: float, clean: float) -> float:

@@ -112,10 +112,9 @@ def heldout_texts(meta: dict) -> list[str]:
 
 
 def stage_eval(a, meta: dict, runs: list[tuple[str, int, int]]) -> dict:
-    from softsae.lm_eval import LMEvaluator, information_correlations
-
     from softsae.checkpoint import atomic_write_json, load_sae
     from softsae.lm import load_lm
+    from softsae.lm_eval import LMEvaluator, information_correlations
 
     out_file = a.runs / "lm_eval.json"
     done = json.loads(out_file.read_text()) if out_file.exists() else {}
