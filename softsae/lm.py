@@ -273,9 +273,10 @@ def load_lm(spec: str | Path | ModelSpec | None, device: str = "cpu") -> Languag
             tok = AutoTokenizer.from_pretrained(str(ms.path), **kw)
             cls = AutoModelForCausalLM if ms.causal else AutoModel
             model = cls.from_pretrained(str(ms.path), dtype=torch.float32, **kw)
-        except (OSError, KeyError) as err:
+        except (OSError, KeyError, ValueError) as err:  # e.g. an SAE directory given as the language model
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"--model {ms.name}: cannot load a tokenizer and model from {ms.path} ({first})") from None
+            raise ValueError(f"--model {ms.name}: cannot load a Hugging Face tokenizer and model from {ms.path} "
+                             f"({first})") from None
     return LanguageModel(ms, model.to(device).eval(), tok, device)
 
 
