@@ -122,7 +122,7 @@ def stage_eval(a, meta: dict, runs: list[tuple[str, int, int]]) -> dict:
     if not todo and "baselines" in done:
         return done
     t0 = time.perf_counter()
-    lm = load_lm("smollm2")
+    lm = load_lm(a.lm)
     ev = LMEvaluator(lm, heldout_texts(meta), seq_len=a.seq_len, max_tokens=a.eval_tokens, batch_size=8,
                      cache_dir=a.data / "lm_eval_cache")
     done["baselines"] = ev.baselines()
@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens scored by the LM evaluation")
     p.add_argument("--fvu-rows", type=int, default=100_000, help="held-out activation rows for FVU")
     p.add_argument("--dict-mult", type=int, default=8)
+    p.add_argument("--lm", default="smollm2", help="language model of the LM evaluation (the extraction's)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
