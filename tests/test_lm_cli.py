@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -104,3 +105,32 @@ def test_cli_eval_lm_and_recipe_errors(tiny_dir, tmp_path, capsys):
     assert recipe_config("default", steps=10).st_frac is None
     with pytest.raises(ValueError, match="--recipe"):
         recipe_config("fancy", steps=10)
+
+
+def test_streamed_causal_run_resumes_to_the_same_weights(tiny_dir, text_file, tmp_path, monkeypatch):
+    from softsae.checkpoint import load_sae
+    from softsae.stream import ActivationBuffer as Buffer
+
+    def args(out, *extra):
+        return ["train", "--model", str(tiny_dir), "--text", str(text_file), "--seq-len", "16", "--buffer-tokens",
+                "128", "--dict-size", "32", "--k", "4", "--steps", "6", "--batch-size", "32", "--out", str(out),
+                "--no-progress", "--backend", "reference", "--checkpoint-every", "3", "--eval-rows", "64",
+                "--seed", "1", *extra]
+
+    assert main(args(tmp_path / "full")) == 0
+    want = load_sae(tmp_path / "full").state_dict()
+    real, calls = Buffer.sample, {"n": 0}
+
+    def crash(self, batch_size, rng=None):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the geometric-median batch, steps 0-3, then step 4's batch
+            raise KeyboardInterrupt
+        return real(self, batch_size, rng)
+
+    monkeypatch.setattr(Buffer, "sample", crash)
+    assert main(args(tmp_path / "cut")) == 130
+    monkeypatch.setattr(Buffer, "sample", real)
+    assert main(args(tmp_path / "cut", "--resume")) == 0
+    got = load_sae(tmp_path / "cut").state_dict()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
