@@ -26,11 +26,11 @@ Text handling for a causal LM, as SAE practitioners do it (SAELens ``prepend_bos
 each text is tokenised without special tokens and **windowed, not packed**: it is cut into consecutive
 chunks of ``seq_len - 1`` tokens and each chunk gets the BOS token in front, so every window has the
 fixed context length ``seq_len`` except a text's last one, which is shorter and right-padded (attention
-mask 0) in a batch. No window mixes two texts; no token is dropped. The BOS position (an attention sink
-whose residual norm is tens of times the others') and any special token inside the text are excluded
-(``Window.keep`` False), as are padding positions; the SAE is trained and evaluated on kept positions
-only. For MiniLM the windows are those of ``softsae.activations.tokenize_windows`` ([CLS] ... [SEP],
-the special tokens not kept).
+mask 0) in a batch. No window mixes two texts; no token is dropped. The BOS position (an attention
+sink whose residual norm is far above the others'; tests/test_smollm2.py checks > 3x the median) and
+any special token inside the text are excluded (``Window.keep`` False), as are padding positions;
+the SAE is trained and evaluated on kept positions only. For MiniLM the windows are those of
+``softsae.activations.tokenize_windows`` ([CLS] ... [SEP], the special tokens not kept).
 """
 
 from __future__ import annotations
