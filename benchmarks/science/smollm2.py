@@ -48,8 +48,8 @@ VARIANTS = {  # name -> (arch, recipe)
 LABELS = {"softsae": "SoftSAE", "softsae_paper": "SoftSAE (paper recipe)", "topk": "TopK", "batchtopk": "BatchTopK"}
 FULL = {"max_tokens": 2_400_000, "tokens_per_model": 2_000_000, "seeds_k32": [0, 1], "batch_size": 4096,
         "eval_tokens": 32_768}
-REDUCED = {"max_tokens": 400_000, "tokens_per_model": 300_000, "seeds_k32": [0], "batch_size": 1024,
-           "eval_tokens": 6_144}
+REDUCED = {"max_tokens": 400_000, "tokens_per_model": 131_072, "seeds_k32": [0], "batch_size": 512,
+           "eval_tokens": 4_096}
 KS = [16, 32, 64]
 D_MODEL = 576
 
@@ -163,6 +163,8 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="train only these runs (e.g. topk_k32_s0), "
+                   "in this order, instead of --worker/--workers' share")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     scale = FULL if a.full else REDUCED
@@ -176,7 +178,14 @@ def main() -> None:
     print(f"activations: {meta['rows']} (d={meta['d']})", flush=True)
     todo = jobs(a)
     if a.stage in ("train", "all"):
-        for j in todo[a.worker::a.workers]:
+        mine = todo[a.worker::a.workers]
+        if a.only is not None:
+            by_name = {run_name(*j): j for j in todo}
+            unknown = [n for n in a.only if n not in by_name]
+            if unknown:
+                raise SystemExit(f"--only: unknown run(s) {unknown}; runs are {sorted(by_name)}")
+            mine = [by_name[n] for n in a.only]
+        for j in mine:
             train_one(a, meta, *j)
     if a.stage in ("eval", "all"):
         stage_eval(a, meta, todo)
