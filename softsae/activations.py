@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softsae.checkpoint import atomic_write, atomic_write_json
 from softsae.corpus import Document, is_heldout, python_docs_corpus
+from softsae.fileio import atomic_save_npy, atomic_write_json, remove_stale_temps, temp_path, write_npy_rows
 
 DEFAULT_LAYER = "encoder.layer.3"  # output of the 4th of 6 blocks of MiniLM-L6 (residual stream)
 
@@ -71,7 +70,11 @@ def read_text_documents(paths: Sequence[str | Path]) -> list[Document]:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"--text {path}: no such file")
-        paras = [q.strip() for q in path.read_text(encoding="utf-8").split("\n\n") if q.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--text {path}: not UTF-8 text ({err})") from None
+        paras = [q.strip() for q in text.split("\n\n") if q.strip()]
         docs.extend(Document(f"text/{len(docs) + i}", "text", q) for i, q in enumerate(paras))
     if not docs:
         raise ValueError(f"--text {' '.join(map(str, paths))}: no text in the file(s)")
@@ -195,15 +198,19 @@ def extract_activations(model_path: str | Path | None = None, layer: str = DEFAU
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, raw_path = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".raw", dir=out.parent)
-        raw = os.fdopen(fd, "wb")
+        remove_stale_temps(out.parent, [out.name])  # a killed earlier run's .raw / .tmp of this output
+        raw_path = temp_path(out, ".raw")
+        raw = open(raw_path, "wb")  # noqa: SIM115 - closed in the finally below
     try:
         for a in it:
             if max_tokens is not None:
                 a = a[: max_tokens - n]
             d = a.shape[1]
             if raw is not None:
-                raw.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+                try:
+                    raw.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+                except OSError as err:  # a full disk: say which output, not just "errno 28"
+                    raise OSError(err.errno, f"writing {raw_path} (rows of {out}): {err.strerror}") from err
             else:
                 chunks.append(a)
             n += a.shape[0]
@@ -229,17 +236,10 @@ def extract_activations(model_path: str | Path | None = None, layer: str = DEFAU
 
 
 def _raw_to_npy(raw_path: Path, out: Path, n: int, d: int, chunk_rows: int = 65536) -> None:
-    """Copy n x d float32 rows from a raw file into ``out`` (.npy), written atomically."""
-    src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, d))
-
-    def write(tmp: str) -> None:
-        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d))
-        for s in range(0, n, chunk_rows):
-            dst[s:s + chunk_rows] = src[s:s + chunk_rows]
-        dst.flush()
-        del dst
-
-    atomic_write(out, write)
+    """Copy n x d float32 rows from a raw file into ``out`` (.npy), written atomically with plain writes
+    after reserving the space (a full disk is an OSError naming ``out``, never SIGBUS)."""
+    src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, d))  # reading a map cannot hit a full disk
+    write_npy_rows(out, (n, d), np.float32, lambda: (src[s:s + chunk_rows] for s in range(0, n, chunk_rows)))
 
 
 # ----------------------------------------------------------------------------- corpus extraction, resumable
@@ -344,11 +344,7 @@ def _docs_fingerprint(docs: Sequence[Document]) -> str:
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare name
-            np.save(f, arr, allow_pickle=False)
-
-    atomic_write(path, write)
+    atomic_save_npy(path, arr)
 
 
 def _write_shard(shard_dir: Path, index: int, acts: np.ndarray, docs: list[dict]) -> None:
@@ -400,6 +396,9 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
 
     shard_dir = paths["shards"]
     shard_dir.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier run left half-written: temporaries of the outputs and of the shards (own names only)
+    remove_stale_temps(Path(out).parent, [p.name for k, p in paths.items() if k != "shards"])
+    remove_stale_temps(shard_dir, ["manifest.json"], name_pattern=r"shard_[0-9]{5,}\.(?:npy|json)")
     manifest = shard_dir / "manifest.json"
     if manifest.exists():
         saved = json.loads(manifest.read_text(encoding="utf-8"))
@@ -501,18 +500,14 @@ def _assemble(paths: dict[str, Path], shard_dir: Path, settings: dict, max_token
     first = next(np.load(npy, mmap_mode="r") for npy, info in shard_files if info["rows"] > 0)
     d, dtype = first.shape[1], first.dtype
     for split in splits:
-        def write(tmp: str, split: str = split) -> None:
-            dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(counts[split], d))
-            at = 0
+        def blocks(split: str = split) -> Iterator[np.ndarray]:
             for npy, runs in plan:
                 src = np.load(npy, mmap_mode="r")
                 for s, a, b in runs:
                     if s == split:
-                        dst[at:at + b - a] = src[a:b]
-                        at += b - a
-            dst.flush()
-            del dst
+                        yield src[a:b]
 
-        atomic_write(paths[split], write)
+        # plain writes after reserving the space: a full disk is an OSError naming the file, never SIGBUS
+        write_npy_rows(paths[split], (counts[split], d), dtype, blocks)
     return {"settings": settings, "paths": {s: str(paths[s]) for s in splits}, "rows": counts, "d": int(d),
             "dtype": str(dtype), "documents": documents}

@@ -192,21 +192,23 @@ def iter_row_blocks(arr: np.ndarray, rows: int = 65536) -> Iterator[np.ndarray]:
         yield arr[s:s + rows]
 
 
-def _temp_pattern(names: Iterable[str]) -> re.Pattern:
-    alts = "|".join(re.escape(n) for n in names)
+def _temp_pattern(names: Iterable[str], name_pattern: str | None) -> re.Pattern:
+    alts = [re.escape(n) for n in names] + ([name_pattern] if name_pattern else [])
     sufs = "|".join(re.escape(s) for s in TEMP_SUFFIXES)
-    return re.compile(rf"^\.(?:{alts})\.[A-Za-z0-9_]{{8}}(?:{sufs})$")
+    return re.compile(rf"^\.(?:{'|'.join(alts)})\.[A-Za-z0-9_]{{8}}(?:{sufs})$")
 
 
-def remove_stale_temps(directory: str | Path, names: Iterable[str]) -> list[Path]:
-    """Remove the temporary files this module (or ``temp_path``) made for targets ``names`` in ``directory``
-    and a killed process left behind: ``.NAME.XXXXXXXX.tmp`` / ``.raw``, nothing else. Returns them.
-    Call it only where no other process is writing the same targets."""
+def remove_stale_temps(directory: str | Path, names: Iterable[str] = (), name_pattern: str | None = None
+                       ) -> list[Path]:
+    """Remove the temporary files this module (``temp_path``) made for targets in ``directory`` that a
+    killed process left behind: ``.NAME.XXXXXXXX.tmp`` / ``.raw`` where NAME is one of ``names`` or
+    matches the regex ``name_pattern``; nothing else. Returns what it removed. Call it only where no
+    other process is writing the same targets."""
     directory = Path(directory)
     names = list(names)
-    if not names or not directory.is_dir():
+    if (not names and not name_pattern) or not directory.is_dir():
         return []
-    pattern = _temp_pattern(names)
+    pattern = _temp_pattern(names, name_pattern)
     removed = []
     for entry in directory.iterdir():
         if pattern.match(entry.name) and entry.is_file() and not entry.is_symlink():
