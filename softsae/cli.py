@@ -502,7 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         print("softsae: interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # a full disk, no permission ...: the message names the file (softsae.fileio)
-        print(f"softsae {args.command}: error: {err}", file=sys.stderr)
+        text = err.strerror or str(err)
+        if err.filename is not None and str(err.filename) not in text:
+            text += f": {err.filename}"
+        print(f"softsae {args.command}: error: {text}", file=sys.stderr)
         return 1
 
 
