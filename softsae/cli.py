@@ -380,6 +380,10 @@ def cmd_eval(a) -> int:
     _at_least(a, "--max-rows", 1)
     _at_least(a, "--diag-rows", 1)
     check_device(a.device)
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_sae(a.model, device=a.device, backend=a.backend)
     report = evaluate(model, a.data, batch_size=a.batch_size, max_rows=a.max_rows)
     if a.diagnostics:

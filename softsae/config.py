@@ -22,6 +22,10 @@ _FLAGS = {"hard_topk_steps": "--hard-steps", "dead_feature_threshold": "--dead-t
 _MIN_INT = {"dict_size": 1, "steps": 1, "batch_size": 1, "log_every": 1, "checkpoint_every": 0, "warmup_steps": 0,
             "decay_start": 0, "k_hidden": 1, "k_aux": 1, "dead_feature_threshold": 1, "geometric_median_iters": 0,
             "seed": 0, "k_anneal_steps": 0, "alpha_anneal_steps": 0, "hard_topk_steps": 0, "st_steps": 0}
+_CHOICES = {"arch": ("softsae", "topk", "batchtopk"), "normalize": ("none", "scale", "center_scale"),
+            "amp": ("auto", "bf16", "off"), "parallel": ("none", "data", "dictionary"),
+            "alpha_schedule": ("linear", "log"), "st_mode": ("soft", "k"), "k_round": ("floor", "round"),
+            "log": ("jsonl", "tensorboard", "wandb")}
 _POSITIVE = ("k", "k_max", "lr", "alpha", "alpha_start", "k_loss_beta")
 _NON_NEGATIVE = ("w_k", "auxk_alpha", "grad_clip")
 
@@ -55,6 +59,8 @@ def check_ranges(values: dict[str, Any], source: str = "config") -> None:
     """Every number finite and in range (``batch_size`` in [1, 2^24], ``log_every`` >= 1, ``k`` > 0 ...)
     and the device usable; ValueError naming the setting (its flag for ``source="command line"``)."""
     for key, v in values.items():
+        if key in _CHOICES and isinstance(v, str) and v not in _CHOICES[key]:
+            raise ValueError(f"{source}: {setting_name(key, source)} must be one of {_CHOICES[key]}, got {v!r}")
         if v is None or isinstance(v, bool) or not isinstance(v, numbers.Real):
             continue
         name = setting_name(key, source)
@@ -129,10 +135,12 @@ def load_config(path: str | Path) -> dict[str, Any]:
             values = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {p}: invalid YAML: {err}") from None
+        except RecursionError:
+            raise ValueError(f"config file {p}: invalid YAML: nested too deeply") from None
     elif p.suffix.lower() == ".json":
         try:
             values = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"config file {p}: invalid JSON: {err}") from None
     else:
         raise ValueError(f"config file {p}: expected a .json, .yaml or .yml file")
