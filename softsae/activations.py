@@ -343,6 +343,30 @@ def _docs_fingerprint(docs: Sequence[Document]) -> str:
     return h.hexdigest()
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object this module wrote earlier (a resumed run reads it back): ValueError naming the file
+    if it is not one (edited, or corrupted by the disk)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a valid JSON file ({err}); delete it to recompute") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object; delete it to recompute")
+    return obj
+
+
+def _shard_info(path: Path) -> dict:
+    """A shard's listing {"rows": int >= 0, "docs": [[id, rows, held], ...]}, checked."""
+    info = _read_json(path)
+    rows, docs = info.get("rows"), info.get("docs")
+    ok = isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0 and isinstance(docs, list) and all(
+        isinstance(d, list) and len(d) == 3 and isinstance(d[1], int) and d[1] >= 0 for d in docs)
+    if not ok or sum(d[1] for d in docs) != rows:
+        raise ValueError(f"{path}: not a shard listing of this run (rows / docs); delete the shard directory to "
+                         "recompute")
+    return info
+
+
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     atomic_save_npy(path, arr)
 
@@ -390,7 +414,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
                 "dtype": dtype, "heldout_frac": heldout_frac, "shard_docs": shard_docs, "max_tokens": max_tokens,
                 "n_docs": len(docs), "docs_sha256": _docs_fingerprint(docs)}
     if paths["meta"].exists() and all(paths[s].exists() for s in _split_paths(Path(out), heldout_frac)):
-        meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
+        meta = _read_json(paths["meta"])
         if meta.get("settings") == settings:
             return meta
 
@@ -401,7 +425,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
     remove_stale_temps(shard_dir, ["manifest.json"], name_pattern=r"shard_[0-9]{5,}\.(?:npy|json)")
     manifest = shard_dir / "manifest.json"
     if manifest.exists():
-        saved = json.loads(manifest.read_text(encoding="utf-8"))
+        saved = _read_json(manifest)
         diff = {k: (saved.get(k), v) for k, v in settings.items() if k != "max_tokens" and saved.get(k) != v}
         if diff:
             raise ValueError(f"{shard_dir} holds shards of a run with other settings (saved vs requested: {diff}); "
@@ -415,7 +439,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
         if not f.exists():
             first_todo = i
             break
-        done_rows += json.loads(f.read_text(encoding="utf-8"))["rows"]
+        done_rows += _shard_info(f)["rows"]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -431,7 +455,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
                 if max_tokens is not None and done_rows >= max_tokens:
                     break
                 if (shard_dir / f"shard_{i:05d}.json").exists():
-                    done_rows += json.loads((shard_dir / f"shard_{i:05d}.json").read_text(encoding="utf-8"))["rows"]
+                    done_rows += _shard_info(shard_dir / f"shard_{i:05d}.json")["rows"]
                     continue
                 t0 = time.perf_counter()
                 chunk = docs[i * shard_docs:(i + 1) * shard_docs]
@@ -474,7 +498,7 @@ def _assemble(paths: dict[str, Path], shard_dir: Path, settings: dict, max_token
         f = shard_dir / f"shard_{i:05d}.json"
         if not f.exists():
             break
-        shard_files.append((shard_dir / f"shard_{i:05d}.npy", json.loads(f.read_text(encoding="utf-8"))))
+        shard_files.append((shard_dir / f"shard_{i:05d}.npy", _shard_info(f)))
     splits = [s for s in ("train", "heldout") if s in paths]
     plan: list[tuple[Path, list[tuple[str, int, int]]]] = []  # per shard: (split, start, stop) row runs
     documents: dict[str, list] = {s: [] for s in splits}

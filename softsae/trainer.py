@@ -471,11 +471,11 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if json.loads(line)["step"] <= last_step:
                 keep.append(line)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, IndexError):  # a torn or foreign line
             continue
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 

@@ -337,3 +337,45 @@ def test_json_results_are_plain_objects(tmp_path, capsys, acts):
     out = tmp_path / "run"
     code, _ = _main(capsys, "train", "--data", str(acts), "--out", str(out), *TRAIN)
     assert code == 0 and isinstance(json.loads((out / "eval.json").read_text()), dict)
+
+
+@pytest.mark.parametrize("content", ['{"rows": 3', "[1, 2]", '{"rows": "many", "docs": []}', '{"rows": 5, "docs": []}'])
+def test_a_corrupt_shard_listing_is_an_error_naming_it(tmp_path, content):
+    from softsae import activations as act_mod
+    from softsae.corpus import Document
+
+    docs = [Document(f"doc/{i}", "test", f"Paragraph {i} about tokens.") for i in range(4)]
+    kw = dict(heldout_frac=0.0, seq_len=16, batch_size=4, shard_docs=2, keep_shards=True)
+    out = tmp_path / "acts.npy"
+    act_mod.extract_corpus(out, docs, **kw)
+    listing = out.with_suffix(".shards") / "shard_00000.json"
+    listing.write_text(content)
+    out.unlink()
+    with pytest.raises(ValueError, match=str(listing)):
+        act_mod.extract_corpus(out, docs, **kw)
+
+
+def test_resume_skips_foreign_lines_of_metrics(tmp_path, capsys, monkeypatch, acts):
+    import softsae.trainer
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(acts), "--out", str(out), "--checkpoint-every", "2", "--log-every", "1",
+            *TRAIN[:6], "--steps", "5", *TRAIN[8:]]
+    real = softsae.trainer.train_step
+    calls = {"n": 0}
+
+    def step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(softsae.trainer, "train_step", step)
+    assert main(args) == 130
+    monkeypatch.undo()
+    assert (out / STATE_FILE).exists()
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n"text"\n\xff\xfe\n{"step": "x"}\n')
+    assert main([*args, "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5))
