@@ -87,10 +87,29 @@ def _named(err: OSError, path: Path) -> OSError:
     return type(err)(err.errno, f"writing {path}: {text}")
 
 
+_FULL_DISK_MARKERS = ("no space left", "storagefull", "os error 28", "errno 28", "disk quota")
+_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk was full
+
+
+def _full_disk(err: BaseException, directory: Path) -> bool:
+    """Whether a non-OSError from a writer (torch.save raises RuntimeError, safetensors its own error)
+    came from a full disk: its message says so, or the filesystem has (almost) no space left."""
+    if not isinstance(err, Exception):
+        return False
+    if any(m in str(err).lower() for m in _FULL_DISK_MARKERS):
+        return True
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_DISK_BYTES
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary sibling of ``path``, fsync it, rename it into place and
     fsync the directory. On any failure the temporary file is removed and ``path`` is unchanged;
-    an ``OSError`` (e.g. a full disk) is re-raised with ``path`` in its message."""
+    an ``OSError`` is re-raised with ``path`` in its message, and a writer's own error that came from
+    a full disk becomes ``OSError(ENOSPC)`` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -101,8 +120,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as err:
+        full = not isinstance(err, OSError) and _full_disk(err, path.parent)  # before the temporary is freed
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise _named(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) from err
         if isinstance(err, OSError) and str(path) not in str(err):
             raise _named(err, path) from err
         raise
@@ -124,11 +146,39 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class _Writer:
+    """A binary file for ``torch.save`` that keeps the OSError of a failed write: torch reports it as a
+    RuntimeError without the cause (e.g. "unexpected pos"), this re-raises the real one."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj)`` to ``path``, atomically and durably."""
+    """``torch.save(obj)`` to ``path``, atomically and durably; a full disk is OSError(ENOSPC) naming it."""
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            w = _Writer(f)
+            try:
+                torch.save(obj, w)
+            except RuntimeError:
+                if w.error is not None:
+                    raise w.error from None
+                raise
+
+    atomic_write(path, write)
 
 
 def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:

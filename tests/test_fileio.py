@@ -144,3 +144,48 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         fileio.atomic_write(target, failing)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_full_disk_under_torch_save_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(fileio, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError, match="trainer_state.pt.*No space left") as info:
+        fileio.atomic_torch_save({"w": torch.ones(1000)}, tmp_path / "trainer_state.pt")
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_error_on_a_full_filesystem_is_reported_as_enospc(tmp_path, monkeypatch):
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    def failing(tmp: str) -> None:
+        Path(tmp).write_bytes(b"partial")
+        raise RuntimeError("Error while serializing: I/O error")
+
+    monkeypatch.setattr(os, "statvfs", lambda _p: Full())
+    with pytest.raises(OSError, match="model.safetensors") as info:
+        fileio.atomic_write(tmp_path / "model.safetensors", failing)
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="I/O error"):  # with free space it stays what it was
+        fileio.atomic_write(tmp_path / "model.safetensors", failing)
