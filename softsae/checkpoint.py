@@ -1,13 +1,17 @@
-"""Saving and loading SAEs: ``save_sae(model, DIR)`` / ``load_sae(DIR)``, atomic file writes, and
-import/export of the paper's public state-dict format.
+"""Saving and loading SAEs: ``save_sae(model, DIR)`` / ``load_sae(DIR)``, the checked reading of
+``trainer_state.pt``, and import/export of the paper's public state-dict format. The atomic writers
+(``atomic_write``, ``atomic_write_json``, ``atomic_torch_save`` ...) live in ``softsae.fileio`` and are
+re-exported here.
 
 Layout of a saved model directory::
 
     DIR/model.safetensors   parameters and buffers; the model config is also in its metadata
     DIR/config.json         the same config, human-readable
 
-Every file is written to a temporary sibling and moved into place with ``os.replace``, so a crash
-never leaves a half-written file.
+Every file is written to a temporary sibling, fsynced and moved into place with ``os.replace`` (the
+directory fsynced too), so a crash or a power loss never leaves a half-written file. Reading checks
+before trusting: the config's sizes against the header's tensor shapes (on the meta device, nothing
+allocated), exact shapes, finite numbers; a malformed file raises ValueError naming it.
 
 Reference format (dictionary_learning-style keys, as released with the SoftSAE paper)::
 
