@@ -379,3 +379,15 @@ def test_resume_skips_foreign_lines_of_metrics(tmp_path, capsys, monkeypatch, ac
     assert main([*args, "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5))
+
+
+def test_export_removes_its_stale_temporaries(tmp_path, models):
+    from softsae.fileio import temp_path
+    from softsae.interop import export_sae
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    stale = temp_path(out / "sae_weights.safetensors")
+    (out / "mine.tmp").write_text("x")
+    export_sae(softsae.load_sae(models["softsae_topk"]), out, "saelens")
+    assert not Path(stale).exists() and (out / "mine.tmp").exists()
