@@ -367,6 +367,20 @@ def _shard_info(path: Path) -> dict:
     return info
 
 
+def _open_shard(path: Path, rows: int, d: int | None = None, dtype: np.dtype | None = None) -> np.ndarray:
+    """A finished shard's (rows, d) array, memory-mapped; ValueError naming it if it is not that."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read this shard ({err}); delete the shard directory to recompute") from None
+    ok = isinstance(arr, np.ndarray) and arr.ndim == 2 and arr.shape[0] == rows and (
+        rows == 0 or ((d is None or arr.shape[1] == d) and (dtype is None or arr.dtype == dtype)))
+    if not ok:
+        raise ValueError(f"{path}: not the shard its listing describes ({rows} rows); delete the shard directory "
+                         "to recompute")
+    return arr
+
+
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     atomic_save_npy(path, arr)
 
@@ -521,12 +535,12 @@ def _assemble(paths: dict[str, Path], shard_dir: Path, settings: dict, max_token
     if empty:
         raise ValueError(f"no tokens for split(s) {empty} (too few documents or tokens; lower heldout_frac "
                          "or raise max_tokens)")
-    first = next(np.load(npy, mmap_mode="r") for npy, info in shard_files if info["rows"] > 0)
+    first = next(_open_shard(npy, info["rows"]) for npy, info in shard_files if info["rows"] > 0)
     d, dtype = first.shape[1], first.dtype
     for split in splits:
         def blocks(split: str = split) -> Iterator[np.ndarray]:
-            for npy, runs in plan:
-                src = np.load(npy, mmap_mode="r")
+            for (npy, runs), (_, info) in zip(plan, shard_files, strict=True):
+                src = _open_shard(npy, info["rows"], d, dtype)
                 for s, a, b in runs:
                     if s == split:
                         yield src[a:b]

@@ -391,3 +391,18 @@ def test_export_removes_its_stale_temporaries(tmp_path, models):
     (out / "mine.tmp").write_text("x")
     export_sae(softsae.load_sae(models["softsae_topk"]), out, "saelens")
     assert not Path(stale).exists() and (out / "mine.tmp").exists()
+
+
+def test_a_truncated_shard_is_an_error_naming_it(tmp_path):
+    from softsae import activations as act_mod
+    from softsae.corpus import Document
+
+    docs = [Document(f"doc/{i}", "test", f"Paragraph {i} about tokens.") for i in range(4)]
+    kw = dict(heldout_frac=0.0, seq_len=16, batch_size=4, shard_docs=2, keep_shards=True)
+    out = tmp_path / "acts.npy"
+    act_mod.extract_corpus(out, docs, **kw)
+    shard = out.with_suffix(".shards") / "shard_00001.npy"
+    shard.write_bytes(shard.read_bytes()[:200])
+    out.unlink()
+    with pytest.raises(ValueError, match=str(shard)):
+        act_mod.extract_corpus(out, docs, **kw)
