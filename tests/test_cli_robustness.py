@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,8 +270,10 @@ def test_eval_flags_are_checked(capsys, models, acts, flags, named):
 def test_huge_declared_size_fails_fast_without_allocating(tmp_path, models):
     path = copy_model(models["softsae"], tmp_path / "m")
     change_softsae_config(path / "model.safetensors", lambda m: m.update(d=10**6, n=10**6))
+    t0 = time.perf_counter()
     with pytest.raises(ValueError, match=str(path / "model.safetensors")):
         softsae.load_sae(path)
+    assert time.perf_counter() - t0 < 5.0  # checked on the meta device: no 4 TB allocation attempted
 
 
 def test_config_file_errors_name_the_file(tmp_path, capsys, acts):
