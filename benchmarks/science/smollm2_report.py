@@ -27,14 +27,14 @@ def interp_log(x: float, xs: list[float], ys: list[float]) -> tuple[float, bool]
 
 def collect(runs_dir: Path, names: list[str]) -> list[dict]:
     """One row per finished run: FVU / L0 of the activations, CE / KL / information of the LM evaluation."""
-    lm = json.loads((runs_dir / "lm_eval.json").read_text()) if (runs_dir / "lm_eval.json").exists() else {}
     rows = []
     for name in names:
         f = runs_dir / name / "result.json"
         if not f.exists():
             continue
         r = json.loads(f.read_text())
-        e = lm.get(name, {})
+        g = runs_dir / name / "lm_eval.json"
+        e = json.loads(g.read_text()) if g.exists() else {}
         rows.append({"run": name, "variant": r["variant"], "k": r["k"], "seed": r["seed"],
                      "fvu": r["eval"]["fvu"], "l0": r["eval"]["l0"]["mean"], "l0_p05": r["eval"]["l0"].get("p05"),
                      "l0_p95": r["eval"]["l0"].get("p95"), "dead": r["eval"]["dead_fraction"],
@@ -43,7 +43,8 @@ def collect(runs_dir: Path, names: list[str]) -> list[dict]:
                      "ce_sae": e.get("ce_loss_sae"), "ce_increase": e.get("ce_loss_increase"),
                      "frac_recovered_zero": e.get("frac_recovered_zero"),
                      "frac_recovered_mean": e.get("frac_recovered_mean"), "kl_mean": e.get("kl_mean"),
-                     "information": e.get("information"), "lm_tokens": e.get("tokens")})
+                     "information": e.get("information"), "lm_tokens": e.get("tokens"),
+                     "lm_tokens_per_s": e.get("tokens_per_s"), "diagnostics": e.get("diagnostics")})
     return rows
 
 
@@ -207,6 +208,23 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
         met = n_fvu >= 2 and n_ce >= 2
         lines.append(f"- {LABELS[variant]}: FVU on/below at {n_fvu} of {len(cs)} K; CE recovered or KL on/below at "
                      f"{n_ce} of {len(cs)} K -> target {'met' if met else 'NOT met'} at this scale.")
+    diag = [r for r in rows if r.get("diagnostics")]
+    if diag:
+        lines += ["", "Diagnostics (`softsae eval --diagnostics`, first 20k held-out rows): the same SoftSAE "
+                  "dictionary read out with its own floor(k_hat), with a uniform top-K at the same mean L0, with one "
+                  "batch threshold at that L0, and with the soft gate. If the uniform top-K on SoftSAE's dictionary is "
+                  "already above TopK's frontier, the gap is the dictionary, not the allocation:", "",
+                  "| model | K | floor(k_hat) FVU (L0) | uniform top-K, same dict. | one threshold, same dict. "
+                  "| soft gate FVU (L0) |", "|---|---|---|---|---|---|"]
+        for r in sorted(diag, key=lambda r: (r["k"], r["variant"], r["seed"])):
+            d = r["diagnostics"]
+
+            def fl(key, d=d):
+                v = d.get(key)
+                return "—" if v is None else f"{v['fvu']:.4f} ({v['mean_l0']:.1f})"
+
+            lines.append(f"| {LABELS[r['variant']]} | {r['k']} | {fl('floor')} | {fl('uniform_topk')} | "
+                         f"{fl('batch_threshold')} | {fl('soft')} |")
     lines += ["", "Information (issue 17 item 3): Spearman correlation over held-out tokens of k_hat and of the "
               "actual L0 with the clean model's next-token surprisal, predictive entropy and the residual norm "
               "at the hooked layer (TopK's L0 is constant):", "",
@@ -227,8 +245,8 @@ def write_report(a, meta: dict, todo: list[tuple[str, int, int]]) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     names = [f"{v}_k{k}_s{s}" for v, k, s in todo]
     rows = collect(a.runs, names)
-    lm = json.loads((a.runs / "lm_eval.json").read_text()) if (a.runs / "lm_eval.json").exists() else {}
-    base = lm.get("baselines", {})
+    bf = a.runs / "lm_baselines.json"
+    base = json.loads(bf.read_text()) if bf.exists() else {}
     ks = sorted({r["k"] for r in rows})
     agg = mean_over_seeds(rows)
     comps = frontier_comparison(agg, ks)
