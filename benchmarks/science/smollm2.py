@@ -48,7 +48,7 @@ VARIANTS = {  # name -> (arch, recipe)
 LABELS = {"softsae": "SoftSAE", "softsae_paper": "SoftSAE (paper recipe)", "topk": "TopK", "batchtopk": "BatchTopK"}
 FULL = {"max_tokens": 2_400_000, "tokens_per_model": 2_000_000, "seeds_k32": [0, 1], "batch_size": 4096,
         "eval_tokens": 32_768}
-REDUCED = {"max_tokens": 400_000, "tokens_per_model": 131_072, "seeds_k32": [0], "batch_size": 512,
+REDUCED = {"max_tokens": 400_000, "tokens_per_model": 131_072, "seeds_k32": [0, 1], "batch_size": 512,
            "eval_tokens": 4_096}
 KS = [16, 32, 64]
 D_MODEL = 576
