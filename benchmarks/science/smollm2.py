@@ -200,6 +200,9 @@ def main() -> None:
             todo_eval = todo
         stage_eval(a, meta, todo_eval)
     if a.stage in ("report", "all"):
+        import sys
+
+        sys.path.insert(0, str(HERE))  # python -P leaves the script's folder off sys.path
         from smollm2_report import write_report
 
         write_report(a, meta, todo)
