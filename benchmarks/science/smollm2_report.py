@@ -213,7 +213,8 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
         lines += ["", "Diagnostics (`softsae eval --diagnostics`, first 20k held-out rows): the same SoftSAE "
                   "dictionary read out with its own floor(k_hat), with a uniform top-K at the same mean L0, with one "
                   "batch threshold at that L0, and with the soft gate. If the uniform top-K on SoftSAE's dictionary is "
-                  "already above TopK's frontier, the gap is the dictionary, not the allocation:", "",
+                  "already above TopK's frontier, the gap is the dictionary, not the allocation. (Other rows than "
+                  "the table above: its floor(k_hat) FVU is over all held-out rows.)", "",
                   "| model | K | floor(k_hat) FVU (L0) | uniform top-K, same dict. | one threshold, same dict. "
                   "| soft gate FVU (L0) |", "|---|---|---|---|---|---|"]
         for r in sorted(diag, key=lambda r: (r["k"], r["variant"], r["seed"])):
