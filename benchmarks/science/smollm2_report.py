@@ -164,7 +164,8 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
     if not full:
         lines += ["**Reduced run.** CPU only (2 shared cores), so the issue's scale (>= 2M training tokens per model, "
                   "two seeds at K = 32) was not run. Here: "
-                  f"{a.tokens_per_model:,} training tokens per model (batch {a.batch_size}), one seed, "
+                  f"{a.tokens_per_model:,} training tokens per model (batch {a.batch_size}), seeds "
+                  f"{', '.join(map(str, a.seeds_k32))} at K = 32 and seed 0 elsewhere, "
                   f"{meta['rows']['train']:,} train / {meta['rows']['heldout']:,} held-out activation rows, "
                   f"LM evaluation on {base.get('tokens', 0):,} held-out tokens. The SAEs are far from converged; "
                   "read the numbers as a first look, not as the issue's answer. Full scale: "
@@ -184,7 +185,9 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
                      f"{_f(r['ce_increase'])} | {_f(r['frac_recovered_zero'])} | {_f(r['frac_recovered_mean'])} | "
                      f"{_f(r['kl_mean'])} | {_f(r['k_hat'], '.2f')} | {r['train_seconds']:.0f} |")
     lines += ["", "Against TopK's frontier at the model's own mean L0 (TopK interpolated linearly in log L0 between "
-              "its K points; 'extrap.' = outside them). On/below = FVU and KL no higher, CE recovered no lower:", "",
+              "its K points; 'extrap.' = outside them; means over the seeds; FVU at the activations' mean L0, CE and "
+              "KL at the mean L0 of the LM evaluation's tokens). On/below = FVU and KL no higher, CE recovered no "
+              "lower:", "",
               "| model | K | mean L0 | FVU (TopK at L0) | CE rec. (TopK at L0) | KL (TopK at L0) |",
               "|---|---|---|---|---|---|"]
 
