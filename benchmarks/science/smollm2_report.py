@@ -239,6 +239,15 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
                 continue
             lines.append(f"| {LABELS[r['variant']]} | {r['k']} | {r['seed']} | {name} | {c['surprisal']:+.3f} | "
                          f"{c['entropy']:+.3f} | {c['norm']:+.3f} |")
+    pt = next((f for f in sorted(Path(a.runs).glob("*/per_token.npz"))), None)
+    if pt is not None:
+        from softsae.metrics import spearman
+
+        z = np.load(pt)
+        lines += ["", f"Between the LM's own measures on the same tokens: Spearman(surprisal, norm) "
+                  f"{spearman(z['surprisal'], z['norm']):+.3f}, (surprisal, entropy) "
+                  f"{spearman(z['surprisal'], z['entropy']):+.3f}, (entropy, norm) "
+                  f"{spearman(z['entropy'], z['norm']):+.3f}."]
     lines += ["", "Plots: `smollm2_frontiers.png` (L0 vs FVU, CE recovered, KL), `smollm2_information.png`.", ""]
     return "\n".join(lines)
 
