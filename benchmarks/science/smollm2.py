@@ -1,9 +1,15 @@
 """SoftSAE vs TopK vs BatchTopK on SmolLM2-135M's residual stream: L0-FVU, L0-CE-recovered, L0-KL, information.
 
-    python benchmarks/science/smollm2.py                       # the reduced run (see REDUCED; CPU, ~1.5 h)
+    python benchmarks/science/smollm2.py                       # the reduced run (REDUCED): 400k tokens extracted,
+                                                               # 131k training tokens per model; ~1 h on 2 busy cores
     python benchmarks/science/smollm2.py --full                # issue 17's scale (FULL): 2M tokens per model,
                                                                # seeds 0 and 1 at K=32 (GPU-sized work)
-    python benchmarks/science/smollm2.py --stage train --worker 0 --workers 2   # split training over processes
+    python benchmarks/science/smollm2.py --stage train --only topk_k32_s0 softsae_k32_s0   # split over processes
+    python benchmarks/science/smollm2.py --stage eval --only topk_k32_s0                   # (also --worker/--workers)
+
+The reduced results in benchmarks/science/results/smollm2_reduced.md were made this way on 2 shared
+CPU cores (one thread per process, 2-3 processes at a time): extract, then train and eval with ``--only``
+lists, then ``--stage report``.
 
 Stages (each cached and resumable; rerunning skips what is done):
 
