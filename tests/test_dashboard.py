@@ -41,7 +41,7 @@ def test_heaps_keep_the_largest_with_their_payloads():
         ids = torch.arange(uid, uid + P)
         uid += P
         heap.push(lat, sc, lambda sel, ids=ids, lat=lat: {"p": torch.stack([ids[sel], lat[sel]], 1)})
-        for a, b, c in zip(lat.tolist(), sc.tolist(), ids.tolist()):
+        for a, b, c in zip(lat.tolist(), sc.tolist(), ids.tolist(), strict=True):
             seen[a].append((b, c))
     for i in range(n):
         want = sorted(seen[i], key=lambda t: -t[0])[:K]
@@ -148,7 +148,7 @@ def test_collector_matches_a_direct_computation(lm, arch):
     assert len(view) == 25
     kept = [t for t in view if "l0" in t]
     assert [t["l0"] for t in kept] == (z[: len(kept)] > 0).sum(1).tolist()
-    for t, row in zip(kept, z[: len(kept)]):
+    for t, row in zip(kept, z[: len(kept)], strict=True):
         assert sorted(i for i, _ in t["lat"]) == torch.nonzero(row > 0).squeeze(1).tolist()
     assert all(t["s"] is None for t in view if t["w"])  # a window's first token has no surprisal
     assert data["summary"]["corr"]["tokens"] > 0

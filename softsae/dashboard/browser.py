@@ -178,7 +178,8 @@ class HeadlessChromium:
         """Value of a JavaScript expression in the page (JSON-able; promises awaited)."""
         res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
         if "exceptionDetails" in res:
-            raise BrowserError(f"{expression!r} threw: {res['exceptionDetails'].get('exception', {}).get('description')}")
+            err = res["exceptionDetails"].get("exception", {}).get("description")
+            raise BrowserError(f"{expression!r} threw: {err}")
         return res["result"].get("value")
 
     def screenshot(self, full_page: bool = False) -> bytes:

@@ -10,6 +10,7 @@ logits, one (B, T, V) float32 tensor), whatever the amount of text.
 from __future__ import annotations
 
 import datetime
+import math
 import resource
 import time
 from collections.abc import Sequence
@@ -50,8 +51,8 @@ def build_dashboard(sae: SparseAutoencoder, lm, texts: Sequence[str], out_dir: s
                     settings: Settings | None = None, progress: bool = True, meta: dict[str, Any] | None = None,
                     lm_metrics: dict[str, Any] | None = None, lm_metrics_note: str | None = None) -> dict[str, Any]:
     """Collect over ``texts`` and write ``out_dir/index.html``; returns {"page", "tokens", "latents",
-    "seconds", "peak_rss_mib"}. ``lm_metrics`` (e.g. ``softsae eval``'s LM report) is shown in the
-    summary when given, else ``lm_metrics_note`` says why not."""
+    "seconds", "peak_rss_mib"}. ``lm_metrics`` (name -> number, e.g. from ``softsae.lm_eval``) is shown
+    in the summary, with ``lm_metrics_note`` (where they come from, or why there are none)."""
     if not texts:
         raise ValueError("--text: no documents to read")
     if lm.d_model != sae.d:
@@ -76,10 +77,11 @@ def build_dashboard(sae: SparseAutoencoder, lm, texts: Sequence[str], out_dir: s
     W_U = lm.unembedding() if getattr(lm, "causal", False) else None
     norm = final_norm_weight(lm.model, sae.d) if W_U is not None else None
     data = col.finish(lm.token_strings, n_latents=n_latents, unembedding=W_U, final_norm=norm)
-    if lm_metrics is not None:
-        data["summary"]["lm_metrics"] = lm_metrics
-    elif lm_metrics_note:
-        data["summary"]["lm_metrics_note"] = lm_metrics_note
+    if lm_metrics is not None:  # NaN / inf (e.g. a recovered fraction with a zero denominator) -> null
+        lm_metrics = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
+                      for k, v in lm_metrics.items()}
+    data["summary"]["lm_metrics"] = lm_metrics
+    data["summary"]["lm_metrics_note"] = lm_metrics_note
     s = col.s
     seconds = time.perf_counter() - t0
     data["meta"] = {

@@ -48,15 +48,20 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=10, help="top-activating contexts per latent (default 10)")
     p.add_argument("--view-tokens", type=int, default=400,
                    help="tokens in the explanation-length view (default 400)")
+    p.add_argument("--lm-eval-tokens", type=int, default=2048, metavar="N",
+                   help="causal LM: CE loss recovered / KL of the SAE splice (softsae.lm_eval) on the first N "
+                   "scored tokens of the text, shown in the summary (4 forward passes over them; default 2048; "
+                   "0: skip)")
     p.add_argument("--eval-json", default=None, metavar="FILE",
-                   help="the JSON report of `softsae eval ... --json` whose numbers the summary shows")
+                   help="show this JSON report (e.g. `softsae eval ... --json`) in the summary instead")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="SAE ops backend (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check(a: argparse.Namespace) -> None:
-    for name, lo in (("max_tokens", 0), ("seq_len", 2), ("batch_size", 1), ("top_k", 1), ("view_tokens", 0)):
+    for name, lo in (("max_tokens", 0), ("seq_len", 3), ("batch_size", 1), ("top_k", 1), ("view_tokens", 0),
+                     ("lm_eval_tokens", 0)):
         if getattr(a, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(a, name)}")
     if a.latent_ids is None and a.latents < 1:
@@ -68,12 +73,24 @@ def _check(a: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is not empty (pass --force to write into it)")
 
 
-def default_texts() -> list[str]:
-    """Paragraphs of the held-out documents of the built-in corpus (``softsae.corpus``)."""
+def default_documents() -> list:
+    """The held-out documents of the built-in corpus (``softsae.corpus``), split as by ``softsae
+    activations --heldout-frac 0.1``."""
     from softsae.corpus import python_docs_corpus, split_documents
 
-    _, held = split_documents(python_docs_corpus(), DEFAULT_HELDOUT_FRAC)
-    return [p for d in held for p in d.paragraphs()]
+    return split_documents(python_docs_corpus(), DEFAULT_HELDOUT_FRAC)[1]
+
+
+def document_texts(docs: list, causal: bool) -> list[str]:
+    """What the LM reads, as ``softsae activations`` does: one text per document for a causal LM (its
+    paragraphs joined), one per paragraph (of >= 20 characters) for MiniLM-style encoders."""
+    from softsae.lm import lm_texts
+
+    texts = lm_texts(docs) if causal else [p for d in docs for p in d.paragraphs()]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("--text: no paragraph of 20 or more characters in the file(s)")
+    return texts
 
 
 def _numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -112,25 +129,24 @@ def run(a: argparse.Namespace) -> int:
         bad = [i for i in ids if not 0 <= i < sae.n]
         if bad:
             raise ValueError(f"--latent-ids {bad[:8]} out of range: the SAE has latents 0..{sae.n - 1}")
-    lm_metrics = note = None
+    eval_report = None
     if a.eval_json is not None:
         path = Path(a.eval_json)
         if not path.is_file():
             raise FileNotFoundError(f"--eval-json {path}: no such file")
         try:
-            lm_metrics = _numbers(json.loads(path.read_text(encoding="utf-8")))
+            eval_report = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise ValueError(f"--eval-json {path}: not a JSON report ({err})") from None
-    else:
-        note = ("LM metrics (CE loss recovered, KL): not on this page; run softsae eval with the same --lm and "
-                "--json, and pass the report with --eval-json.")
+        if not isinstance(eval_report, dict):
+            raise ValueError(f"--eval-json {path}: expected a JSON object")
     if a.text is not None:
         from softsae.activations import read_text_documents
 
-        texts = [d.text for d in read_text_documents(a.text)]
+        docs = read_text_documents(a.text)
         text_desc = " ".join(a.text)
     else:
-        texts = default_texts()
+        docs = default_documents()
         text_desc = f"held-out {int(100 * DEFAULT_HELDOUT_FRAC)}% of the built-in Python docs corpus"
     run_cfg = _run_settings(a.model)
     lm_spec = a.lm if a.lm is not None else run_cfg.get("model")
@@ -140,6 +156,25 @@ def run(a: argparse.Namespace) -> int:
     from softsae.lm import load_lm
 
     lm = load_lm(lm_spec, device=a.device)
+    texts = document_texts(docs, lm.causal)
+    lm_metrics, note = None, None
+    if eval_report is not None:
+        lm_metrics, note = _numbers(eval_report), f"from {a.eval_json}"
+    elif lm.causal and a.lm_eval_tokens > 0:
+        from softsae.lm_eval import LMEvaluator
+
+        ev = LMEvaluator(lm, texts, seq_len=a.seq_len, max_tokens=a.lm_eval_tokens, batch_size=a.batch_size,
+                         layer=layer)
+        rep = ev.evaluate(sae)
+        lm_metrics = {k: rep[k] for k in ("ce_loss_clean", "ce_loss_sae", "ce_loss_increase", "ce_loss_zero",
+                                          "ce_loss_mean", "frac_recovered_zero", "frac_recovered_mean", "kl_mean",
+                                          "kl_p95", "l0_mean", "k_hat_mean", "tokens") if rep.get(k) is not None}
+        note = f"softsae.lm_eval on the first {rep['tokens']} scored tokens of the same text"
+    elif lm.causal:
+        note = "LM metrics (CE loss recovered, KL): skipped (--lm-eval-tokens 0)."
+    else:
+        note = (f"LM metrics (CE loss recovered, KL) need a causal LM; {lm.spec.name} is not one "
+                "(softsae eval's splice metrics for MiniLM: softsae.downstream).")
     settings = Settings(top_k=a.top_k, view_tokens=a.view_tokens)
     res = build_dashboard(sae, lm, texts, a.out, layer=layer, n_latents=a.latents if ids is None else None,
                           latent_ids=ids, max_tokens=a.max_tokens or None, seq_len=a.seq_len,

@@ -267,7 +267,7 @@ class Collector:
         when given, through W_U). ``token_strings(ids)`` gives the printable text of token ids."""
         if self.tokens == 0:
             raise ValueError("the text produced no tokens for the SAE (empty text, or only special tokens)")
-        s, sae = self.s, self.sae
+        sae = self.sae
         sel = self.selection(n_latents)
         W = sae.W_dec.detach().float().cpu()
         Wn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -298,7 +298,7 @@ class Collector:
         ids = sorted(used)
         strings = token_strings(ids) if ids else []
         return {"summary": self._summary(), "latents": cards, "view": self.view,
-                "tokens": {str(i): s_ for i, s_ in zip(ids, strings)}}
+                "tokens": {str(i): s_ for i, s_ in zip(ids, strings, strict=True)}}
 
     def _heap_contexts(self, heap: LatentHeaps, sl: int, values: Tensor, used: set[int],
                        pick: list[int] | None = None) -> list[dict[str, Any]]:
@@ -327,7 +327,7 @@ class Collector:
         ranks = sorted({round((q + 0.5) / m * n_res - 0.5) for q in range(m)}, reverse=True)
         pick = [order[r] for r in ranks]
         out = self._heap_contexts(self.res, sl, self.res.payload["act"][sl], used, pick)
-        for o, r in zip(out, ranks):
+        for o, r in zip(out, ranks, strict=True):
             o["q"] = _r((r + 0.5) / n_res, 3)
         return out
 
@@ -341,7 +341,8 @@ class Collector:
             cos = Wn[ids] @ Wn.T
             cos[torch.arange(ids.numel()), ids] = float("-inf")
             v, i = torch.topk(cos, k, dim=1)
-            out.extend([[int(a), _r(float(b), 3)] for a, b in zip(ii, vv)] for ii, vv in zip(i.tolist(), v.tolist()))
+            for ii, vv in zip(i.tolist(), v.tolist(), strict=True):
+                out.append([[int(a), _r(float(b), 3)] for a, b in zip(ii, vv, strict=True)])
         return out
 
     def _logit_lens(self, W: Tensor, sel: list[int], W_U: Tensor | None, final_norm: Tensor | None,
@@ -360,8 +361,10 @@ class Collector:
             lg = D @ W_U.T  # (c, V)
             tv, ti = torch.topk(lg, k, dim=1)
             bv, bi = torch.topk(lg, k, dim=1, largest=False)
-            for a, b, c, d in zip(ti.tolist(), tv.tolist(), bi.tolist(), bv.tolist()):
-                out.append(([[x, _r(y, 3)] for x, y in zip(a, b)], [[x, _r(y, 3)] for x, y in zip(c, d)]))
+            for a, b, c, d in zip(ti.tolist(), tv.tolist(), bi.tolist(), bv.tolist(), strict=True):
+                up = [[x, _r(y, 3)] for x, y in zip(a, b, strict=True)]
+                down = [[x, _r(y, 3)] for x, y in zip(c, d, strict=True)]
+                out.append((up, down))
         return out
 
     def _summary(self) -> dict[str, Any]:

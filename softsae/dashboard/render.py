@@ -41,7 +41,8 @@ style-src 'unsafe-inline'; img-src data:">
 <div class="note" id="cards-note"></div>
 <div class="controls">
 <label>ids <input id="filter" size="18" placeholder="e.g. 12, 40"></label>
-<label>sort <select id="sort"><option value="count">firing frequency</option><option value="max">max activation</option>\
+<label>sort <select id="sort"><option value="count">firing frequency</option>\
+<option value="max">max activation</option>\
 <option value="id">id</option><option value="given">as given</option></select></label>
 <label>per page <select id="page-size"><option>12</option><option selected>24</option><option>48</option>\
 <option>96</option></select></label>

@@ -89,7 +89,7 @@ def lm_batches(lm, texts: Sequence[str], layer: str | None = None, seq_len: int 
                 continue
             T = max(len(w.ids) for w in group)
             B = len(group)
-            ids = torch.zeros(B, T, dtype=torch.long)
+            ids = torch.full((B, T), int(getattr(lm, "pad_id", 0)), dtype=torch.long)
             valid = torch.zeros(B, T, dtype=torch.bool)
             keep = torch.zeros(B, T, dtype=torch.bool)
             for b, w in enumerate(group):

@@ -87,12 +87,11 @@
     }
     const lm = S.lm_metrics;
     if (lm) {
-      for (const [k, v] of Object.entries(lm)) if (typeof v === "number") rows.push([k, fmt(v, 4)]);
+      for (const [k, v] of Object.entries(lm)) if (typeof v === "number" || v === null) rows.push([k, fmt(v, 4)]);
     }
     const table = el("table", {class: "stats", id: "summary-table"});
     for (const [k, v] of rows) table.append(el("tr", {}, el("td", {text: k}), el("td", {text: v})));
-    const note = el("div", {class: "note"}, lm ? "LM metrics: softsae eval (" + (S.lm_metrics_source || "") + ")"
-      : (S.lm_metrics_note || "LM metrics (CE loss recovered, KL): not computed for this page."));
+    const note = el("div", {class: "note", text: (lm ? "LM metrics: " : "") + (S.lm_metrics_note || "")});
     if (S.corr) note.append(el("div", {text: "rank correlations over " + fmt(S.corr.tokens) +
       " tokens sampled uniformly from the text (surprisal of the token itself / of the next token, nats)"}));
     root.append(el("div", {class: "panel"}, el("h4", {text: "Reconstruction and sparsity"}), table, note));
