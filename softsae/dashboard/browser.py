@@ -221,3 +221,34 @@ class HeadlessChromium:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m softsae.dashboard.browser PAGE OUT.png``: a screenshot of a page (the README's)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m softsae.dashboard.browser", description=main.__doc__)
+    p.add_argument("page", help="an HTML file (or URL)")
+    p.add_argument("png", help="output PNG")
+    p.add_argument("--width", type=int, default=1400)
+    p.add_argument("--height", type=int, default=1000)
+    p.add_argument("--scroll-to", default=None, metavar="SELECTOR", help="scroll this element to the top first")
+    p.add_argument("--click", default=None, metavar="SELECTOR", help="click this element first")
+    a = p.parse_args(argv)
+    with HeadlessChromium(width=a.width, height=a.height) as b:
+        b.open(a.page)
+        if a.click:
+            b.evaluate(f"document.querySelector({json.dumps(a.click)}).click()")
+        if a.scroll_to:
+            b.evaluate(f"document.querySelector({json.dumps(a.scroll_to)}).scrollIntoView({{block: 'start'}})")
+        png = b.screenshot()
+        errors = b.console_errors()
+    Path(a.png).write_bytes(png)
+    for e in errors:
+        print(f"page error: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

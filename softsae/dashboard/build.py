@@ -13,7 +13,7 @@ import datetime
 import math
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,30 @@ def final_norm_weight(model: torch.nn.Module, d: int) -> Tensor | None:
         if isinstance(w, Tensor) and w.shape == (d,):
             return w.detach().float().cpu()
     return None
+
+
+def display_strings(lm) -> Callable[[list[int]], list[str]]:
+    """Token text for the page. ``lm.token_strings`` decodes each id alone, which for a WordPiece
+    tokenizer (MiniLM, BERT) loses the word boundaries ('token', '##izer'); there a word-initial token
+    gets a leading space and a continuation loses its '##', as byte-level BPE tokens (SmolLM2) show
+    them anyway. Special tokens are left as they are."""
+    tok = getattr(lm, "tokenizer", None)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordPiece":
+        return lm.token_strings
+    specials = set(getattr(tok, "all_special_ids", []))
+    prefix = getattr(backend.model, "continuing_subword_prefix", "##")
+
+    def strings(ids: list[int]) -> list[str]:
+        out = []
+        for i, t in zip(ids, tok.convert_ids_to_tokens(list(ids)), strict=True):
+            if i in specials:
+                out.append(t)
+            else:
+                out.append(t[len(prefix):] if t.startswith(prefix) else " " + t)
+        return out
+
+    return strings
 
 
 def peak_rss_mib() -> float:
@@ -76,7 +100,7 @@ def build_dashboard(sae: SparseAutoencoder, lm, texts: Sequence[str], out_dir: s
             bar.close()
     W_U = lm.unembedding() if getattr(lm, "causal", False) else None
     norm = final_norm_weight(lm.model, sae.d) if W_U is not None else None
-    data = col.finish(lm.token_strings, n_latents=n_latents, unembedding=W_U, final_norm=norm)
+    data = col.finish(display_strings(lm), n_latents=n_latents, unembedding=W_U, final_norm=norm)
     if lm_metrics is not None:  # NaN / inf (e.g. a recovered fraction with a zero denominator) -> null
         lm_metrics = {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
                       for k, v in lm_metrics.items()}
