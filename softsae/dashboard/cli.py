@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,9 @@ def run(a: argparse.Namespace) -> int:
     elif lm.causal and a.lm_eval_tokens > 0:
         from softsae.lm_eval import LMEvaluator
 
+        if not a.no_progress:
+            print(f"softsae dashboard: LM metrics (clean, zero, mean and SAE passes) on {a.lm_eval_tokens} tokens ...",
+                  file=sys.stderr, flush=True)
         ev = LMEvaluator(lm, texts, seq_len=a.seq_len, max_tokens=a.lm_eval_tokens, batch_size=a.batch_size,
                          layer=layer)
         rep = ev.evaluate(sae)

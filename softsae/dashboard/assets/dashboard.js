@@ -102,7 +102,8 @@
     if (S.k_hat) {
       const kb = S.k_hat.counts, w = S.k_hat.hi / kb.length;
       root.append(el("div", {class: "panel"}, el("h4", {text: "k\u0302 per token (histogram)"}),
-        barChart(kb, {labels: i => fmt(i * w, 1), ticks: [0, Math.floor(kb.length / 2), kb.length - 1],
+        barChart(kb, {labels: i => fmt(i === kb.length - 1 ? S.k_hat.hi : i * w, 1),
+                      ticks: [0, Math.floor(kb.length / 2), kb.length - 1],
                       title: (i, c) => "k\u0302 in [" + fmt(i * w, 2) + ", " + fmt((i + 1) * w, 2) + "): " + c})));
     }
     const dh = S.density_hist, dc = [S.dead].concat(dh.counts);
