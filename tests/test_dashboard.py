@@ -277,3 +277,19 @@ def test_wordpiece_tokens_keep_their_word_boundaries():
     lm = load_lm("minilm")
     w = lm.windows(["The tokenizer splits words."], 32)[0]
     assert "".join(display_strings(lm)(w.ids)) == "[CLS] the tokenizer splits words .[SEP]"
+
+
+def test_token_surprisal_is_the_cross_entropy_of_each_token():
+    from softsae.dashboard.source import token_surprisal
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 7, 11, generator=g)
+    ids = torch.randint(0, 11, (3, 7), generator=g)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[2, 5:] = False
+    s = token_surprisal(logits, ids, valid)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1),
+                                           reduction="none").view(3, 6)
+    assert torch.isnan(s[:, 0]).all() and torch.isnan(s[2, 5:]).all()
+    torch.testing.assert_close(s[:2, 1:], ce[:2])
+    torch.testing.assert_close(s[2, 1:5], ce[2, :4])

@@ -54,8 +54,9 @@ def token_surprisal(logits: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
     out = torch.full((B, T), float("nan"))
     for b in range(B):
         lg = logits[b, :-1].float()
-        lp = lg.gather(1, ids[b, 1:, None]).squeeze(1) - torch.logsumexp(lg, dim=-1)
-        ok = valid[b, 1:] & valid[b, :-1]
+        nxt = ids[b, 1:, None].to(lg.device)
+        lp = (lg.gather(1, nxt).squeeze(1) - torch.logsumexp(lg, dim=-1)).cpu()
+        ok = valid[b, 1:].cpu() & valid[b, :-1].cpu()
         out[b, 1:] = torch.where(ok, -lp, torch.full_like(lp, float("nan")))
     return out
 

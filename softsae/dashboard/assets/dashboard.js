@@ -26,7 +26,10 @@
     if (Number.isInteger(x) && Math.abs(x) < 1e15) return x.toLocaleString("en-US");
     const a = Math.abs(x);
     if (a !== 0 && (a < 1e-3 || a >= 1e5)) return x.toExponential(2);
-    return x.toFixed(d === undefined ? 3 : d);
+    if (a >= 1000) return x.toLocaleString("en-US", {maximumFractionDigits: 0});
+    // at most `d` decimals (default 3) and at most 4 significant digits
+    const dec = Math.min(d === undefined ? 3 : d, Math.max(0, 3 - Math.floor(Math.log10(a || 1))));
+    return x.toFixed(dec);
   }
   function pct(x) { return x === null || x === undefined ? "n/a" : (100 * x).toPrecision(3) + "%"; }
   // printable token text: newlines and tabs made visible, empty -> a placeholder
