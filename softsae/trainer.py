@@ -91,20 +91,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softsae.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, save_sae
+from softsae.checkpoint import (
+    WEIGHTS,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_resume_state,
+    load_checked,
+    load_trainer_state,
+    save_sae,
+)
+from softsae.config import check_ranges
 from softsae.cpu_memory import keep_freed_memory
 from softsae.data import check_finite_batch, load_activations, normalization_stats
+from softsae.distributed.agreement import agree_on_run
 from softsae.distributed.data_parallel import (
     DataParallel,
     OverlappedGradReduce,
     broadcast_module_,
     setup_data_parallel,
 )
+from softsae.fileio import remove_stale_temps
 from softsae.logger import LOGGERS, METRICS_FILE, MetricsLogger, open_logger
 from softsae.losses import DeadLatentTracker, auxk_loss, k_loss, reconstruction_loss
-from softsae.models import ARCHS, BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE, build_model
+from softsae.models import ARCHS, BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 
 STATE_FILE = "trainer_state.pt"
+# the files a run writes into its out_dir; a new run removes their stale temporaries (softsae.fileio)
+RUN_FILES = (STATE_FILE, WEIGHTS, "config.json", "train_config.json", "metrics.jsonl", "eval.json", "stream.json")
 
 
 @dataclass
@@ -162,6 +176,7 @@ class TrainConfig:
     def resolved(self, d: int) -> TrainConfig:
         """A copy with every default filled in and checked against activation dim ``d``."""
         c = dataclasses.replace(self)
+        check_ranges(dataclasses.asdict(c), source="TrainConfig")  # finite numbers, log_every >= 1, device ...
         if c.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {c.arch!r}")
         if c.recipe not in ("default", "paper"):
@@ -426,8 +441,8 @@ def model_from_state(state: dict, state_path: Path, c: TrainConfig) -> SparseAut
     if clash:
         raise ValueError(f"{state_path} was written by a run with different settings "
                          f"(saved vs requested: {clash}); resume with the same settings or start afresh")
-    model = build_model(state["model_config"])
-    model.load_state_dict(state["model"])
+    model = load_checked(state["model_config"], state["model"], state_path)  # sizes checked before allocating
+    check_resume_state(state, model, state_path)
     return model
 
 
@@ -439,6 +454,7 @@ def open_run_outputs(c: TrainConfig, out: Path | None, main: bool, start: int, d
     logger: MetricsLogger | None = None
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out, RUN_FILES)  # what a killed run left (only its own temporary names)
         atomic_write_json(out / "train_config.json", dataclasses.asdict(c))
         logger = open_logger(c.log, out, dataclasses.asdict(c))
     bar = None
@@ -458,11 +474,11 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if json.loads(line)["step"] <= last_step:
                 keep.append(line)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, IndexError):  # a torn or foreign line
             continue
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 
@@ -532,8 +548,11 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     rng = np.random.default_rng(c.seed)
 
     state = None
-    if resume and state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    found = state_path if resume and state_path is not None and state_path.exists() else None
+    if dp is not None:  # every rank: the same settings and the same checkpoint, or one error everywhere
+        state = agree_on_run(c, found, "parallel='data' training")
+    elif found is not None:
+        state = load_trainer_state(found)  # ValueError naming the file if empty, corrupt or foreign
     if state is not None:
         model = model_from_state(state, state_path, c)
     elif model is None:

@@ -67,6 +67,11 @@ def _check(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(a, name)}")
     if a.latent_ids is None and a.latents < 1:
         raise ValueError(f"--latents must be >= 1, got {a.latents}")
+    from softsae.config import check_device
+
+    if a.device == "auto":
+        raise ValueError("--device auto: give cpu, cuda or cuda:N")
+    check_device(a.device)
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")

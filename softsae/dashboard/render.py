@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from softsae.checkpoint import atomic_write_text
+from softsae.fileio import atomic_write_text
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

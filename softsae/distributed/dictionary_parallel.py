@@ -37,7 +37,8 @@ from torch import Tensor
 from softsae.checkpoint import atomic_torch_save, save_sae
 from softsae.cpu_memory import keep_freed_memory
 from softsae.data import normalization_stats
-from softsae.distributed._comm import DistributedInputError, all_reduce_
+from softsae.distributed._comm import all_reduce_
+from softsae.distributed.agreement import agree_on_run
 from softsae.distributed.launch import join_and_load
 from softsae.distributed.process import group_rank_world
 from softsae.distributed.sharded_model import (
@@ -154,17 +155,6 @@ def load_sharded_state(state: dict, model: ShardedSAE, opt: torch.optim.Optimize
 # ----------------------------------------------------------------------------- the loop
 
 
-def _same_checkpoint(state: dict | None, path: Path | None) -> None:
-    """Every rank must resume from the same checkpoint (or none): one all-gather of the step each rank read."""
-    _, world = group_rank_world(None)
-    seen: list = [None] * world
-    dist.all_gather_object(seen, None if state is None else int(state["step"]))
-    if len(set(seen)) > 1:
-        name = path.name if path is not None else "the out_dir"  # the name only: paths may differ by rank
-        raise DistributedInputError(f"resume: the ranks read different checkpoints from {name} (step by rank, None = "
-                                    f"no file: {seen}); every rank must see the same --out (a shared filesystem)")
-
-
 def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bool = False,
                      model: SparseAutoencoder | None = None):
     """``softsae.trainer.train`` with the dictionary sharded over the ranks of a torchrun launch (see the
@@ -183,10 +173,9 @@ def train_dictionary(data, config, out_dir: str | Path | None = None, resume: bo
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
 
-    state = None
-    if resume and state_path is not None and state_path.exists():  # every rank reads it (shared filesystem)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    _same_checkpoint(state, state_path)
+    found = state_path if resume and state_path is not None and state_path.exists() else None
+    # every rank reads it (shared filesystem): the same settings and checkpoint everywhere, or one error
+    state = agree_on_run(c, found, "parallel='dictionary' training")
     if state is not None:
         full = T.model_from_state(state, state_path, c)
     else:
