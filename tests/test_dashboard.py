@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dashboard_toy import TEXT, ToyLM
+from tiny_lm import make_tiny_llama, sample_texts
 
 from softsae.checkpoint import save_sae
 from softsae.cli import main
@@ -20,12 +20,19 @@ from softsae.models import BatchTopKSAE, SoftSAE, TopKSAE
 
 
 def _texts(repeat: int = 3) -> list[str]:
-    return [p for p in TEXT.split("\n\n") if p.strip()] * repeat
+    return sample_texts(4, seed=5, min_words=8, max_words=30) * repeat
 
 
 @pytest.fixture(scope="module")
-def lm() -> ToyLM:
-    return ToyLM(d=32)
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "m", n_layers=2, d=32)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama):
+    from softsae.lm import load_lm
+
+    return load_lm(tiny_llama)
 
 
 def test_heaps_keep_the_largest_with_their_payloads():
@@ -191,12 +198,16 @@ def test_page_is_self_contained_and_escapes_token_text(lm, tmp_path):
     sae = SoftSAE(32, 48, 4.0)
     res = build_dashboard(sae, lm, _texts(), tmp_path / "d", n_latents=5, seq_len=16, batch_size=4, progress=False)
     page = Path(res["page"]).read_text(encoding="utf-8")
-    assert page.count("</script>") == 3 and page.count("<script") == 3  # our three; the token "</script>" escaped
+    assert page.count("</script>") == 3 and page.count("<script") == 3  # the page's own three
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from elsewhere
     data = json.loads((tmp_path / "d" / "data.json").read_text())
-    assert " </script>" in data["tokens"].values()
     assert json.loads(page.split('type="application/json">')[1].split("</script>")[0]) == data
-    assert render_html(data).startswith("<!DOCTYPE html>")
+    # token text that looks like markup stays data
+    some = next(iter(data["tokens"]))
+    data["tokens"][some] = " </script><b>&amp;<!--"
+    html = render_html(data)
+    assert html.count("</script>") == 3 and "<b>&amp;" not in html
+    assert json.loads(html.split('type="application/json">')[1].split("</script>")[0]) == data
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:
@@ -226,13 +237,6 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys):
     assert not Path(out).exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    from tiny_lm import make_tiny_llama
-
-    return make_tiny_llama(tmp_path_factory.mktemp("llama") / "m", n_layers=2, d=32)
-
-
 def test_cli_text_without_tokens_exits_2(tmp_path, capsys, tiny_llama):
     run = tmp_path / "run"
     save_sae(TopKSAE(32, 40, 3), run)
@@ -247,8 +251,6 @@ def test_cli_text_without_tokens_exits_2(tmp_path, capsys, tiny_llama):
 
 
 def test_cli_end_to_end_with_eval_json(tmp_path, capsys, tiny_llama):
-    from tiny_lm import sample_texts
-
     run = tmp_path / "run"
     save_sae(SoftSAE(32, 40, 3.0), run)
     text = tmp_path / "t.txt"
