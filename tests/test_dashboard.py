@@ -260,12 +260,14 @@ def test_cli_end_to_end_with_eval_json(tmp_path, capsys, tiny_llama):
                                "nested": {"kl_mean": 0.1}, "per_row": {"l0": [1, 2]}}))
     out = tmp_path / "out"
     code = main(["dashboard", "--model", str(run), "--lm", str(tiny_llama), "--text", str(text), "--out", str(out),
-                 "--latents", "7", "--eval-json", str(rep), "--no-progress", "--seq-len", "16"])
+                 "--latents", "7", "--eval-json", str(rep), "--no-progress", "--seq-len", "16", "--no-surprisal"])
     assert code == 0
     assert "7 latent cards" in capsys.readouterr().out
     data = json.loads((out / "data.json").read_text())
     assert data["summary"]["lm_metrics"] == {"ce_loss_clean": 3.5, "frac_recovered_zero": 0.9, "nested.kl_mean": 0.1}
     assert len(data["latents"]) == 7 and data["meta"]["layer"] == "model.layers.0"
+    assert data["summary"]["corr"] is None and all(t["s"] is None for t in data["view"])  # --no-surprisal
+    assert "promoted" in data["latents"][0]  # the logit lens needs no forward pass
     code, err = _cli(capsys, "dashboard", "--model", str(run), "--lm", str(tiny_llama), "--text", str(text),
                      "--out", str(out))
     assert code == 2 and "not empty" in err

@@ -72,11 +72,13 @@ def peak_rss_mib() -> float:
 def build_dashboard(sae: SparseAutoencoder, lm, texts: Sequence[str], out_dir: str | Path, *,
                     layer: str | None = None, n_latents: int | None = 100, latent_ids: Sequence[int] | None = None,
                     max_tokens: int | None = 100_000, seq_len: int = 128, batch_size: int = 8,
-                    settings: Settings | None = None, progress: bool = True, meta: dict[str, Any] | None = None,
+                    settings: Settings | None = None, progress: bool = True, surprisal: bool = True,
+                    meta: dict[str, Any] | None = None,
                     lm_metrics: dict[str, Any] | None = None, lm_metrics_note: str | None = None) -> dict[str, Any]:
     """Collect over ``texts`` and write ``out_dir/index.html``; returns {"page", "tokens", "latents",
     "seconds", "peak_rss_mib"}. ``lm_metrics`` (name -> number, e.g. from ``softsae.lm_eval``) is shown
-    in the summary, with ``lm_metrics_note`` (where they come from, or why there are none)."""
+    in the summary, with ``lm_metrics_note`` (where they come from, or why there are none). ``surprisal``:
+    for a causal LM, a full forward per batch for the per-token surprisal (else it stops at the layer)."""
     if not texts:
         raise ValueError("--text: no documents to read")
     if lm.d_model != sae.d:
@@ -91,7 +93,7 @@ def build_dashboard(sae: SparseAutoencoder, lm, texts: Sequence[str], out_dir: s
         bar = tqdm(total=max_tokens, desc="dashboard", unit="tok", dynamic_ncols=True)
     try:
         for batch in lm_batches(lm, texts, layer=layer, seq_len=seq_len, batch_size=batch_size,
-                                max_tokens=max_tokens):
+                                max_tokens=max_tokens, surprisal=surprisal):
             got = col.add(batch)
             if bar is not None:
                 bar.update(got)
