@@ -83,7 +83,12 @@ def test_softsae_page_renders_what_the_data_holds(pages, tmp_path):
         rows = dict(b.evaluate("[...document.querySelectorAll('#summary-table tr')]"
                                ".map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
         assert float(rows["FVU"]) == pytest.approx(data["summary"]["fvu"], rel=2e-3)
-        assert "ce_loss_clean" in rows and "frac_recovered_zero" in rows and "kl_mean" in rows
+        lm_rows = dict(b.evaluate("[...document.querySelectorAll('#lm-table tr')]"
+                                  ".map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
+        lm = data["summary"]["lm_metrics"]
+        assert len(lm_rows) == len(lm) and {"ce_loss_clean", "frac_recovered_zero", "kl_mean"} <= set(lm)
+        assert float(lm_rows["CE loss, clean"]) == pytest.approx(lm["ce_loss_clean"], rel=2e-3)
+        assert float(lm_rows["KL(clean \u2016 SAE), mean"]) == pytest.approx(lm["kl_mean"], rel=2e-3, abs=1e-4)
         assert _count(b, "#summary-body svg.chart") == 3  # L0, k_hat and firing-frequency histograms
         # paging, filtering, and a latent link that jumps to its card
         b.evaluate("document.querySelector('.next').click()")

@@ -36,7 +36,8 @@
   function tokText(id) {
     const s = TOK[String(id)];
     if (s === undefined) return "\u27e8" + id + "\u27e9";
-    const t = s.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5").replace(/\r/g, "");
+    const t = s.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5").replace(/\r/g, "")
+      .replace(/ {3,}/g, m => " \u2423\u00d7" + m.length + " ");  // indentation runs: "␣×12", not 12 blanks
     return t.length ? t : "\u2205";
   }
   function shade(rgb, a) { return "rgba(" + rgb + "," + Math.max(0, Math.min(1, a)).toFixed(3) + ")"; }
@@ -88,16 +89,29 @@
       rows.push(["Spearman(" + S.corr.measure + ", surprisal)", fmt(S.corr.spearman_surprisal, 3)]);
       rows.push(["Spearman(" + S.corr.measure + ", next-token surprisal)", fmt(S.corr.spearman_next_surprisal, 3)]);
     }
-    const lm = S.lm_metrics;
-    if (lm) {
-      for (const [k, v] of Object.entries(lm)) if (typeof v === "number" || v === null) rows.push([k, fmt(v, 4)]);
-    }
     const table = el("table", {class: "stats", id: "summary-table"});
     for (const [k, v] of rows) table.append(el("tr", {}, el("td", {text: k}), el("td", {text: v})));
-    const note = el("div", {class: "note", text: (lm ? "LM metrics: " : "") + (S.lm_metrics_note || "")});
+    const note = el("div", {class: "note"});
     if (S.corr) note.append(el("div", {text: "rank correlations over " + fmt(S.corr.tokens) +
       " tokens sampled uniformly from the text (surprisal of the token itself / of the next token, nats)"}));
-    root.append(el("div", {class: "panel"}, el("h4", {text: "Reconstruction and sparsity"}), table, note));
+    root.append(el("div", {class: "panel text"}, el("h4", {text: "Reconstruction and sparsity"}), table, note));
+    // the language model with the SAE spliced in (softsae.lm_eval's keys get readable names)
+    const names = {ce_loss_clean: "CE loss, clean", ce_loss_sae: "CE loss, SAE spliced in",
+                   ce_loss_increase: "CE loss increase", ce_loss_zero: "CE loss, zero ablation",
+                   ce_loss_mean: "CE loss, mean ablation", frac_recovered_zero: "CE recovered vs zero ablation",
+                   frac_recovered_mean: "CE recovered vs mean ablation", kl_mean: "KL(clean \u2016 SAE), mean",
+                   kl_p95: "KL, 95th percentile", l0_mean: "mean L0 (scored tokens)",
+                   k_hat_mean: "mean k\u0302 (scored tokens)", tokens: "tokens scored"};
+    const lm = S.lm_metrics;
+    const lmTable = el("table", {class: "stats", id: "lm-table"});
+    if (lm) {
+      for (const [k, v] of Object.entries(lm)) {
+        if (typeof v === "number" || v === null)
+          lmTable.append(el("tr", {}, el("td", {text: names[k] || k}), el("td", {text: fmt(v, 4)})));
+      }
+    }
+    root.append(el("div", {class: "panel text"}, el("h4", {text: "Language model with the SAE"}), lmTable,
+      el("div", {class: "note", text: S.lm_metrics_note || ""})));
 
     const l0 = S.l0_hist;
     root.append(el("div", {class: "panel"}, el("h4", {text: "L0 per token (histogram)"}),
