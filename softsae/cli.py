@@ -34,9 +34,10 @@ def _add_train(sub) -> None:
     p.add_argument("--data", help="activations (.npy, .safetensors[:KEY], .pt[:KEY]), shape (N, d); "
                    "or stream them with --model / --layer / --text instead")
     s = p.add_argument_group("streamed activations (instead of --data)")
-    s.add_argument("--model", default=None, help="local Hugging Face model directory (default: the packaged "
-                   "all-MiniLM-L6-v2)")
-    s.add_argument("--layer", default=None, help="module name whose output is recorded (default encoder.layer.3)")
+    s.add_argument("--model", default=None, help="minilm (the default: packaged all-MiniLM-L6-v2) | smollm2 "
+                   "(packaged SmolLM2-135M-Instruct GGUF) | a local Hugging Face model directory | a .gguf file")
+    s.add_argument("--layer", default=None, help="module name whose output is recorded (default: the model's, "
+                   "encoder.layer.3 for minilm, model.layers.14 for smollm2)")
     s.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
                    "blank-line-separated paragraph, read in order and again when they end (default: the Python "
                    "docs corpus, softsae.corpus)")
@@ -108,10 +109,25 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained SAE", description="FVU, MSE, cosine, L0, dead latents, k_hat.")
+    p = sub.add_parser("eval", help="evaluate a trained SAE",
+                       description="With --data: FVU, MSE, cosine, L0, dead latents, k_hat on activations. With --lm: "
+                       "splice the SAE into a causal language model on held-out text and report CE loss (clean, with "
+                       "the SAE, zero- and mean-ablated), the fraction of CE loss recovered, KL, L0, k_hat and the "
+                       "per-token information correlations (softsae.lm_eval).")
     p.add_argument("--model", required=True, help="model directory (or a reference-format state dict file)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None, help="activations to compute FVU on (.npy, ...)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    lm = p.add_argument_group("language-model evaluation (instead of --data)")
+    lm.add_argument("--lm", default=None, help="smollm2 | a local causal HF model directory | a .gguf file")
+    lm.add_argument("--layer", default=None, help="hooked module (default: the SAE run's stream.json layer, else "
+                    "the model's documented layer, model.layers.14 for smollm2)")
+    lm.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
+                    "blank-line-separated paragraph (default: the held-out 10%% of the Python docs corpus)")
+    lm.add_argument("--seq-len", type=int, default=128, help="tokens per window, BOS included (default 128)")
+    lm.add_argument("--max-tokens", type=int, default=4096, help="tokens scored (default 4096; 0: all)")
+    lm.add_argument("--lm-batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    lm.add_argument("--cache-dir", default=None, help="where the clean / ablation passes are cached "
+                    "(default ~/.cache/softsae/lm_eval; 'none': no cache)")
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="cpu")
@@ -320,7 +336,7 @@ def _final_evaluation(a: argparse.Namespace, out: Path, stream: dict | None, sou
 
 def _stream_options(a: argparse.Namespace, cfg) -> dict | None:
     """Settings of a streamed run (``softsae train --model/--layer/--text``), or None with --data."""
-    from softsae.activations import DEFAULT_LAYER, packaged_model_path
+    from softsae.lm import model_key, resolve_model
     from softsae.stream import DEFAULT_BUFFER_TOKENS
 
     given = [f for f in ("model", "layer", "text", "buffer_tokens", "seq_len") if getattr(a, f, None) is not None]
@@ -344,8 +360,9 @@ def _stream_options(a: argparse.Namespace, cfg) -> dict | None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Path(a.model) if a.model is not None else packaged_model_path()
-    return {"model": str(model), "layer": a.layer or DEFAULT_LAYER, "text": a.text, "buffer_tokens": buffer_tokens,
+    spec = resolve_model(a.model)
+    return {"model": a.model if a.model is not None else spec.name, "model_path": model_key(spec),
+            "layer": a.layer or spec.default_layer, "text": a.text, "buffer_tokens": buffer_tokens,
             "seq_len": seq_len, "seed": cfg.seed, "device": device}
 
 
@@ -392,6 +409,8 @@ def cmd_eval(a) -> int:
     from softsae.config import check_device
     from softsae.metrics import evaluate, format_report
 
+    if (a.data is None) == (a.lm is None):
+        raise ValueError("give --data (FVU on activations) or --lm (CE loss / KL in a language model), not both")
     _batch_flag(a)
     _at_least(a, "--max-rows", 1)
     _at_least(a, "--diag-rows", 1)
@@ -401,6 +420,8 @@ def cmd_eval(a) -> int:
 
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_sae(a.model, device=a.device, backend=a.backend)
+    if a.lm is not None:
+        return _eval_lm(a, model)
     report = evaluate(model, a.data, batch_size=a.batch_size, max_rows=a.max_rows)
     if a.diagnostics:
         import numpy as np
@@ -424,6 +445,39 @@ def cmd_eval(a) -> int:
         print(format_report(report))
         if a.diagnostics:
             print(format_diagnostics(report["diagnostics"]))
+    return 0
+
+
+def _eval_lm(a, model) -> int:
+    """``softsae eval --lm``: the SAE spliced into a causal LM (softsae.lm_eval)."""
+    import os
+
+    from softsae.activations import read_text_documents
+    from softsae.lm import lm_texts, load_lm
+    from softsae.lm_eval import LMEvaluator, format_lm_report, information_correlations
+
+    if a.max_tokens < 0 or a.seq_len < 3 or a.lm_batch_size < 1:
+        raise ValueError("--max-tokens must be >= 0, --seq-len >= 3 and --lm-batch-size >= 1")
+    layer = a.layer
+    stream_file = Path(a.model) / "stream.json"
+    if layer is None and stream_file.is_file():
+        layer = json.loads(stream_file.read_text(encoding="utf-8")).get("layer")
+    if a.text is not None:
+        texts = [d.text for d in read_text_documents(a.text)]
+    else:
+        from softsae.corpus import is_heldout, python_docs_corpus
+
+        texts = lm_texts([d for d in python_docs_corpus() if is_heldout(d.id, 0.1)])
+    lm = load_lm(a.lm, device=a.device)
+    if model.d != lm.d_model:
+        raise ValueError(f"--model has d={model.d} but --lm {a.lm} has d_model={lm.d_model}")
+    cache = a.cache_dir if a.cache_dir is not None else os.path.join(os.path.expanduser("~"), ".cache", "softsae",
+                                                                     "lm_eval")
+    ev = LMEvaluator(lm, texts, seq_len=a.seq_len, max_tokens=a.max_tokens or None, batch_size=a.lm_batch_size,
+                     layer=layer, cache_dir=None if cache == "none" else cache)
+    report = ev.evaluate(model, per_token=True)
+    report["information"] = information_correlations(report.pop("per_token"))
+    print(json.dumps(report, indent=2) if a.json else format_lm_report(report))
     return 0
 
 

@@ -26,11 +26,11 @@ Text handling for a causal LM, as SAE practitioners do it (SAELens ``prepend_bos
 each text is tokenised without special tokens and **windowed, not packed**: it is cut into consecutive
 chunks of ``seq_len - 1`` tokens and each chunk gets the BOS token in front, so every window has the
 fixed context length ``seq_len`` except a text's last one, which is shorter and right-padded (attention
-mask 0) in a batch. No window mixes two texts; no token is dropped. The BOS position (an attention sink
-whose residual norm is tens of times the others') and any special token inside the text are excluded
-(``Window.keep`` False), as are padding positions; the SAE is trained and evaluated on kept positions
-only. For MiniLM the windows are those of ``softsae.activations.tokenize_windows`` ([CLS] ... [SEP],
-the special tokens not kept).
+mask 0) in a batch. No window mixes two texts; no token is dropped. The BOS position (an attention
+sink whose residual norm is far above the others'; tests/test_smollm2.py checks > 3x the median) and
+any special token inside the text are excluded (``Window.keep`` False), as are padding positions;
+the SAE is trained and evaluated on kept positions only. For MiniLM the windows are those of
+``softsae.activations.tokenize_windows`` ([CLS] ... [SEP], the special tokens not kept).
 """
 
 from __future__ import annotations
@@ -273,9 +273,10 @@ def load_lm(spec: str | Path | ModelSpec | None, device: str = "cpu") -> Languag
             tok = AutoTokenizer.from_pretrained(str(ms.path), **kw)
             cls = AutoModelForCausalLM if ms.causal else AutoModel
             model = cls.from_pretrained(str(ms.path), dtype=torch.float32, **kw)
-        except (OSError, KeyError) as err:
+        except (OSError, KeyError, ValueError) as err:  # e.g. an SAE directory given as the language model
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"--model {ms.name}: cannot load a tokenizer and model from {ms.path} ({first})") from None
+            raise ValueError(f"--model {ms.name}: cannot load a Hugging Face tokenizer and model from {ms.path} "
+                             f"({first})") from None
     return LanguageModel(ms, model.to(device).eval(), tok, device)
 
 

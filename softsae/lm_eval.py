@@ -230,6 +230,8 @@ class LMEvaluator:
             out: dict[str, Tensor | None] = {}
 
             def replace(h: Tensor, out=out) -> Tensor:
+                if h.shape[0] == 0:  # no spliced position in this batch
+                    return h
                 rec, l0, kh = splice(h)
                 if rec.shape != h.shape:
                     raise ValueError(f"the splice returned shape {tuple(rec.shape)} for {tuple(h.shape)}")

@@ -11,8 +11,8 @@ The run's ``train_config.json`` holds the recipe's name and every resolved field
   the hard codes (as TopK) and the soft top-k gate only gives the k head its gradient
   (straight-through, ``st_mode="k"``) for the first 80% of the steps, then a hard phase of 20% with the
   encoder trained; alpha 3e-3 fixed; no K annealing; lr 2e-4 / sqrt(n / 2^14).
-* ``paper``: the choices the SoftSAE authors publish (the paper's training section and their released
-  configuration, as summarised in issue 17 and in softsae.trainer's module doc): the forward goes
+* ``paper``: the choices the SoftSAE authors publish, as issue 17 and softsae.trainer's module doc
+  record them (not re-checked against the paper here): the forward goes
   through the soft gate (``st_frac=0``); alpha linear from 1 to 1e-4 over the first 2500 steps
   (``min(2500, steps)`` for shorter runs); the K target annealed from max(d, K) to K over the first 1%
   of the steps, for every architecture; the last 4% of the steps hard, selecting without encoder

@@ -84,6 +84,11 @@ def test_spliced_ce_matches_an_independent_computation(tiny, texts):
     assert rep["ce_loss_sae"] == pytest.approx(ref_sae, abs=1e-5)
     assert rep["ce_loss_clean"] == pytest.approx(ref_clean, abs=1e-5)
     assert rep["frac_recovered_zero"] == pytest.approx((ref_zero - ref_sae) / (ref_zero - ref_clean), abs=1e-4)
+    ids, att, keep = batch_windows(tiny.windows(texts, 10), tiny.pad_id)
+    mean = tiny.residual(ids, att)[keep].double().mean(0).float()  # over the spliced positions
+    ref_mean, _ = independent_ce(tiny, texts, 10, lambda h: mean.expand_as(h))
+    assert rep["ce_loss_mean"] == pytest.approx(ref_mean, abs=1e-5)
+    assert rep["frac_recovered_mean"] == pytest.approx((ref_mean - ref_sae) / (ref_mean - ref_clean), abs=1e-4)
 
 
 def test_cache_is_reused_and_keyed(tiny, texts, tmp_path, monkeypatch):

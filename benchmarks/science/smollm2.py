@@ -48,8 +48,8 @@ VARIANTS = {  # name -> (arch, recipe)
 LABELS = {"softsae": "SoftSAE", "softsae_paper": "SoftSAE (paper recipe)", "topk": "TopK", "batchtopk": "BatchTopK"}
 FULL = {"max_tokens": 2_400_000, "tokens_per_model": 2_000_000, "seeds_k32": [0, 1], "batch_size": 4096,
         "eval_tokens": 32_768}
-REDUCED = {"max_tokens": 600_000, "tokens_per_model": 300_000, "seeds_k32": [0], "batch_size": 1024,
-           "eval_tokens": 6_144}
+REDUCED = {"max_tokens": 400_000, "tokens_per_model": 131_072, "seeds_k32": [0, 1], "batch_size": 512,
+           "eval_tokens": 4_096}
 KS = [16, 32, 64]
 D_MODEL = 576
 
@@ -112,36 +112,42 @@ def heldout_texts(meta: dict) -> list[str]:
 
 
 def stage_eval(a, meta: dict, runs: list[tuple[str, int, int]]) -> dict:
+    """LM evaluation of every trained run without one (``<run>/lm_eval.json``, ``<run>/per_token.npz``);
+    the baselines go to ``<runs>/lm_baselines.json``. Several processes may share the work (``--only``)."""
     from softsae.checkpoint import atomic_write_json, load_sae
     from softsae.lm import load_lm
     from softsae.lm_eval import LMEvaluator, information_correlations
+    from softsae.metrics import softsae_diagnostics
 
-    out_file = a.runs / "lm_eval.json"
-    done = json.loads(out_file.read_text()) if out_file.exists() else {}
-    todo = [r for r in runs if run_name(*r) not in done and (a.runs / run_name(*r) / "result.json").exists()]
-    if not todo and "baselines" in done:
-        return done
+    todo = [r for r in runs if (a.runs / run_name(*r) / "result.json").exists()
+            and not (a.runs / run_name(*r) / "lm_eval.json").exists()]
+    base_file = a.runs / "lm_baselines.json"
+    if not todo and base_file.exists():
+        return json.loads(base_file.read_text())
     t0 = time.perf_counter()
-    lm = load_lm("smollm2")
+    lm = load_lm(a.lm)
     ev = LMEvaluator(lm, heldout_texts(meta), seq_len=a.seq_len, max_tokens=a.eval_tokens, batch_size=8,
                      cache_dir=a.data / "lm_eval_cache")
-    done["baselines"] = ev.baselines()
-    done["load_and_baseline_seconds"] = time.perf_counter() - t0
+    base = {**ev.baselines(), "load_and_baseline_seconds": time.perf_counter() - t0}
+    if not base_file.exists():
+        atomic_write_json(base_file, base)
     for r in todo:
+        run_dir = a.runs / run_name(*r)
         t1 = time.perf_counter()
-        sae = load_sae(a.runs / run_name(*r))
+        sae = load_sae(run_dir)
         rep = ev.evaluate(sae, per_token=True)
         per = rep.pop("per_token")
         rep["information"] = information_correlations(per)
         rep["seconds"] = time.perf_counter() - t1
-        np.savez_compressed(a.runs / run_name(*r) / "per_token.npz", **per)
-        done[run_name(*r)] = rep
-        atomic_write_json(out_file, done)
+        rep["tokens_per_s"] = rep["tokens"] / rep["seconds"]
+        if r[0].startswith("softsae"):  # same dictionary with a uniform top-K etc. at equal L0 (held-out rows)
+            rep["diagnostics"] = softsae_diagnostics(sae, meta["paths"]["heldout"], max_rows=20_000)
+        np.savez_compressed(run_dir / "per_token.npz", **per)
+        atomic_write_json(run_dir / "lm_eval.json", rep)
         print(f"{run_name(*r):22s} CE {rep['ce_loss_sae']:.4f} (clean {rep['ce_loss_clean']:.4f}) "
               f"rec(zero) {rep['frac_recovered_zero']:.4f} rec(mean) {rep['frac_recovered_mean']:.4f} "
               f"KL {rep['kl_mean']:.4f} L0 {rep['l0_mean']:.2f}  ({rep['seconds']:.0f} s)", flush=True)
-    atomic_write_json(out_file, done)
-    return done
+    return base
 
 
 def main() -> None:
@@ -156,12 +162,15 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens scored by the LM evaluation")
     p.add_argument("--fvu-rows", type=int, default=100_000, help="held-out activation rows for FVU")
     p.add_argument("--dict-mult", type=int, default=8)
+    p.add_argument("--lm", default="smollm2", help="language model of the LM evaluation (the extraction's)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="train only these runs (e.g. topk_k32_s0), "
+                   "in this order, instead of --worker/--workers' share; with --stage eval: evaluate only these")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     scale = FULL if a.full else REDUCED
@@ -175,10 +184,21 @@ def main() -> None:
     print(f"activations: {meta['rows']} (d={meta['d']})", flush=True)
     todo = jobs(a)
     if a.stage in ("train", "all"):
-        for j in todo[a.worker::a.workers]:
+        mine = todo[a.worker::a.workers]
+        if a.only is not None:
+            by_name = {run_name(*j): j for j in todo}
+            unknown = [n for n in a.only if n not in by_name]
+            if unknown:
+                raise SystemExit(f"--only: unknown run(s) {unknown}; runs are {sorted(by_name)}")
+            mine = [by_name[n] for n in a.only]
+        for j in mine:
             train_one(a, meta, *j)
     if a.stage in ("eval", "all"):
-        stage_eval(a, meta, todo)
+        if a.only is not None:
+            todo_eval = [j for j in todo if run_name(*j) in set(a.only)]
+        else:
+            todo_eval = todo
+        stage_eval(a, meta, todo_eval)
     if a.stage in ("report", "all"):
         from smollm2_report import write_report
 

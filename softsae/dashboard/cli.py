@@ -109,7 +109,7 @@ def _numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
             continue
         if isinstance(v, (int, float)):
             out[prefix + k] = v
-        elif isinstance(v, dict) and k not in ("per_row", "diagnostics"):
+        elif isinstance(v, dict) and k not in ("per_row", "per_token", "diagnostics"):
             out.update(_numbers(v, prefix + k + "."))
     return out
 
