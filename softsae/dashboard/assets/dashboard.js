@@ -100,14 +100,20 @@
                    ce_loss_increase: "CE loss increase", ce_loss_zero: "CE loss, zero ablation",
                    ce_loss_mean: "CE loss, mean ablation", frac_recovered_zero: "CE recovered vs zero ablation",
                    frac_recovered_mean: "CE recovered vs mean ablation", kl_mean: "KL(clean \u2016 SAE), mean",
-                   kl_p95: "KL, 95th percentile", l0_mean: "mean L0 (scored tokens)",
+                   kl_p50: "KL, median", kl_p95: "KL, 95th percentile", kl_zero: "KL(clean \u2016 zero ablation)",
+                   kl_mean_ablation: "KL(clean \u2016 mean ablation)", seq_len: "window length", l0_mean: "mean L0 (scored tokens)",
                    k_hat_mean: "mean k\u0302 (scored tokens)", tokens: "tokens scored"};
+    // softsae eval's "information.<k_hat|l0>.<measure>": Spearman correlations over the scored tokens
+    const infoName = k => {
+      const m = /^information\.(k_hat|l0)\.(\w+)$/.exec(k);
+      return m ? "Spearman(" + (m[1] === "k_hat" ? "k\u0302" : "L0") + ", " + m[2] + ")" : k;
+    };
     const lm = S.lm_metrics;
     const lmTable = el("table", {class: "stats", id: "lm-table"});
     if (lm) {
       for (const [k, v] of Object.entries(lm)) {
         if (typeof v === "number" || v === null)
-          lmTable.append(el("tr", {}, el("td", {text: names[k] || k}), el("td", {text: fmt(v, 4)})));
+          lmTable.append(el("tr", {}, el("td", {text: names[k] || infoName(k)}), el("td", {text: fmt(v, 4)})));
       }
     }
     root.append(el("div", {class: "panel text"}, el("h4", {text: "Language model with the SAE"}), lmTable,
