@@ -111,7 +111,6 @@ class Collector:
         self.k_sum = self.k_sum2 = 0.0
         self.has_surprisal = False
         self.view: list[dict[str, Any]] = []
-        self.view_docs: list[int] = []
 
     # ------------------------------------------------------------------ per batch
     @torch.no_grad()
