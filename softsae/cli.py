@@ -1,4 +1,4 @@
-"""Command line: ``softsae train|eval|demo|activations|export|info`` (also ``python -m softsae ...``).
+"""Command line: ``softsae train|eval|demo|activations|export|info|dashboard`` (also ``python -m softsae ...``).
 
 Any problem with the input (bad data or model file, NaN activations, dict size smaller than k, a flag
 out of range, a missing model) prints one message naming the file or flag to stderr and exits with
@@ -198,6 +198,12 @@ def _add_info(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _add_dashboard(sub) -> None:
+    from softsae.dashboard.cli import add_parser  # (argparse only; the heavy imports happen when it runs)
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softsae", description="Adaptive sparse autoencoders (SoftSAE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_activations(sub)
     _add_export(sub)
     _add_info(sub)
+    _add_dashboard(sub)
     return parser
 
 
@@ -554,8 +561,14 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_dashboard(a) -> int:
+    from softsae.dashboard.cli import run
+
+    return run(a)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "activations": cmd_activations,
-            "export": cmd_export, "info": cmd_info}
+            "export": cmd_export, "info": cmd_info, "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:
