@@ -4,8 +4,8 @@ Each rank holds n/W latents (n = 50: 25 + 25 and 17 + 17 + 16). After 8 steps of
 gathered weights, buffers and the logged terms equal the single-process ``train()`` with the same seed,
 for softsae (soft and hard phases, k-loss), topk and batchtopk (global selection and threshold), with
 dead latents and aux-k active and mid-run checkpoints written. Adam hides gradient-scale errors, so
-one ``dictionary_train_step`` with plain SGD and no clipping must also give the single-process
-gradients of every parameter (gathered). Also: data parallel on 3 ranks, the state slicing.
+one ``train_step`` of the sharded model (``shard_model_``) with plain SGD and no clipping must also give
+the single-process gradients of every parameter (gathered). Also: data parallel on 3 ranks, the state slicing.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from dist_spawn import acts, cfg, join, spawn
 
-from softsae.distributed.dictionary_parallel import dictionary_train_step
+from softsae.distributed.placement import shard_model_
 from softsae.distributed.process import shutdown
-from softsae.distributed.sharded_model import SHARD_DIM, ShardedSAE, gather_full, shard_full
+from softsae.distributed.state import SHARD_DIM, gather_full, shard_full
 from softsae.losses import DeadLatentTracker
 from softsae.trainer import geometric_median, new_model, train, train_step
 
@@ -53,10 +53,10 @@ def _one_process_grads(arch: str) -> dict[str, torch.Tensor]:
 
 def _sharded_grads(arch: str) -> dict[str, torch.Tensor] | None:
     model, tracker, x, c = _grad_setup(arch)
-    sm = ShardedSAE(model)
+    sm = shard_model_(model)
     local_tracker = DeadLatentTracker(sm.n_local, 1)
-    local_tracker.tokens_since_fired.copy_(tracker.tokens_since_fired[sm.lo:sm.hi])
-    terms = dictionary_train_step(sm, torch.optim.SGD(sm.parameters(), lr=0.0), local_tracker, x, 0, c)
+    local_tracker.tokens_since_fired.copy_(tracker.tokens_since_fired[sm.latents.lo:sm.latents.hi])
+    terms = train_step(sm, torch.optim.SGD(sm.parameters(), lr=0.0), local_tracker, x, 0, c)
     grads = gather_full({n: p.grad for n, p in sm.named_parameters() if p.grad is not None}, sm.n)
     if grads is None:
         return None
