@@ -30,7 +30,7 @@ from softsae.distributed.sharded_ops import (
 )
 from softsae.distributed.state import SHARD_DIM, shard_full
 from softsae.distributed.stats import merge_fired
-from softsae.placement import Local
+from softsae.placement import LOCAL, Local
 
 __all__ = ["ShardedLatents", "ShardedRows", "shard_model_"]
 
@@ -162,14 +162,18 @@ class ShardedRows(Local):
 @torch.no_grad()
 def shard_model_(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Keep this rank's latents of ``model`` (identical on every rank) in place and place it on the
-    group's dictionary shards. Raises ValueError if the dictionary has fewer latents than ranks, or the
-    SoftSAE k head is narrower than the dictionary (its hidden layer is sharded with it)."""
+    group's dictionary shards (a group of one rank: the whole model, placed locally). Raises ValueError
+    if the dictionary has fewer latents than ranks, or the SoftSAE k head is narrower than the
+    dictionary (its hidden layer is sharded with it)."""
     if getattr(model, "k_hidden", model.n) != model.n:
         raise ValueError(f"dictionary mode shards the k head's hidden layer with the dictionary, so it needs "
                          f"k_hidden == n = {model.n}, got k_hidden={model.k_hidden}")
     _, world = group_rank_world(group)
     if model.n < world:
         raise ValueError(f"dict_size ({model.n}) must be >= the number of ranks ({world}) to shard the dictionary")
+    if world == 1:  # one rank holds the whole dictionary: the collectives are identities, so the local placement
+        model.latents = LOCAL
+        return model
     placement = ShardedLatents(group, model.n)
     local = shard_full({name: p.detach() for name, p in model.named_parameters()}, placement.rank, world, model.n)
     for name, p in model.named_parameters():

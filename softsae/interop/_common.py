@@ -27,6 +27,8 @@ from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 CONVENTIONS = ("latents", "decoder")
 
 
+SAELENS_ARCHITECTURE = "softsae"  # the architecture name softsae registers with SAELens
+
 @dataclass
 class Params:
     """Plain SAE weights in softsae's orientation (float32, CPU).

@@ -36,12 +36,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from softsae.checkpoint import atomic_write, atomic_write_json
-from softsae.interop._common import Params, build, check_threshold, fold, unfold
+from softsae.interop._common import SAELENS_ARCHITECTURE, Params, build, check_threshold, fold, unfold
 from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
-ARCHITECTURE = "softsae"  # the name softsae registers with SAELens
+ARCHITECTURE = SAELENS_ARCHITECTURE  # the name softsae registers with SAELens
 # SAELens reads configs without metadata.sae_lens_version >= 6 through its pre-6.0 converter.
 FORMAT_VERSION = "6.0.0"
 
