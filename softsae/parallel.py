@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from softsae.data import check_finite_batch, load_activations
-from softsae.distributed._comm import DistributedInputError, all_reduce_
+from softsae.distributed._comm import DistributedInputError, all_reduce_, comm_device
 from softsae.distributed.launch import join_and_load
 from softsae.distributed.placement import ShardedRows, shard_model_
 from softsae.distributed.process import group_rank_world, shard_range
@@ -129,13 +129,8 @@ class _Distributed(SingleProcess):
         return x
 
     def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([float(flag)], device=_comm_device(self.group))
+        t = torch.tensor([float(flag)], device=comm_device(self.group))
         return bool(all_reduce_(t, dist.ReduceOp.MAX, self.group).item())
-
-
-def _comm_device(group) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
-        torch.device("cpu")
 
 
 def _sum_hook(group, bucket):  # no annotations: DDP checks them and this module's are strings

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from softsae.distributed._comm import all_reduce_
+from softsae.distributed._comm import all_reduce_, comm_device
 from softsae.distributed.process import group_rank_world, shard_range
 from softsae.distributed.sharded_ops import (
     copy_to_shards,
@@ -128,12 +128,8 @@ class ShardedRows(Local):
         return _keep_mask(idx, pre.shape[1]), low, ~torch.isnan(low)
 
     def total_rows(self, rows: int) -> int:
-        t = torch.tensor([float(rows)], dtype=torch.float64)
-        return int(all_reduce_(t.to(self._dev()), group=self.group).item())
-
-    def _dev(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
-            else torch.device("cpu")
+        t = torch.tensor([float(rows)], dtype=torch.float64, device=comm_device(self.group))
+        return int(all_reduce_(t, group=self.group).item())
 
     def sum_rows(self, t: Tensor) -> Tensor:
         return all_reduce_(t.clone(), group=self.group)
