@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softsae.checkpoint import atomic_write, atomic_write_json
 from softsae.corpus import Document, is_heldout, python_docs_corpus
+from softsae.fileio import atomic_save_npy, atomic_write_json, remove_stale_temps, temp_path, write_npy_rows
 
 DEFAULT_LAYER = "encoder.layer.3"  # output of the 4th of 6 blocks of MiniLM-L6 (residual stream)
 
@@ -71,7 +70,11 @@ def read_text_documents(paths: Sequence[str | Path]) -> list[Document]:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"--text {path}: no such file")
-        paras = [q.strip() for q in path.read_text(encoding="utf-8").split("\n\n") if q.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--text {path}: not UTF-8 text ({err})") from None
+        paras = [q.strip() for q in text.split("\n\n") if q.strip()]
         docs.extend(Document(f"text/{len(docs) + i}", "text", q) for i, q in enumerate(paras))
     if not docs:
         raise ValueError(f"--text {' '.join(map(str, paths))}: no text in the file(s)")
@@ -195,15 +198,19 @@ def extract_activations(model_path: str | Path | None = None, layer: str = DEFAU
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, raw_path = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".raw", dir=out.parent)
-        raw = os.fdopen(fd, "wb")
+        remove_stale_temps(out.parent, [out.name])  # a killed earlier run's .raw / .tmp of this output
+        raw_path = temp_path(out, ".raw")
+        raw = open(raw_path, "wb")  # noqa: SIM115 - closed in the finally below
     try:
         for a in it:
             if max_tokens is not None:
                 a = a[: max_tokens - n]
             d = a.shape[1]
             if raw is not None:
-                raw.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+                try:
+                    raw.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+                except OSError as err:  # a full disk: say which output, not just "errno 28"
+                    raise OSError(err.errno, f"writing {raw_path} (rows of {out}): {err.strerror}") from err
             else:
                 chunks.append(a)
             n += a.shape[0]
@@ -229,17 +236,10 @@ def extract_activations(model_path: str | Path | None = None, layer: str = DEFAU
 
 
 def _raw_to_npy(raw_path: Path, out: Path, n: int, d: int, chunk_rows: int = 65536) -> None:
-    """Copy n x d float32 rows from a raw file into ``out`` (.npy), written atomically."""
-    src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, d))
-
-    def write(tmp: str) -> None:
-        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, d))
-        for s in range(0, n, chunk_rows):
-            dst[s:s + chunk_rows] = src[s:s + chunk_rows]
-        dst.flush()
-        del dst
-
-    atomic_write(out, write)
+    """Copy n x d float32 rows from a raw file into ``out`` (.npy), written atomically with plain writes
+    after reserving the space (a full disk is an OSError naming ``out``, never SIGBUS)."""
+    src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, d))  # reading a map cannot hit a full disk
+    write_npy_rows(out, (n, d), np.float32, lambda: (src[s:s + chunk_rows] for s in range(0, n, chunk_rows)))
 
 
 # ----------------------------------------------------------------------------- corpus extraction, resumable
@@ -343,12 +343,46 @@ def _docs_fingerprint(docs: Sequence[Document]) -> str:
     return h.hexdigest()
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare name
-            np.save(f, arr, allow_pickle=False)
+def _read_json(path: Path) -> dict:
+    """A JSON object this module wrote earlier (a resumed run reads it back): ValueError naming the file
+    if it is not one (edited, or corrupted by the disk)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a valid JSON file ({err}); delete it to recompute") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object; delete it to recompute")
+    return obj
 
-    atomic_write(path, write)
+
+def _shard_info(path: Path) -> dict:
+    """A shard's listing {"rows": int >= 0, "docs": [[id, rows, held], ...]}, checked."""
+    info = _read_json(path)
+    rows, docs = info.get("rows"), info.get("docs")
+    ok = isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0 and isinstance(docs, list) and all(
+        isinstance(d, list) and len(d) == 3 and isinstance(d[1], int) and d[1] >= 0 for d in docs)
+    if not ok or sum(d[1] for d in docs) != rows:
+        raise ValueError(f"{path}: not a shard listing of this run (rows / docs); delete the shard directory to "
+                         "recompute")
+    return info
+
+
+def _open_shard(path: Path, rows: int, d: int | None = None, dtype: np.dtype | None = None) -> np.ndarray:
+    """A finished shard's (rows, d) array, memory-mapped; ValueError naming it if it is not that."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read this shard ({err}); delete the shard directory to recompute") from None
+    ok = isinstance(arr, np.ndarray) and arr.ndim == 2 and arr.shape[0] == rows and (
+        rows == 0 or ((d is None or arr.shape[1] == d) and (dtype is None or arr.dtype == dtype)))
+    if not ok:
+        raise ValueError(f"{path}: not the shard its listing describes ({rows} rows); delete the shard directory "
+                         "to recompute")
+    return arr
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    atomic_save_npy(path, arr)
 
 
 def _write_shard(shard_dir: Path, index: int, acts: np.ndarray, docs: list[dict]) -> None:
@@ -394,15 +428,18 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
                 "dtype": dtype, "heldout_frac": heldout_frac, "shard_docs": shard_docs, "max_tokens": max_tokens,
                 "n_docs": len(docs), "docs_sha256": _docs_fingerprint(docs)}
     if paths["meta"].exists() and all(paths[s].exists() for s in _split_paths(Path(out), heldout_frac)):
-        meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
+        meta = _read_json(paths["meta"])
         if meta.get("settings") == settings:
             return meta
 
     shard_dir = paths["shards"]
     shard_dir.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier run left half-written: temporaries of the outputs and of the shards (own names only)
+    remove_stale_temps(Path(out).parent, [p.name for k, p in paths.items() if k != "shards"])
+    remove_stale_temps(shard_dir, ["manifest.json"], name_pattern=r"shard_[0-9]{5,}\.(?:npy|json)")
     manifest = shard_dir / "manifest.json"
     if manifest.exists():
-        saved = json.loads(manifest.read_text(encoding="utf-8"))
+        saved = _read_json(manifest)
         diff = {k: (saved.get(k), v) for k, v in settings.items() if k != "max_tokens" and saved.get(k) != v}
         if diff:
             raise ValueError(f"{shard_dir} holds shards of a run with other settings (saved vs requested: {diff}); "
@@ -416,7 +453,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
         if not f.exists():
             first_todo = i
             break
-        done_rows += json.loads(f.read_text(encoding="utf-8"))["rows"]
+        done_rows += _shard_info(f)["rows"]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -432,7 +469,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
                 if max_tokens is not None and done_rows >= max_tokens:
                     break
                 if (shard_dir / f"shard_{i:05d}.json").exists():
-                    done_rows += json.loads((shard_dir / f"shard_{i:05d}.json").read_text(encoding="utf-8"))["rows"]
+                    done_rows += _shard_info(shard_dir / f"shard_{i:05d}.json")["rows"]
                     continue
                 t0 = time.perf_counter()
                 chunk = docs[i * shard_docs:(i + 1) * shard_docs]
@@ -475,7 +512,7 @@ def _assemble(paths: dict[str, Path], shard_dir: Path, settings: dict, max_token
         f = shard_dir / f"shard_{i:05d}.json"
         if not f.exists():
             break
-        shard_files.append((shard_dir / f"shard_{i:05d}.npy", json.loads(f.read_text(encoding="utf-8"))))
+        shard_files.append((shard_dir / f"shard_{i:05d}.npy", _shard_info(f)))
     splits = [s for s in ("train", "heldout") if s in paths]
     plan: list[tuple[Path, list[tuple[str, int, int]]]] = []  # per shard: (split, start, stop) row runs
     documents: dict[str, list] = {s: [] for s in splits}
@@ -498,21 +535,17 @@ def _assemble(paths: dict[str, Path], shard_dir: Path, settings: dict, max_token
     if empty:
         raise ValueError(f"no tokens for split(s) {empty} (too few documents or tokens; lower heldout_frac "
                          "or raise max_tokens)")
-    first = next(np.load(npy, mmap_mode="r") for npy, info in shard_files if info["rows"] > 0)
+    first = next(_open_shard(npy, info["rows"]) for npy, info in shard_files if info["rows"] > 0)
     d, dtype = first.shape[1], first.dtype
     for split in splits:
-        def write(tmp: str, split: str = split) -> None:
-            dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(counts[split], d))
-            at = 0
-            for npy, runs in plan:
-                src = np.load(npy, mmap_mode="r")
+        def blocks(split: str = split) -> Iterator[np.ndarray]:
+            for (npy, runs), (_, info) in zip(plan, shard_files, strict=True):
+                src = _open_shard(npy, info["rows"], d, dtype)
                 for s, a, b in runs:
                     if s == split:
-                        dst[at:at + b - a] = src[a:b]
-                        at += b - a
-            dst.flush()
-            del dst
+                        yield src[a:b]
 
-        atomic_write(paths[split], write)
+        # plain writes after reserving the space: a full disk is an OSError naming the file, never SIGBUS
+        write_npy_rows(paths[split], (counts[split], d), dtype, blocks)
     return {"settings": settings, "paths": {s: str(paths[s]) for s in splits}, "rows": counts, "d": int(d),
             "dtype": str(dtype), "documents": documents}

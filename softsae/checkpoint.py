@@ -1,85 +1,51 @@
-"""Saving and loading SAEs: ``save_sae(model, DIR)`` / ``load_sae(DIR)``, atomic file writes, and
-import/export of the paper's public state-dict format.
+"""Saving and loading SAEs: ``save_sae(model, DIR)`` / ``load_sae(DIR)``, the checked reading of
+``trainer_state.pt``. The atomic writers
+(``atomic_write``, ``atomic_write_json``, ``atomic_torch_save`` ...) live in ``softsae.fileio`` and are
+re-exported here.
 
 Layout of a saved model directory::
 
     DIR/model.safetensors   parameters and buffers; the model config is also in its metadata
     DIR/config.json         the same config, human-readable
 
-Every file is written to a temporary sibling and moved into place with ``os.replace``, so a crash
-never leaves a half-written file.
+Every file is written to a temporary sibling, fsynced and moved into place with ``os.replace`` (the
+directory fsynced too), so a crash or a power loss never leaves a half-written file. Reading checks
+before trusting: the config's sizes against the header's tensor shapes (on the meta device, nothing
+allocated), exact shapes, finite numbers; a malformed file raises ValueError naming it.
 
-Reference format (dictionary_learning-style keys, as released with the SoftSAE paper)::
-
-    encoder.weight (n, d), encoder.bias (n,), decoder.weight (d, n), b_dec (d,),
-    k, alpha, k_max (scalars), norm_factor, shift_factor (scalar or (d,)),
-    k_estimator.0.weight (n, d), k_estimator.0.bias (n,), k_estimator.2.weight (1, n), k_estimator.2.bias (1,)
-
-with input normalisation ``x_n = (x - shift_factor) / norm_factor`` and output
-``x_hat = x_hat_n * norm_factor + shift_factor`` (the dictionary_learning convention of dividing
-activations by ``norm_factor``). Without ``k_estimator.*`` keys the dict is read as a TopK SAE
-(or BatchTopK with ``arch="batchtopk"`` and a ``threshold`` key).
+The paper's reference format is read and written by ``softsae.interop.reference`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE, build_model
+from softsae.fileio import (  # re-exported: the atomic writers used to live here
+    atomic_save_npy,
+    atomic_save_safetensors,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+)
+from softsae.interop.reference import from_reference_state_dict, to_reference_state_dict
+from softsae.models import SparseAutoencoder, build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT_VERSION = 1
 
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+__all__ = ["CONFIG", "FORMAT_VERSION", "WEIGHTS", "atomic_save_npy", "atomic_save_safetensors", "atomic_torch_save",
+           "atomic_write", "atomic_write_json", "atomic_write_text", "build_checked", "check_model_config",
+           "check_resume_state", "from_reference_state_dict", "load_checked", "load_sae", "load_trainer_state",
+           "save_sae", "shapes_of", "to_reference_state_dict"]
 
 
 def save_sae(model: SparseAutoencoder, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -87,8 +53,7 @@ def save_sae(model: SparseAutoencoder, directory: str | Path, extra: dict[str, A
     directory = Path(directory)
     config = {"format_version": FORMAT_VERSION, "model": model.config(), **(extra or {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"softsae_config": json.dumps(config)}
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_save_safetensors(tensors, directory / WEIGHTS, metadata={"softsae_config": json.dumps(config)})
     atomic_write_json(directory / CONFIG, config)
     return directory
 
@@ -97,7 +62,11 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", backend: str 
     """Load a model saved by ``save_sae`` (a directory or its model.safetensors), a reference-format
     state dict (``.pt``/``.safetensors`` file), or a directory written by SAELens, dictionary_learning
     or sparsify (detected by its files, see ``softsae.interop``); returns it in eval mode on ``device``,
-    running its ops on ``backend`` (the backend it was trained with is not assumed to exist here)."""
+    running its ops on ``backend`` (the backend it was trained with is not assumed to exist here).
+
+    Files are checked before they are trusted: the sizes in a file's config are compared with the tensor
+    shapes in its header before anything is allocated, every number must be finite and every shape exact.
+    Any problem with a file raises ValueError naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory or file")
@@ -114,105 +83,188 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", backend: str 
         model = read_foreign(path, fmt, backend=backend)
         model.backend = backend
         return model.to(device).eval()
-    if not weights.exists():
+    if not weights.is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS} in this directory (not a saved softsae model)")
-    state, config = _read_weights(weights)
-    if config is None:
-        model = from_reference_state_dict(state)
-    else:
-        model = build_model(config["model"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    model = _read_model(weights, backend)
     model.backend = backend
     return model.to(device).eval()
 
 
-def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict | None]:
-    """State dict and softsae config (None for a foreign/reference file) from .safetensors or .pt."""
-    if path.suffix == ".safetensors":
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _read_model(path: Path, backend: str) -> SparseAutoencoder:
+    """A softsae model file (config in the metadata, checked against the header first) or a reference file."""
+    if path.suffix != ".safetensors":
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a corrupt file of any kind
             raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-        cfg = meta.get("softsae_config")
-        return state, (json.loads(cfg) if cfg else None)
+        return from_reference_state_dict(state, backend=backend, source=str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype() in _FLOAT_DTYPES)
+                      for k in keys}
+            raw = meta.get("softsae_config")
+            model = None
+            if raw is not None:
+                model = build_checked(_config_from_metadata(raw, path), header, path)
+            state = {k: f.get_tensor(k) for k in keys}
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt file of any kind
+        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+    if model is None:
+        return from_reference_state_dict(state, backend=backend, source=str(path))
+    _load_state(model, state, path)
+    return model
+
+
+def _config_from_metadata(raw: str, path: Path) -> dict:
+    try:
+        config = json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: the softsae_config metadata is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path}: the softsae_config metadata must be a mapping with a 'model' mapping, "
+                         f"got {type(config).__name__}")
+    return config["model"]
+
+
+_INT_FIELDS = ("d", "n", "k_hidden")
+_FLOAT_FIELDS = ("k", "k_max", "alpha", "threshold_beta")
+_STR_FIELDS = ("arch", "backend", "decode_mode", "k_round")
+
+
+def check_model_config(config: Any, where: str | Path) -> dict:
+    """Check the types and finiteness of a model config (``model.config()``): ValueError naming ``where``."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the model config must be a mapping, got {type(config).__name__}")
+    for key, value in config.items():
+        if value is None and key in ("k_max", "k_hidden"):
+            continue
+        if key in _INT_FIELDS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: model config {key} must be a positive int, got {value!r}")
+        if key in _FLOAT_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or not math.isfinite(value)):
+            raise ValueError(f"{where}: model config {key} must be a finite number, got {value!r}")
+        if key in _STR_FIELDS and not isinstance(value, str):
+            raise ValueError(f"{where}: model config {key} must be a string, got {value!r}")
+        if key == "alpha_relative" and not isinstance(value, bool):
+            raise ValueError(f"{where}: model config {key} must be true or false, got {value!r}")
+    return config
+
+
+def build_checked(config: Any, tensors: dict[str, tuple[tuple[int, ...], bool]], where: str | Path
+                  ) -> SparseAutoencoder:
+    """Build the model of ``config`` once a model of that config is known (built on the meta device,
+    nothing allocated) to hold exactly ``tensors`` (name -> (shape, is floating point)); ValueError naming
+    ``where`` otherwise, so a tiny file declaring huge sizes fails before any allocation."""
+    check_model_config(config, where)
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{where}: invalid model config ({type(err).__name__}: {err})") from None
+    want = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
+    del skeleton
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+    for k, (shape, is_float) in want.items():
+        got_shape, got_float = tensors[k]
+        if tuple(got_shape) != shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(got_shape)}, the config needs {shape}")
+        if got_float != is_float:
+            raise ValueError(f"{where}: {k} must be {'floating point' if is_float else 'an integer tensor'}")
+    return build_model(config)
+
+
+def _load_state(model: SparseAutoencoder, state: dict[str, Tensor], where: str | Path) -> None:
+    """Load a state dict already checked by ``build_checked``; every float tensor must be finite."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{where}: {k} holds NaN or inf values")
+    model.load_state_dict(state, strict=True)
+
+
+def shapes_of(state: Any, where: str | Path) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """name -> (shape, is floating point) of a state dict of tensors; ValueError naming ``where`` otherwise."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{where}: the model weights must be a mapping of names to tensors")
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}
+
+
+def load_checked(config: Any, state: Any, where: str | Path) -> SparseAutoencoder:
+    """``build_checked`` + load ``state`` (a dict of tensors) into it."""
+    model = build_checked(config, shapes_of(state, where), where)
+    _load_state(model, state, where)
+    return model
+
+
+# ----------------------------------------------------------------------------- trainer state (resume)
+
+_STATE_KEYS = {"step": int, "model_config": dict, "model": dict, "optimizer": dict, "tracker": dict, "rng": dict,
+               "torch_rng": Tensor, "train_config": dict}
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    """Read a ``trainer_state.pt`` (no pickled code) and check its layout: ValueError naming ``path``
+    for an empty, corrupt or foreign file. The model and optimizer contents are checked by
+    ``check_resume_state`` once the model is built."""
+    path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - an empty or corrupt file of any kind
+        raise ValueError(f"{path}: cannot read the training state ({type(err).__name__}: {err}); delete it to "
+                         "start afresh") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state, None
+        raise ValueError(f"{path}: not a softsae training state (a {type(state).__name__})")
+    for key, typ in _STATE_KEYS.items():
+        if not isinstance(state.get(key), typ) or (typ is int and isinstance(state[key], bool)):
+            raise ValueError(f"{path}: not a softsae training state ({key!r} missing or not a {typ.__name__})")
+    if state["step"] < 0:
+        raise ValueError(f"{path}: step must be >= 0, got {state['step']}")
+    for f in ("arch", "dict_size", "k", "steps", "batch_size"):
+        if f not in state["train_config"]:
+            raise ValueError(f"{path}: train_config lacks {f!r}")
+    want = torch.get_rng_state()
+    rng_t = state["torch_rng"]
+    if rng_t.dtype != want.dtype or rng_t.shape != want.shape:
+        raise ValueError(f"{path}: torch_rng is not a torch RNG state")
+    try:
+        import numpy as np
+
+        np.random.default_rng().bit_generator.state = state["rng"]
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: rng is not a numpy PCG64 state ({err})") from None
+    return state
 
 
-def _scalar(state: dict[str, Tensor], key: str, default: float | None = None) -> float | None:
-    v = state.get(key)
-    return default if v is None else float(torch.as_tensor(v).reshape(-1)[0])
-
-
-def from_reference_state_dict(state: dict[str, Tensor], arch: str | None = None,
-                              backend: str = "auto") -> SparseAutoencoder:
-    """Build an SAE from a reference-format state dict (see module doc); outputs match it exactly."""
-    need = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise ValueError(f"not a reference SAE state dict: missing {missing} (has {sorted(state)[:12]})")
-    W_enc = state["encoder.weight"].float()
-    n, d = W_enc.shape
-    if tuple(state["decoder.weight"].shape) != (d, n):
-        raise ValueError(f"decoder.weight must be (d, n) = {(d, n)}, got {tuple(state['decoder.weight'].shape)}")
-    k = _scalar(state, "k")
-    if k is None:
-        raise ValueError("reference state dict has no 'k'")
-    arch = arch or ("softsae" if "k_estimator.0.weight" in state else "topk")
-    model: SparseAutoencoder
-    if arch == "softsae":
-        model = SoftSAE(d, n, k, k_max=_scalar(state, "k_max"), alpha=abs(_scalar(state, "alpha", 1e-4)),
-                        backend=backend, k_hidden=int(state["k_estimator.0.weight"].shape[0]))
-        for i in (0, 2):
-            for p in ("weight", "bias"):
-                getattr(model.k_estimator[i], p).data.copy_(state[f"k_estimator.{i}.{p}"].float())
-    elif arch == "topk":
-        model = TopKSAE(d, n, int(k), backend=backend)
-    elif arch == "batchtopk":
-        model = BatchTopKSAE(d, n, int(k), backend=backend)
-        if "threshold" in state:
-            model.threshold.fill_(_scalar(state, "threshold"))
-    else:
-        raise ValueError(f"unknown arch {arch!r}")
-    with torch.no_grad():
-        model.W_enc.copy_(W_enc)
-        model.b_enc.copy_(state["encoder.bias"].float())
-        model.W_dec.copy_(state["decoder.weight"].float().t())
-        model.b_dec.copy_(state["b_dec"].float())
-        shift = state.get("shift_factor")
-        shift_t = torch.zeros(d) if shift is None else torch.as_tensor(shift).float().expand(d).clone()
-        model.set_normalization(shift_t, _scalar(state, "norm_factor", 1.0))
-    return model.eval()
-
-
-def to_reference_state_dict(model: SparseAutoencoder) -> dict[str, Tensor]:
-    """Export to the reference key layout (inverse of ``from_reference_state_dict``)."""
-    sd = {
-        "encoder.weight": model.W_enc.detach().clone(),
-        "encoder.bias": model.b_enc.detach().clone(),
-        "decoder.weight": model.W_dec.detach().t().contiguous(),
-        "b_dec": model.b_dec.detach().clone(),
-        "k": torch.tensor(float(model.k)),
-        "norm_factor": model.norm_scale.detach().clone(),
-        "shift_factor": model.norm_shift.detach().clone(),
-    }
-    if isinstance(model, SoftSAE):
-        if model.k_hidden != model.n:
-            raise ValueError(f"k_hidden={model.k_hidden}: the reference layout has a k head of width n = "
-                             f"{model.n}; only a model with k_hidden == n can be exported to it")
-        sd["alpha"] = torch.tensor(model.alpha)
-        sd["k_max"] = torch.tensor(model.k_max)
-        for k, v in model.k_estimator.state_dict().items():
-            sd[f"k_estimator.{k}"] = v.detach().clone()
-    if isinstance(model, BatchTopKSAE):
-        sd["threshold"] = model.threshold.detach().clone()
-    return sd
+def check_resume_state(state: dict, model: SparseAutoencoder, where: str | Path) -> None:
+    """The optimizer moments and dead-latent counters of a training state fit ``model`` (ValueError naming
+    ``where``), so that loading them cannot fail half-way or silently broadcast."""
+    params = list(model.parameters())
+    opt = state["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise ValueError(f"{where}: optimizer state lacks 'state' / 'param_groups'")
+    groups = opt["param_groups"]
+    if len(groups) != 1 or not isinstance(groups[0], dict) or list(groups[0].get("params", [])) != list(
+            range(len(params))):
+        raise ValueError(f"{where}: optimizer param_groups do not match the model's {len(params)} parameters")
+    for i, st in opt["state"].items():
+        if not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(st, dict):
+            raise ValueError(f"{where}: optimizer state entry {i!r} does not match the model")
+        for name, v in st.items():
+            if not isinstance(v, Tensor):
+                raise ValueError(f"{where}: optimizer state {i}/{name} is not a tensor")
+            if name != "step" and (v.shape != params[i].shape or not bool(torch.isfinite(v).all())):
+                raise ValueError(f"{where}: optimizer state {i}/{name} has shape {tuple(v.shape)} or non-finite "
+                                 f"values; parameter {i} has shape {tuple(params[i].shape)}")
+    tr = state["tracker"]
+    t = tr.get("tokens_since_fired")
+    if not isinstance(t, Tensor) or tuple(t.shape) != (model.n,) or t.is_floating_point() or isinstance(
+            tr.get("threshold"), bool) or not isinstance(tr.get("threshold"), int):
+        raise ValueError(f"{where}: tracker state does not match a model of n={model.n} latents")

@@ -1,8 +1,11 @@
 """Command line: ``softsae train|eval|demo|activations|export|info`` (also ``python -m softsae ...``).
 
-Any problem with the input (bad data file, NaN activations, dict size smaller than k, missing
-model) prints one message to stderr and exits with code 2; files are written atomically and a
-failed ``train`` leaves no half-written output directory behind.
+Any problem with the input (bad data or model file, NaN activations, dict size smaller than k, a flag
+out of range, a missing model) prints one message naming the file or flag to stderr and exits with
+code 2; an operating-system error (a full disk, no permission) prints one message naming the file and
+exits with code 1; Ctrl-C exits with 130. Files are written atomically and durably (softsae.fileio);
+a failed ``train`` leaves no half-written output directory behind, and never deletes a trained model:
+once ``model.safetensors`` is written, a failure in the final evaluation keeps it.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def _add_train(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, help="default 1000")
     p.add_argument("--log-every", type=int, help="default 10")
     p.add_argument("--eval-rows", type=int, default=100_000, help="rows of --data (a stream: its next rows) "
-                   "evaluated after training")
+                   "evaluated after training (0: no evaluation, no eval.json)")
     p.add_argument("--resume", action="store_true", default=False, help="continue from OUT/trainer_state.pt")
     p.add_argument("--overwrite", action="store_true", default=False, help="allow a non-empty OUT")
     p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
@@ -203,14 +206,32 @@ def train_settings(a: argparse.Namespace) -> dict:
     return values
 
 
+def _at_least(a: argparse.Namespace, flag: str, low: int) -> None:
+    """``--flag`` (if given) is >= low: ValueError naming the flag otherwise."""
+    v = getattr(a, flag.lstrip("-").replace("-", "_"), None)
+    if v is not None and v < low:
+        raise ValueError(f"{flag} must be >= {low}, got {v}")
+
+
+def _batch_flag(a: argparse.Namespace) -> None:
+    from softsae.config import MAX_BATCH_SIZE
+
+    _at_least(a, "--batch-size", 1)
+    if getattr(a, "batch_size", None) is not None and a.batch_size > MAX_BATCH_SIZE:
+        raise ValueError(f"--batch-size must be at most {MAX_BATCH_SIZE} rows, got {a.batch_size}")
+
+
 def cmd_train(a) -> int:
-    from softsae.checkpoint import atomic_write_json
+    from softsae.checkpoint import WEIGHTS
     from softsae.data import load_activations
+    from softsae.fileio import atomic_write_json
     from softsae.logger import require as require_logger
-    from softsae.metrics import evaluate, format_report
     from softsae.trainer import STATE_FILE, TrainConfig, train
 
     out = Path(a.out)
+    _at_least(a, "--eval-rows", 0)
+    _at_least(a, "--buffer-tokens", 1)
+    _at_least(a, "--seq-len", 1)
     cfg = TrainConfig(**train_settings(a))
     distributed = cfg.parallel in ("data", "dictionary")
     main_rank = _join_process_group(cfg.parallel) if distributed else True
@@ -241,21 +262,44 @@ def cmd_train(a) -> int:
             from softsae.distributed.process import shutdown
 
             shutdown()  # leave the group together (rank 0's evaluation below needs no collective)
-        if not main_rank:
-            return 0  # rank 0 holds the (full) model, evaluates and reports
-        if stream is not None:  # where training left the stream, before evaluation reads on from there
-            atomic_write_json(out / "stream.json", _stream_report(stream, source, result.model, resolved.normalize))
-        data = source if stream is not None else load_activations(a.data, check_finite=False)
-        report = evaluate(result.model, data, max_rows=a.eval_rows)
-        atomic_write_json(out / "eval.json", report)
     except BaseException:
-        if main_rank and created and out.exists() and not (out / STATE_FILE).exists():
+        # a run that failed before its model existed leaves nothing behind (a checkpoint or a model stays)
+        if main_rank and created and out.exists() and not (out / STATE_FILE).exists() and not (out / WEIGHTS).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
-    print(format_report(report))
-    print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl, eval.json"
-          f"{', stream.json' if stream is not None else ''})")
+    if not main_rank:
+        return 0  # rank 0 holds the (full) model, evaluates and reports
+    try:  # from here on the model is saved: whatever fails (Ctrl-C, out of memory), it is never deleted
+        report = _final_evaluation(a, out, stream, source, result, resolved)
+    except BaseException as err:
+        print(f"softsae train: the trained model is saved in {out}/ ({WEIGHTS}, config.json); the final "
+              f"evaluation did not complete ({type(err).__name__}); run softsae eval --model {out} to evaluate it",
+              file=sys.stderr)
+        raise
+    if report is not None:
+        from softsae.metrics import format_report
+
+        print(format_report(report))
+    print(f"saved to {out}/ (model.safetensors, config.json, metrics.jsonl"
+          f"{', eval.json' if report is not None else ''}{', stream.json' if stream is not None else ''})")
     return 0
+
+
+def _final_evaluation(a: argparse.Namespace, out: Path, stream: dict | None, source, result, resolved) -> dict | None:
+    """After training: stream.json's final position, then the evaluation report (eval.json); None with
+    --eval-rows 0."""
+    from softsae.data import load_activations
+    from softsae.fileio import atomic_write_json
+    from softsae.metrics import evaluate
+
+    if stream is not None:  # where training left the stream, before evaluation reads on from there
+        atomic_write_json(out / "stream.json", _stream_report(stream, source, result.model, resolved.normalize))
+    if a.eval_rows == 0:
+        return None
+    data = source if stream is not None else load_activations(a.data, check_finite=False)
+    report = evaluate(result.model, data, max_rows=a.eval_rows)
+    atomic_write_json(out / "eval.json", report)
+    return report
 
 
 def _stream_options(a: argparse.Namespace, cfg) -> dict | None:
@@ -329,8 +373,17 @@ def _check_backend(backend: str, device: str) -> None:
 
 def cmd_eval(a) -> int:
     from softsae.checkpoint import load_sae
+    from softsae.config import check_device
     from softsae.metrics import evaluate, format_report
 
+    _batch_flag(a)
+    _at_least(a, "--max-rows", 1)
+    _at_least(a, "--diag-rows", 1)
+    check_device(a.device)
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_sae(a.model, device=a.device, backend=a.backend)
     report = evaluate(model, a.data, batch_size=a.batch_size, max_rows=a.max_rows)
     if a.diagnostics:
@@ -342,7 +395,12 @@ def cmd_eval(a) -> int:
         if a.counts is not None:
             if not Path(a.counts).is_file():
                 raise FileNotFoundError(f"--counts {a.counts}: no such file")
-            counts = np.load(a.counts)
+            try:
+                counts = np.load(a.counts, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:
+                raise ValueError(f"--counts {a.counts}: cannot read as .npy ({err})") from None
+            if not isinstance(counts, np.ndarray):
+                raise ValueError(f"--counts {a.counts}: not a .npy array")
         report["diagnostics"] = softsae_diagnostics(model, a.data, max_rows=a.diag_rows, counts=counts)
     if a.json:
         print(json.dumps(report, indent=2))
@@ -358,7 +416,12 @@ def cmd_demo(a) -> int:
 
     import torch
 
+    from softsae.config import check_device
     from softsae.demo import DemoConfig, format_table, run_synthetic_comparison
+
+    _at_least(a, "--steps", 1)
+    _at_least(a, "--samples", 1)
+    check_device(a.device)
 
     if "OMP_NUM_THREADS" not in os.environ:
         # The demo's matrices are tiny (d=64, n=256): one thread is as fast, and far faster when
@@ -383,7 +446,11 @@ def cmd_demo(a) -> int:
 
 def cmd_activations(a) -> int:
     from softsae.activations import DEFAULT_LAYER, extract_corpus, read_text_documents
+    from softsae.config import check_device
 
+    for flag in ("--batch-size", "--seq-len", "--shard-docs", "--max-tokens"):
+        _at_least(a, flag, 1)
+    check_device(a.device)
     docs = read_text_documents(a.text) if a.text is not None else None
     if not str(a.out).endswith(".npy"):
         raise ValueError(f"--out must be a .npy path, got {a.out}")
@@ -438,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("softsae: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk, no permission ...: the message names the file (softsae.fileio)
+        text = err.strerror or str(err)
+        if err.filename is not None and str(err.filename) not in text:
+            text += f": {err.filename}"
+        print(f"softsae {args.command}: error: {text}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Run configuration files: ``softsae train --config run.yaml|run.json``.
+"""Run configuration files: ``softsae train --config run.yaml|run.json`` (range checks: softsae.settings).
 
 A config file is a mapping of ``TrainConfig`` field names to values (``k: 32``, ``hard_frac: 0.2``,
-``log: tensorboard`` ...). Unknown keys and values of the wrong type are errors; YAML needs PyYAML.
+``log: tensorboard`` ...). Unknown keys, values of the wrong type, non-finite numbers and values out of
+range are errors (ValueError naming the file, or the flag on the command line); YAML needs PyYAML.
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ import json
 import typing
 from pathlib import Path
 from typing import Any
+
+from softsae.settings import (  # noqa: F401  (re-exported: the range checks used to live here)
+    _FLAGS,
+    MAX_BATCH_SIZE,
+    check_device,
+    check_ranges,
+    setting_name,
+)
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -44,7 +53,8 @@ def check_config(values: dict[str, Any], source: str = "config") -> dict[str, An
         bad = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
         if bad:
             names = " | ".join("None" if t is type(None) else t.__name__ for t in allowed)
-            raise ValueError(f"{source}: {key} must be {names}, got {value!r}")
+            raise ValueError(f"{source}: {setting_name(key, source)} must be {names}, got {value!r}")
+    check_ranges(values, source)
     return dict(values)
 
 
@@ -53,7 +63,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {p}: no such file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {p}: not UTF-8 text ({err})") from None
     if p.suffix.lower() in _YAML_SUFFIXES:
         try:
             import yaml
@@ -64,10 +77,12 @@ def load_config(path: str | Path) -> dict[str, Any]:
             values = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {p}: invalid YAML: {err}") from None
+        except RecursionError:
+            raise ValueError(f"config file {p}: invalid YAML: nested too deeply") from None
     elif p.suffix.lower() == ".json":
         try:
             values = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"config file {p}: invalid JSON: {err}") from None
     else:
         raise ValueError(f"config file {p}: expected a .json, .yaml or .yml file")

@@ -16,6 +16,7 @@ works. Every problem with the input raises ``DataError`` with a message saying w
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ class DataError(ValueError):
 
 _NP_FLOATS = (np.float16, np.float32, np.float64)
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _CHECK_CHUNK = 1 << 22  # elements per chunk when scanning for non-finite values
 
 
@@ -167,34 +170,81 @@ class IteratorSource:
             yield out
 
 
-def _open_safetensors(path: Path, key: str | None) -> np.ndarray | Tensor:
-    """Memory-map one tensor of a .safetensors file (by its JSON header); bf16 is loaded eagerly."""
+_MAX_HEADER = 100 << 20  # bytes of JSON header the safetensors library itself accepts at most
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int, int]:
+    """(header, header length, file size) of a .safetensors file, checked as the safetensors library
+    checks it: the length fits the file, the header is a JSON object of tensors whose dtype, shape and
+    data_offsets agree, lie inside the file and do not overlap. DataError naming the file otherwise."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise DataError(f"{path}: not a safetensors file (too short)")
         (hlen,) = struct.unpack("<Q", raw)
+        if hlen > min(_MAX_HEADER, size - 8):
+            raise DataError(f"{path}: not a safetensors file (header length {hlen} exceeds the file's "
+                            f"{size} bytes or the 100 MB limit)")
         try:
             header = json.loads(f.read(hlen))
         except (ValueError, UnicodeDecodeError) as err:
             raise DataError(f"{path}: not a safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    data_size = size - 8 - hlen
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise DataError(f"{path}: tensor {name!r}: header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+            raise DataError(f"{path}: tensor {name!r}: missing or unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                  for s in shape):
+            raise DataError(f"{path}: tensor {name!r}: shape must be a list of ints >= 0, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise DataError(f"{path}: tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise DataError(f"{path}: tensor {name!r}: data_offsets {offsets} do not hold its {nbytes} bytes "
+                            f"({dtype} {shape}) inside the file's {data_size} data bytes (truncated or corrupt file)")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise DataError(f"{path}: tensors {n0!r} and {n1!r} overlap (corrupt file)")
+    return header, hlen, size
+
+
+def _open_safetensors(path: Path, key: str | None) -> np.ndarray | Tensor:
+    """Memory-map one tensor of a .safetensors file (by its checked JSON header); bf16 is loaded eagerly."""
+    header, hlen, _ = _read_safetensors_header(path)
     names = [k for k in header if k != "__metadata__"]
     if key is None:
         if len(names) != 1:
             raise DataError(f"{path}: holds tensors {names}; name one as PATH:KEY")
         key = names[0]
-    if key not in header:
+    if key not in names:
         raise DataError(f"{path}: no tensor named {key!r} (has {names})")
     info = header[key]
-    if info["dtype"] == "BF16":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))[key]
-    if info["dtype"] not in _ST_DTYPES:
-        raise DataError(f"{path}:{key}: activations must be floating point, got dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
     shape = tuple(info["shape"])
-    _check_2d_float(shape, _ST_DTYPES[info["dtype"]], f"{path}:{key}")
+    if info["dtype"] not in _ST_DTYPES and info["dtype"] != "BF16":
+        raise DataError(f"{path}:{key}: activations must be floating point, got dtype {info['dtype']}")
+    _check_2d_float(shape, _ST_DTYPES.get(info["dtype"], np.float32), f"{path}:{key}")
+    if info["dtype"] == "BF16":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as err:  # noqa: BLE001 - a corrupt file of any kind
+            raise DataError(f"{path}: cannot read {key!r} ({type(err).__name__}: {err})") from None
+    begin, _ = info["data_offsets"]
     return np.memmap(path, dtype=_ST_DTYPES[info["dtype"]], mode="r", offset=8 + hlen + begin, shape=shape)
 
 
@@ -246,8 +296,12 @@ def load_activations(obj, check_finite: bool = True) -> ArraySource | IteratorSo
         if suffix == ".npy":
             try:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            except ValueError as err:
-                raise DataError(f"{path}: cannot read as .npy ({err})") from None
+            except (ValueError, OSError, EOFError) as err:
+                raise DataError(f"{path}: cannot read as .npy ({type(err).__name__}: {err or 'empty file'})") from None
+            if not isinstance(arr, np.ndarray):  # np.load opens an .npz whatever its name
+                if hasattr(arr, "close"):
+                    arr.close()
+                raise DataError(f"{path}: not a .npy array (an .npz archive?); save one array with np.save")
             return ArraySource(arr, str(path), check_finite)
         if suffix == ".safetensors":
             return ArraySource(_open_safetensors(path, key), str(path), check_finite)

@@ -30,8 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from softsae.checkpoint import load_trainer_state
 from softsae.data import check_finite_batch, load_activations
-from softsae.distributed._comm import DistributedInputError, all_reduce_, comm_device
+from softsae.distributed._comm import all_reduce_, comm_device
+from softsae.distributed.agreement import agree_on_run
 from softsae.distributed.launch import join_and_load
 from softsae.distributed.placement import ShardedRows, shard_model_
 from softsae.distributed.process import group_rank_world, shard_range
@@ -54,8 +56,10 @@ class SingleProcess:
         source = load_activations(data)
         return source, config.resolved(source.d)
 
-    def agree_on_checkpoint(self, state: dict | None, path: Path | None) -> None:
-        """Every rank resumes from the same checkpoint (or none)."""
+    def read_state(self, c, path: Path | None) -> dict | None:
+        """The trainer state at ``path`` (None: a new run); ValueError naming the file if it is unusable.
+        Distributed: read on every rank, which must agree on it and on the settings (one error everywhere)."""
+        return load_trainer_state(path) if path is not None else None
 
     def check_first(self, x: Tensor, source) -> None:
         """NaN/inf in the first batch (b_dec's initialisation)."""
@@ -109,14 +113,8 @@ class _Distributed(SingleProcess):
     def start(self, data, config):
         return join_and_load(data, config)  # one agreed outcome on every rank
 
-    def agree_on_checkpoint(self, state: dict | None, path: Path | None) -> None:
-        seen: list = [None] * group_rank_world(self.group)[1]
-        dist.all_gather_object(seen, None if state is None else int(state["step"]), group=self.group)
-        if len(set(seen)) > 1:
-            name = path.name if path is not None else "the out_dir"  # the name only: paths may differ by rank
-            raise DistributedInputError(f"resume: the ranks read different checkpoints from {name} (step by rank, "
-                                        f"None = no file: {seen}); every rank must see the same --out (a shared "
-                                        f"filesystem)")
+    def read_state(self, c, path: Path | None) -> dict | None:
+        return agree_on_run(c, path, f"parallel={c.parallel!r} training")
 
     def check_first(self, x: Tensor, source) -> None:
         check_batch(x, source.d, self.group, what="activations (first batch)")

@@ -91,12 +91,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from softsae.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_text, save_sae
+from softsae.checkpoint import (
+    WEIGHTS,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_resume_state,
+    load_checked,
+    save_sae,
+)
 from softsae.cpu_memory import keep_freed_memory
 from softsae.data import normalization_stats
+from softsae.fileio import remove_stale_temps
 from softsae.logger import LOGGERS, METRICS_FILE, MetricsLogger, open_logger
 from softsae.losses import DeadLatentTracker, auxk_loss, k_loss, reconstruction_loss
-from softsae.models import ARCHS, BatchTopKSAE, Codes, SoftSAE, SparseAutoencoder, TopKSAE, build_model
+from softsae.models import ARCHS, BatchTopKSAE, Codes, SoftSAE, SparseAutoencoder, TopKSAE
 from softsae.parallel import SingleProcess, strategy_for
 from softsae.schedules import (  # noqa: F401  (re-exported: the trainer's public schedule functions)
     alpha_at,
@@ -107,8 +116,11 @@ from softsae.schedules import (  # noqa: F401  (re-exported: the trainer's publi
     lr_at,
     make_optimizer,
 )
+from softsae.settings import check_ranges
 
 STATE_FILE = "trainer_state.pt"
+# the files a run writes into its out_dir; a new run removes their stale temporaries (softsae.fileio)
+RUN_FILES = (STATE_FILE, WEIGHTS, "config.json", "train_config.json", "metrics.jsonl", "eval.json", "stream.json")
 
 
 @dataclass
@@ -165,6 +177,7 @@ class TrainConfig:
     def resolved(self, d: int) -> TrainConfig:
         """A copy with every default filled in and checked against activation dim ``d``."""
         c = dataclasses.replace(self)
+        check_ranges(dataclasses.asdict(c), source="TrainConfig")  # finite numbers, log_every >= 1, device ...
         if c.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {c.arch!r}")
         if c.dict_size < 1 or c.steps < 1 or c.batch_size < 1:
@@ -379,8 +392,8 @@ def model_from_state(state: dict, state_path: Path, c: TrainConfig) -> SparseAut
     if clash:
         raise ValueError(f"{state_path} was written by a run with different settings "
                          f"(saved vs requested: {clash}); resume with the same settings or start afresh")
-    model = build_model(state["model_config"])
-    model.load_state_dict(state["model"])
+    model = load_checked(state["model_config"], state["model"], state_path)  # sizes checked before allocating
+    check_resume_state(state, model, state_path)
     return model
 
 
@@ -392,6 +405,7 @@ def open_run_outputs(c: TrainConfig, out: Path | None, main: bool, start: int, d
     logger: MetricsLogger | None = None
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out, RUN_FILES)  # what a killed run left (only its own temporary names)
         atomic_write_json(out / "train_config.json", dataclasses.asdict(c))
         logger = open_logger(c.log, out, dataclasses.asdict(c))
     bar = None
@@ -411,11 +425,11 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if json.loads(line)["step"] <= last_step:
                 keep.append(line)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, IndexError):  # a torn or foreign line
             continue
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 
@@ -462,10 +476,8 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
 
-    state = None
-    if resume and state_path is not None and state_path.exists():  # every rank reads it (shared filesystem)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    strategy.agree_on_checkpoint(state, state_path)
+    found = state_path if resume and state_path is not None and state_path.exists() else None
+    state = strategy.read_state(c, found)  # distributed: the same settings and checkpoint on every rank
     if state is not None:
         model = model_from_state(state, state_path, c)
     elif model is None:

@@ -18,10 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from softsae.fileio import remove_stale_temps
 from softsae.interop import dictionary_learning, saelens, sparsify
 from softsae.models import SparseAutoencoder
 
 FORMATS = ("saelens", "dictionary_learning", "sparsify")
+OUTPUT_FILES = (saelens.CFG, saelens.WEIGHTS, dictionary_learning.AE, dictionary_learning.CONFIG, sparsify.WEIGHTS)
 
 
 def export_sae(model: SparseAutoencoder, out: str | Path, fmt: str, **meta: Any) -> Path:
@@ -34,6 +36,7 @@ def export_sae(model: SparseAutoencoder, out: str | Path, fmt: str, **meta: Any)
     writers = {"saelens": saelens.write, "dictionary_learning": dictionary_learning.write, "sparsify": sparsify.write}
     if fmt not in writers:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    remove_stale_temps(out, OUTPUT_FILES)  # what a killed export into ``out`` left (only these temporary names)
     return writers[fmt](model, out, **meta)
 
 

@@ -17,14 +17,103 @@ softsae model with the original decoder rows and latents.
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 
 CONVENTIONS = ("latents", "decoder")
+_MISSING = object()
+R = TypeVar("R")
+
+
+# ----------------------------------------------------------------------------- checked reading
+
+
+def checked_reader(read: Callable[..., R]) -> Callable[..., R]:
+    """Decorate a reader ``read(path, ...)``: any failure on a malformed file becomes one ValueError that
+    names ``path`` (a missing file stays FileNotFoundError), never a traceback from deep inside."""
+    @functools.wraps(read)
+    def wrapper(path: str | Path, *args: Any, **kwargs: Any) -> R:
+        try:
+            return read(path, *args, **kwargs)
+        except (FileNotFoundError, MemoryError):
+            raise
+        except ValueError as err:
+            if str(path) in str(err):
+                raise
+            raise ValueError(f"{path}: {err}") from None
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError, OSError,
+                UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: malformed SAE files ({type(err).__name__}: {err})") from None
+    return wrapper
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (ValueError naming ``path`` otherwise)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors as float32 where floating point, metadata) of a .safetensors file; ValueError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt file of any kind
+        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+    bad = [k for k, v in sd.items() if not v.is_floating_point()]
+    if bad:
+        raise ValueError(f"{path}: tensors {bad} are not floating point")
+    return {k: v.to(torch.float32) for k, v in sd.items()}, meta
+
+
+def mapping(obj: Any, key: str, where: str | Path) -> dict:
+    """``obj[key]`` if it is a mapping, {} if it is absent or null; ValueError otherwise."""
+    v = obj.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"{where}: {key} must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+def number(obj: dict, key: str, where: str | Path, default: Any = _MISSING, integer: bool = False) -> Any:
+    """A finite number (an int if ``integer``) stored under ``key``; ``default`` if absent (else an error)."""
+    v = obj.get(key)
+    if v is None:
+        if default is _MISSING:
+            raise ValueError(f"{where}: {key} is missing")
+        return default
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            raise ValueError(f"{where}: {key} must be a number, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where}: {key} must be a finite number, got {v!r}")
+    if integer:
+        if int(v) != v:
+            raise ValueError(f"{where}: {key} must be an integer, got {v!r}")
+        return int(v)
+    return float(v)
 
 
 SAELENS_ARCHITECTURE = "softsae"  # the architecture name softsae registers with SAELens
@@ -90,10 +179,19 @@ def unfold(p: Params, scale: float, convention: str) -> Params:
 def build(arch: str, p: Params, k: float, scale: float = 1.0, k_max: float | None = None,
           alpha: float = 1e-4, backend: str = "auto") -> SparseAutoencoder:
     """A softsae model (eval mode) holding exactly the weights ``p`` and input scale ``scale``."""
+    if p.W_enc.dim() != 2 or min(p.W_enc.shape) < 1:
+        raise ValueError(f"W_enc must be a non-empty 2-D matrix, got shape {tuple(p.W_enc.shape)}")
     n, d = p.W_enc.shape
     for name, t, shape in (("W_dec", p.W_dec, (n, d)), ("b_enc", p.b_enc, (n,)), ("b_dec", p.b_dec, (d,))):
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} to match W_enc {(n, d)}, got {tuple(t.shape)}")
+    for name, t in (("W_enc", p.W_enc), ("W_dec", p.W_dec), ("b_enc", p.b_enc), ("b_dec", p.b_dec),
+                    *((f"k_estimator.{k_}", v) for k_, v in p.k_est.items())):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds NaN or inf values")
+    for name, v in (("k", k), ("k_max", k_max), ("alpha", alpha), ("scale", scale), ("threshold", p.threshold)):
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v}")
     model: SparseAutoencoder
     if arch == "topk":
         model = TopKSAE(d, n, int(k), backend=backend)
@@ -106,6 +204,12 @@ def build(arch: str, p: Params, k: float, scale: float = 1.0, k_max: float | Non
         missing = {"0.weight", "0.bias", "2.weight", "2.bias"} - set(p.k_est)
         if missing:
             raise ValueError(f"SoftSAE weights lack the k-estimator head entries {sorted(missing)}")
+        head = {"0.weight": (n, d), "0.bias": (n,), "2.weight": (1, n), "2.bias": (1,)}
+        for k_, shape in head.items():
+            if tuple(p.k_est[k_].shape) != shape:
+                raise ValueError(f"k_estimator.{k_} must have shape {shape}, got {tuple(p.k_est[k_].shape)}")
+        if set(p.k_est) != set(head):
+            raise ValueError(f"unexpected k-estimator entries {sorted(set(p.k_est) - set(head))}")
         model.k_estimator.load_state_dict({k_: v.float() for k_, v in p.k_est.items()})
     else:
         raise ValueError(f"unknown arch {arch!r}; expected softsae, topk or batchtopk")

@@ -13,26 +13,30 @@ on raw activations and its latents are norm_factor times the normalised-space on
 recorded; reading divides it back out (see ``softsae.interop._common``, convention "decoder").
 
 SoftSAE has no class in dictionary_learning: it is written in the authors' format (the keys of
-``softsae.checkpoint.to_reference_state_dict``, normalisation kept as ``norm_factor``/``shift_factor``
-keys) with ``dict_class`` "SoftSAE", and read back by ``softsae.checkpoint.from_reference_state_dict``.
+``softsae.interop.reference.to_reference_state_dict``, normalisation kept as ``norm_factor``/``shift_factor``
+keys) with ``dict_class`` "SoftSAE", and read back by ``softsae.interop.reference.from_reference_state_dict``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from softsae.checkpoint import (
-    _scalar,
-    atomic_torch_save,
-    atomic_write_json,
-    from_reference_state_dict,
-    to_reference_state_dict,
+from softsae.fileio import atomic_torch_save, atomic_write_json
+from softsae.interop._common import (
+    Params,
+    build,
+    check_threshold,
+    checked_reader,
+    fold,
+    mapping,
+    number,
+    read_json_object,
+    unfold,
 )
-from softsae.interop._common import Params, build, check_threshold, fold, unfold
+from softsae.interop.reference import _scalar, from_reference_state_dict, to_reference_state_dict
 from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 
 AE = "ae.pt"
@@ -72,9 +76,11 @@ def is_dictionary_learning_dir(path: Path) -> bool:
     return (path / AE).is_file()
 
 
+@checked_reader
 def read(path: str | Path, backend: str = "auto") -> SparseAutoencoder:
     """Read a dictionary_learning directory (``AutoEncoderTopK``, ``BatchTopKSAE``, or a SoftSAE in the
-    authors' format) as a softsae model. ``config.json`` is optional for the authors' format."""
+    authors' format) as a softsae model. ``config.json`` is optional for the authors' format. A malformed
+    directory raises ValueError naming the file."""
     path = Path(path)
     try:
         sd = torch.load(path / AE, map_location="cpu", weights_only=True)
@@ -82,25 +88,33 @@ def read(path: str | Path, backend: str = "auto") -> SparseAutoencoder:
         raise ValueError(f"{path / AE}: cannot read weights ({type(err).__name__}: {err})") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{path / AE}: expected a state dict, got {type(sd).__name__}")
-    trainer = {}
+    trainer: dict = {}
     if (path / CONFIG).is_file():
-        trainer = json.loads((path / CONFIG).read_text()).get("trainer", {})
+        trainer = mapping(read_json_object(path / CONFIG), "trainer", path / CONFIG)
     dict_class = trainer.get("dict_class")
     if dict_class in ("SoftSAE", "SoftTopKSAE") or "k_estimator.0.weight" in sd:
-        model = from_reference_state_dict(sd, arch="softsae", backend=backend)
-        return model
+        return from_reference_state_dict(sd, arch="softsae", backend=backend, source=str(path / AE))
     arch = {"AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk"}.get(dict_class)
     if arch is None:
         raise ValueError(f"{path}: dictionary_learning dict_class {dict_class!r} has no softsae equivalent "
                          f"(supported: {sorted(DICT_CLASSES.values())})")
     need = ["encoder.weight", "encoder.bias", "decoder.weight", "b_dec"]
     if [k for k in need if k not in sd]:
-        raise ValueError(f"{path / AE}: lacks {[k for k in need if k not in sd]} (has {sorted(sd)})")
-    k = trainer.get("k", _scalar(sd, "k"))
+        raise ValueError(f"{path / AE}: lacks {[k for k in need if k not in sd]} (has {sorted(map(str, sd))})")
+    bad = [k for k in need if not isinstance(sd[k], torch.Tensor) or not sd[k].is_floating_point()]
+    if bad:
+        raise ValueError(f"{path / AE}: {bad} must be floating-point tensors")
+    if sd["decoder.weight"].dim() != 2:
+        raise ValueError(f"{path / AE}: decoder.weight must be 2-D (d, n), got {tuple(sd['decoder.weight'].shape)}")
+    k = number(trainer, "k", path / CONFIG, default=None, integer=True)
+    if k is None:
+        k = _scalar(sd, "k", source=str(path / AE))
     if k is None:
         raise ValueError(f"{path}: neither config.json nor ae.pt records k")
-    thr = _scalar(sd, "threshold")
+    if int(k) != k:
+        raise ValueError(f"{path / AE}: k must be an integer, got {k}")
+    thr = _scalar(sd, "threshold", source=str(path / AE))
     p = Params(sd["encoder.weight"].float(), sd["encoder.bias"].float(), sd["decoder.weight"].float().t().contiguous(),
                sd["b_dec"].float(), thr if arch == "batchtopk" else None)
-    scale = float(trainer.get("norm_factor") or 1.0)
+    scale = number(trainer, "norm_factor", path / CONFIG, default=None) or 1.0
     return build(arch, unfold(p, scale, "decoder"), int(k), scale, backend=backend)

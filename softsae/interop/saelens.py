@@ -25,18 +25,28 @@ only once ``sae_lens`` is imported: see ``softsae.interop._hook``) needs it.
 
 from __future__ import annotations
 
-import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from softsae.checkpoint import atomic_write, atomic_write_json
-from softsae.interop._common import SAELENS_ARCHITECTURE, Params, build, check_threshold, fold, unfold
+from softsae.fileio import atomic_save_safetensors, atomic_write_json
+from softsae.interop._common import (
+    SAELENS_ARCHITECTURE,
+    Params,
+    build,
+    check_threshold,
+    checked_reader,
+    fold,
+    mapping,
+    number,
+    read_json_object,
+    read_safetensors,
+    unfold,
+)
 from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 
 CFG = "cfg.json"
@@ -82,7 +92,7 @@ def write(model: SparseAutoencoder, out: str | Path, model_name: str | None = No
                         "normalization": "folded into the weights (latents unchanged)"}}
     cfg["metadata"] = meta
     sd = {k: v.contiguous() for k, v in sd.items()}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(sd, tmp))
+    atomic_save_safetensors(sd, out / WEIGHTS)
     atomic_write_json(out / CFG, cfg)
     return out
 
@@ -91,57 +101,82 @@ def is_saelens_dir(path: Path) -> bool:
     return (path / CFG).is_file() and (path / WEIGHTS).is_file()
 
 
+@checked_reader
 def read(path: str | Path, backend: str = "auto") -> SparseAutoencoder:
     """Read an SAELens directory (written by SAELens or by ``write``) as a softsae model.
 
     Supported: ``topk`` (also with ``rescale_acts_by_decoder_norm``, folded in), ``jumprelu`` with one
     threshold >= 0 shared by all latents (a saved BatchTopK SAE), ``softsae``; ``apply_b_dec_to_input``
-    false is folded into ``b_enc``. Other architectures and per-input normalisations raise ValueError.
+    false is folded into ``b_enc``. Other architectures, per-input normalisations and malformed files
+    raise ValueError naming the file.
     """
     path = Path(path)
-    cfg = json.loads((path / CFG).read_text())
-    with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        sd = {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
+    cfg = read_json_object(path / CFG)
+    where = path / CFG
+    sd, _ = read_safetensors(path / WEIGHTS)
     arch = cfg.get("architecture", "standard")
-    meta = cfg.get("metadata") or {}
-    mine = meta.get("softsae") or {}
+    meta = mapping(cfg, "metadata", where)
+    mine = mapping(meta, "softsae", f"{where} metadata")
     norm = cfg.get("normalize_activations", "none")
-    if norm not in ("none", "expected_average_only_in"):  # the latter has no effect in SAELens' inference SAE
+    if norm not in ("none", "expected_average_only_in", None):  # the latter has no effect in SAELens' inference SAE
         raise ValueError(f"{path}: normalize_activations={norm!r} is a per-input normalisation softsae cannot express")
-    if cfg.get("reshape_activations", "none") != "none":
+    if cfg.get("reshape_activations", "none") not in ("none", None):
         raise ValueError(f"{path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
     need = ["W_enc", "b_enc", "W_dec", "b_dec"]
     if [k for k in need if k not in sd]:
         raise ValueError(f"{path}: {WEIGHTS} lacks {[k for k in need if k not in sd]} (has {sorted(sd)})")
+    if sd["W_enc"].dim() != 2:
+        raise ValueError(f"{path / WEIGHTS}: W_enc must be 2-D (d_in, d_sae), got shape {tuple(sd['W_enc'].shape)}")
     W_enc = sd["W_enc"].t().contiguous()  # (n, d)
     b_enc, W_dec, b_dec = sd["b_enc"], sd["W_dec"], sd["b_dec"]
-    if not cfg.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+    for key, size in (("d_in", W_enc.shape[1]), ("d_sae", W_enc.shape[0])):
+        if cfg.get(key) is not None and number(cfg, key, where, integer=True) != size:
+            raise ValueError(f"{path}: {CFG} says {key}={cfg[key]} but W_enc has shape {tuple(sd['W_enc'].shape)}")
+    if tuple(b_dec.shape) != (W_enc.shape[1],) or tuple(b_enc.shape) != (W_enc.shape[0],):
+        raise ValueError(f"{path / WEIGHTS}: b_enc / b_dec have shapes {tuple(b_enc.shape)} / {tuple(b_dec.shape)}, "
+                         f"W_enc needs {(W_enc.shape[0],)} / {(W_enc.shape[1],)}")
+    if not _flag(cfg, "apply_b_dec_to_input", True, where):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + ...
         b_enc = b_enc + W_enc @ b_dec
-    if cfg.get("rescale_acts_by_decoder_norm", False):  # hidden_pre * |W_dec| on the way in, / |W_dec| on the way out
+    if _flag(cfg, "rescale_acts_by_decoder_norm", False, where):  # hidden_pre * |W_dec| in, / |W_dec| out
+        if tuple(W_dec.shape) != tuple(W_enc.shape):
+            raise ValueError(f"{path / WEIGHTS}: W_dec has shape {tuple(W_dec.shape)}, expected {tuple(W_enc.shape)}")
         nrm = W_dec.norm(dim=-1).clamp(min=1e-8)
         W_enc, b_enc, W_dec = W_enc * nrm[:, None], b_enc * nrm, W_dec / nrm[:, None]
     p = Params(W_enc, b_enc, W_dec, b_dec)
-    scale = float(mine.get("norm_scale", 1.0))
+    scale = number(mine, "norm_scale", f"{where} metadata.softsae", default=1.0)
     if arch == "topk":
-        return build("topk", unfold(p, scale, "latents"), int(cfg["k"]), scale, backend=backend)
+        return build("topk", unfold(p, scale, "latents"), number(cfg, "k", where, integer=True), scale,
+                     backend=backend)
     if arch == "jumprelu":
+        if "threshold" not in sd:
+            raise ValueError(f"{path / WEIGHTS}: a JumpReLU SAE needs a 'threshold' tensor")
         thr = sd["threshold"]
-        if not bool((thr == thr[0]).all()) or float(thr[0]) < 0:
+        if tuple(thr.shape) != (W_enc.shape[0],):
+            raise ValueError(f"{path / WEIGHTS}: threshold must have shape {(W_enc.shape[0],)}, got {tuple(thr.shape)}")
+        if not bool((thr == thr[0]).all()) or not float(thr[0]) >= 0 or not math.isfinite(float(thr[0])):
             raise ValueError(f"{path}: a JumpReLU SAE with per-latent (or negative) thresholds has no softsae "
                              "equivalent; only the BatchTopK inference form (one threshold >= 0) is supported")
-        k = mine.get("k", cfg.get("k"))
+        k = number(mine, "k", f"{where} metadata.softsae", default=None, integer=True)
+        k = number(cfg, "k", where, default=None, integer=True) if k is None else k
         if k is None:  # SAELens keeps no k for a saved BatchTopK; softsae trains with it, infers by the threshold
             warnings.warn(f"{path}: no k recorded (metadata.softsae.k or k); the BatchTopK model gets k=1, which "
                           "affects only further training, not inference", stacklevel=2)
             k = 1
         p.threshold = float(thr[0])
-        return build("batchtopk", unfold(p, scale, "latents"), int(k), scale, backend=backend)
+        return build("batchtopk", unfold(p, scale, "latents"), k, scale, backend=backend)
     if arch == ARCHITECTURE:
         p.k_est = {k[len("k_estimator."):]: v for k, v in sd.items() if k.startswith("k_estimator.")}
-        return build("softsae", unfold(p, scale, "latents"), float(cfg["k"]), scale, k_max=float(cfg["k_max"]),
-                     alpha=float(cfg["alpha"]), backend=backend)
+        return build("softsae", unfold(p, scale, "latents"), number(cfg, "k", where), scale,
+                     k_max=number(cfg, "k_max", where), alpha=number(cfg, "alpha", where), backend=backend)
     raise ValueError(f"{path}: SAELens architecture {arch!r} has no softsae equivalent "
                      "(supported: topk, jumprelu from BatchTopK, softsae)")
+
+
+def _flag(cfg: dict, key: str, default: bool, where: Path) -> bool:
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
 
 
 def register() -> None:

@@ -14,15 +14,19 @@ metadata as ``softsae_norm_scale`` (sparsify ignores it), so reading back restor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from softsae.checkpoint import atomic_write, atomic_write_json
-from softsae.interop._common import Params, build, fold, unfold
+from softsae.fileio import atomic_save_safetensors, atomic_write_json
+from softsae.interop._common import (
+    Params,
+    build,
+    checked_reader,
+    fold,
+    number,
+    read_json_object,
+    read_safetensors,
+    unfold,
+)
 from softsae.models import SparseAutoencoder, TopKSAE
 
 CFG = "cfg.json"
@@ -42,7 +46,7 @@ def write(model: SparseAutoencoder, out: str | Path) -> Path:
            "num_latents": model.n, "k": int(model.k), "multi_topk": False, "skip_connection": False,
            "transcode": False, "d_in": model.d}
     meta = {"format": "pt", "softsae_norm_scale": repr(float(model.norm_scale))}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata=meta))
+    atomic_save_safetensors(sd, out / WEIGHTS, metadata=meta)
     atomic_write_json(out / CFG, cfg)
     return out
 
@@ -51,19 +55,26 @@ def is_sparsify_dir(path: Path) -> bool:
     return (path / CFG).is_file() and (path / WEIGHTS).is_file()
 
 
+@checked_reader
 def read(path: str | Path, backend: str = "auto") -> SparseAutoencoder:
-    """Read a sparsify SAE directory (TopK activation, no skip connection, not a transcoder)."""
+    """Read a sparsify SAE directory (TopK activation, no skip connection, not a transcoder); a malformed
+    one raises ValueError naming the file."""
     path = Path(path)
-    cfg = json.loads((path / CFG).read_text())
+    cfg = read_json_object(path / CFG)
     for key, ok in (("activation", "topk"), ("skip_connection", False), ("transcode", False)):
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{path}: sparsify {key}={cfg[key]!r} has no softsae equivalent (need {key}={ok!r})")
-    with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        sd = {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
-        meta = f.metadata() or {}
+    sd, meta = read_safetensors(path / WEIGHTS)
     need = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"]
     if [k for k in need if k not in sd]:
         raise ValueError(f"{path / WEIGHTS}: lacks {[k for k in need if k not in sd]} (has {sorted(sd)})")
     p = Params(sd["encoder.weight"], sd["encoder.bias"], sd["W_dec"], sd["b_dec"])
-    scale = float(meta.get("softsae_norm_scale", 1.0))
-    return build("topk", unfold(p, scale, "decoder"), int(cfg["k"]), scale, backend=backend)
+    if p.W_enc.dim() != 2:
+        raise ValueError(f"{path / WEIGHTS}: encoder.weight must be 2-D, got shape {tuple(p.W_enc.shape)}")
+    for key, size in (("d_in", p.W_enc.shape[1]), ("num_latents", p.W_enc.shape[0])):
+        if cfg.get(key) and number(cfg, key, path / CFG, integer=True) != size:
+            raise ValueError(f"{path}: {CFG} says {key}={cfg[key]} but encoder.weight has shape "
+                             f"{tuple(p.W_enc.shape)}")
+    scale = number(meta, "softsae_norm_scale", f"{path / WEIGHTS} metadata", default=1.0)
+    return build("topk", unfold(p, scale, "decoder"), number(cfg, "k", path / CFG, integer=True), scale,
+                 backend=backend)
