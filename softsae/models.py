@@ -283,7 +283,7 @@ class SoftSAE(SparseAutoencoder):
         alpha: scale of the soft top-k (the trainer may anneal ``self.alpha``).
         k_hidden: width m of the head ``Linear(d, m) -> ReLU -> Linear(m, 1)``; default n (the
             paper's). The head's two (B, m, d) GEMMs per training step cost as much as the
-            encoder's at m = n; a narrower head is cheaper (benchmarks/k_head_width.py measures
+            encoder's at m = n; a narrower head is cheaper (benchmarks/science/k_head_width.py measures
             what it costs in FVU).
     """
 

@@ -164,7 +164,8 @@ class DataParallel(_Distributed):
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
             "broadcast_buffers"  # (torch < 2.14)
         self.ddp = ddp(train_forward, device_ids=[dev.index] if dev.type == "cuda" else None, process_group=self.group,
-                       find_unused_parameters=True, **{no_sync: False})  # k head: no gradient in the hard phase
+                       find_unused_parameters=model.arch == "softsae",  # the k head drops out in the hard phase
+                       **{no_sync: False})
         self.ddp.register_comm_hook(self.group, _sum_hook)
         return self.ddp
 

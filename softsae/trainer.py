@@ -28,9 +28,9 @@ exactly as ``normalize="scale"`` here (x / sqrt(E||x||^2); CLIP: centred first),
 and ours are in the same units; the value is not "tied to another activation scale". It is the
 run length and recipe that differ: the authors anneal alpha linearly 1 -> 1e-4 over 2.5k of 244k
 steps. On 2.5k-step runs a final alpha of 1e-4 trains worse here, whatever the anneal (not
-measured at the authors' length). Evidence (benchmarks/recipe_ablation.py, held-in synthetic
+measured at the authors' length). Evidence (benchmarks/science/recipe_ablation.py, held-in synthetic
 A16: d=64, n=512, K=16, 2500 steps x 256; FVU held out, ratio = FVU / TopK's FVU at the same
-mean L0, TopK trained with the same schedules; benchmarks/results/recipe_ablation.jsonl, science_synthetic.md):
+mean L0, TopK trained with the same schedules; benchmarks/science/results/recipe_ablation.jsonl, science_synthetic.md):
 
     config                                                                                FVU  ratio
     authors' schedules (alpha 1 -> 1e-4 linear over 1%, K anneal 1%, hard 4% w/o enc. grad)  0.325  0.99
