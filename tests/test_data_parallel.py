@@ -21,12 +21,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_spawn import grad_model
 
 from softsae.distributed.placement import ShardedRows
 from softsae.distributed.process import shard_range, shutdown
 from softsae.losses import DeadLatentTracker
 from softsae.parallel import DataParallel, _sum_hook
-from softsae.trainer import TrainConfig, TrainForward, geometric_median, new_model, train, train_step
+from softsae.trainer import TrainConfig, TrainForward, train, train_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -59,12 +60,7 @@ def _grad_step(arch: str, x: torch.Tensor, mode: str | None = None) -> dict[str,
     """One train_step (SGD, no clipping, k-loss active, everything dead for aux-k); the gradients.
     ``mode``: None one process; "ddp" this rank's rows through the trainer's DDP engine; "shares" this
     rank's rows without DDP, the ranks' gradient shares then summed with one all-reduce each."""
-    torch.manual_seed(5)
-    c = _cfg(arch, grad_clip=0.0, k=2 if arch == "softsae" else 4, k_max=8).resolved(16)
-    model = new_model(c, 16)
-    model.set_normalization(None, float(x.pow(2).sum(-1).mean().sqrt()))
-    with torch.no_grad():
-        model.b_dec.copy_(geometric_median(model.normalize(x)))
+    model, c = grad_model(arch, x, _cfg)
     engine = None
     if mode == "ddp":
         engine = DataParallel().place(model, TrainForward(model, c))

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_spawn import acts, cfg, join, spawn
+from dist_spawn import acts, cfg, grad_model, join, spawn
 
 from softsae.distributed.placement import shard_model_
 from softsae.distributed.process import shutdown
 from softsae.distributed.state import SHARD_DIM, gather_full, shard_full
 from softsae.losses import DeadLatentTracker
-from softsae.trainer import geometric_median, new_model, train, train_step
+from softsae.trainer import new_model, train, train_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -32,12 +32,7 @@ TOL = 2e-5
 def _grad_setup(arch: str):
     """A model, SGD(lr=0), a tracker with half the latents dead, the batch and the step's config."""
     x = torch.from_numpy(acts(31, 16, seed=1))
-    torch.manual_seed(5)
-    c = cfg(arch, grad_clip=0.0, k=2 if arch == "softsae" else 4, k_max=8).resolved(16)
-    model = new_model(c, 16)
-    model.set_normalization(None, float(x.pow(2).sum(-1).mean().sqrt()))
-    with torch.no_grad():
-        model.b_dec.copy_(geometric_median(model.normalize(x)))
+    model, c = grad_model(arch, x)
     tracker = DeadLatentTracker(model.n, 1)
     tracker.tokens_since_fired[::2] = 5
     return model, tracker, x, c

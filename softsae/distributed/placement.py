@@ -16,18 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from softsae.distributed import sharded_ops as so
 from softsae.distributed._comm import all_reduce_, comm_device
 from softsae.distributed.process import group_rank_world, shard_range
-from softsae.distributed.sharded_ops import (
-    copy_to_shards,
-    reduce_from_shards,
-    sharded_batch_topk,
-    sharded_decode,
-    sharded_gate_k_direction,
-    sharded_soft_topk,
-    sharded_soft_topk_gate,
-    sharded_topk_per_row,
-)
 from softsae.distributed.state import SHARD_DIM, shard_full
 from softsae.distributed.stats import merge_fired
 from softsae.placement import LOCAL, Local
@@ -52,47 +43,47 @@ class ShardedLatents(Local):
         self.lo, self.hi = shard_range(n, self.rank, self.world)
 
     def replicate(self, x: Tensor) -> Tensor:
-        return copy_to_shards(x, self.group)
+        return so.copy_to_shards(x, self.group)
 
     def partial_sum(self, x: Tensor) -> Tensor:
-        return reduce_from_shards(x, self.group)
+        return so.reduce_from_shards(x, self.group)
 
     def count(self, t: Tensor) -> Tensor:
         return all_reduce_(t.clone(), group=self.group)
 
     def topk_per_row(self, pre: Tensor, k: Tensor | int, width: int | None = None) -> tuple[Tensor, Tensor]:
-        return sharded_topk_per_row(pre, k, self.group)
+        return so.sharded_topk_per_row(pre, k, self.group)
 
     def soft_gate(self, pre: Tensor, k: Tensor, alpha: float, backend: str) -> Tensor:
-        return sharded_soft_topk_gate(pre, k, alpha, self.group)
+        return so.sharded_soft_topk_gate(pre, k, alpha, self.group)
 
     def soft_gate_sparse(self, pre: Tensor, k: Tensor, alpha: float, backend: str) -> tuple[Tensor, Tensor]:
         return self.nonzero(self.soft_gate(pre, k, alpha, backend))
 
     def soft_topk(self, y: Tensor, k: Tensor, alpha: float, backend: str) -> Tensor:
-        return sharded_soft_topk(y, k, alpha, self.group)
+        return so.sharded_soft_topk(y, k, alpha, self.group)
 
     def row_max(self, y: Tensor) -> Tensor:
         m = y.amax(-1, keepdim=True) if y.shape[1] else y.new_full((y.shape[0], 1), float("-inf"))
         return all_reduce_(m.clone(), dist.ReduceOp.MAX, self.group)
 
     def gate_k_direction(self, y: Tensor, k: Tensor, alpha: float, W: Tensor, backend: str) -> Tensor:
-        return sharded_gate_k_direction(y, k, alpha, W, self.group, backend=backend)
+        return so.sharded_gate_k_direction(y, k, alpha, W, self.group, backend=backend)
 
     def batch_topk(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        _, idx, low = sharded_batch_topk(pre, k, self.group, split="latents", positive_only=True)
+        _, idx, low = so.sharded_batch_topk(pre, k, self.group, split="latents", positive_only=True)
         return _keep_mask(idx, pre.shape[1]), low, ~torch.isnan(low)
 
     def dead_topk(self, pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor] | None:
         if float(self.count(dead.sum().to(torch.float64).reshape(1))) == 0:
             return None
-        vals, idx = sharded_topk_per_row(pre.masked_fill(~dead[None, :], float("-inf")), min(k_aux, self.n),
+        vals, idx = so.sharded_topk_per_row(pre.masked_fill(~dead[None, :], float("-inf")), min(k_aux, self.n),
                                          self.group)
         valid = (idx >= 0) & dead[idx.clamp(min=0)] if dead.numel() else idx >= 0
         return torch.where(valid, vals, 0.0), torch.where(valid, idx, -1)
 
     def decode(self, vals: Tensor, idx: Tensor, W: Tensor, b: Tensor | None, backend: str) -> Tensor:
-        return sharded_decode(vals, idx, W, b, self.group, backend=backend)
+        return so.sharded_decode(vals, idx, W, b, self.group, backend=backend)
 
     def decode_dense(self, z: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
         out = self.partial_sum(z @ W)
@@ -124,7 +115,7 @@ class ShardedRows(Local):
         self.group = group
 
     def batch_topk(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        _, idx, low = sharded_batch_topk(pre, k, self.group, split="rows", positive_only=True)
+        _, idx, low = so.sharded_batch_topk(pre, k, self.group, split="rows", positive_only=True)
         return _keep_mask(idx, pre.shape[1]), low, ~torch.isnan(low)
 
     def total_rows(self, rows: int) -> int:
