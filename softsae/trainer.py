@@ -123,56 +123,70 @@ STATE_FILE = "trainer_state.pt"
 RUN_FILES = (STATE_FILE, WEIGHTS, "config.json", "train_config.json", "metrics.jsonl", "eval.json", "stream.json")
 
 
+def _doc(default, help: str):
+    """A TrainConfig field and its documentation (``softsae train``'s flags and --help are generated from it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. ``None`` fields get the defaults in ``resolved()``."""
+    """Everything that defines a training run. ``None`` fields get the defaults in ``resolved()``; each
+    field's documentation is its ``metadata["help"]``."""
 
-    arch: str = "softsae"
-    dict_size: int = 4096
-    k: float = 32  # TopK/BatchTopK: latents per input; SoftSAE: target mean budget K
-    k_max: float | None = None  # SoftSAE head range, default 2k
-    k_hidden: int | None = None  # SoftSAE head width, default dict_size (the paper's)
-    steps: int = 10_000
-    batch_size: int = 4096
-    lr: float | None = None  # default 2e-4 / sqrt(dict_size / 2**14)
-    warmup_steps: int | None = None  # default min(1000, steps // 10)
-    decay_start: int | None = None  # default int(0.8 * steps)
-    k_anneal_frac: float = 0.0  # K target goes max(d, K) -> K over this fraction of the steps (all archs)
-    k_anneal_steps: int | None = None  # absolute override of k_anneal_frac (0: off)
-    alpha: float = 3e-3  # final soft top-k scale, in normalised units (see module doc)
-    alpha_start: float = 1.0
-    alpha_anneal_frac: float = 0.0  # alpha_start -> alpha over this fraction of the steps (0: alpha fixed)
-    alpha_anneal_steps: int | None = None  # absolute override of alpha_anneal_frac
-    alpha_schedule: str = "log"  # "linear" (the authors') | "log" (log-linear)
-    alpha_relative: bool = False  # Laplace scale = alpha * the row's largest pre-activation
-    hard_frac: float = 0.2  # SoftSAE hard top-k phase: the last hard_frac of the steps
-    hard_topk_steps: int | None = None  # absolute override of hard_frac
-    hard_encoder_grad: bool = True  # False: the hard phase selects without gradient (the authors' choice)
-    st_frac: float | None = None  # straight-through phase (hard forward) just before the hard phase;
-    # None: all of the steps before the hard phase (the default recipe), 0: a soft-gate forward instead
-    st_steps: int | None = None  # absolute override of st_frac
-    st_mode: str = "k"  # straight-through gradient: "k" (encoder through the hard codes, as TopK; only the
-    # k head through the soft gate's dk: the default) | "soft" (encoder and k head through the soft gate)
-    k_round: str = "floor"  # SoftSAE hard budget: "floor" | "round" of k_hat
-    w_k: float = 1.0  # weight of the k-loss
-    k_loss_beta: float = 5.0
-    auxk_alpha: float = 1 / 32
-    k_aux: int | None = None  # default d // 2
-    dead_feature_threshold: int | None = None  # tokens; default min(10M, steps * batch_size // 10)
-    threshold_beta: float = 0.99  # BatchTopK threshold EMA (per step)
-    normalize: str = "scale"  # "none" | "scale" | "center_scale"
-    geometric_median_iters: int = 10
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    backend: str = "auto"
-    decode_mode: str = "auto"
-    amp: str = "auto"  # "auto" (bf16 autocast on CUDA only) | "bf16" | "off"
-    log_every: int = 10
-    log: str = "jsonl"  # metrics logger: "jsonl" (metrics.jsonl only) | "tensorboard" | "wandb" (offline)
-    checkpoint_every: int = 1000  # 0: only at the end
-    progress: bool = True
-    parallel: str = "none"  # "none" | "data" | "dictionary" (torchrun; batch_size is the global batch, see train())
+    arch: str = _doc("softsae", "model: softsae | topk | batchtopk")
+    dict_size: int = _doc(4096, "number of latents n (required on the command line, here or in --config)")
+    k: float = _doc(32, "K: latents per input (TopK/BatchTopK); SoftSAE: the target mean budget (required on the "
+                    "command line)")
+    k_max: float | None = _doc(None, "SoftSAE k-head range; default 2k")
+    k_hidden: int | None = _doc(None, "SoftSAE k-head width; default dict_size (the paper's; a narrower head makes "
+                                "the training step cheaper)")
+    steps: int = _doc(10_000, "optimisation steps (required on the command line, here or in --config)")
+    batch_size: int = _doc(4096, "rows per step (the GLOBAL batch when parallel)")
+    lr: float | None = _doc(None, "learning rate; default 2e-4 / sqrt(dict_size / 2^14)")
+    warmup_steps: int | None = _doc(None, "linear warmup steps; default min(1000, steps // 10)")
+    decay_start: int | None = _doc(None, "step where the linear decay to 0 starts; default int(0.8 * steps)")
+    k_anneal_frac: float = _doc(0.0, "fraction of the steps over which K goes max(d, K) -> K (all archs)")
+    k_anneal_steps: int | None = _doc(None, "absolute override of k_anneal_frac (0: off)")
+    alpha: float = _doc(3e-3, "final soft top-k scale, in normalised units (softsae.trainer: default and evidence)")
+    alpha_start: float = _doc(1.0, "alpha at step 0 when annealing")
+    alpha_anneal_frac: float = _doc(0.0, "fraction of the steps to anneal alpha_start -> alpha over (0: alpha fixed)")
+    alpha_anneal_steps: int | None = _doc(None, "absolute override of alpha_anneal_frac")
+    alpha_schedule: str = _doc("log", "shape of the alpha anneal: linear (the authors') | log (log-linear)")
+    alpha_relative: bool = _doc(False, "Laplace scale = alpha x the row's largest pre-activation")
+    hard_frac: float = _doc(0.2, "SoftSAE: the final hard top-k phase, as a fraction of the steps")
+    hard_topk_steps: int | None = _doc(None, "absolute override of hard_frac")
+    hard_encoder_grad: bool = _doc(True, "SoftSAE: train the encoder in the hard phase (off: the hard phase selects "
+                                   "without gradient, the authors' choice)")
+    st_frac: float | None = _doc(None, "SoftSAE: straight-through phase (hard forward) just before the hard phase, "
+                                 "as a fraction of the steps; default all steps before the hard phase, 0: a "
+                                 "soft-gate forward instead")
+    st_steps: int | None = _doc(None, "absolute override of st_frac")
+    st_mode: str = _doc("k", "SoftSAE straight-through gradient: k (encoder through the hard codes, as TopK; the k "
+                        "head through the soft gate's dk) | soft (encoder and k head through the soft gate)")
+    k_round: str = _doc("floor", "SoftSAE hard budget: floor | round of k_hat")
+    w_k: float = _doc(1.0, "weight of the k-loss")
+    k_loss_beta: float = _doc(5.0, "softplus sharpness of the k-loss")
+    auxk_alpha: float = _doc(1 / 32, "weight of the aux-k loss on dead latents")
+    k_aux: int | None = _doc(None, "aux-k latents per row; default d // 2")
+    dead_feature_threshold: int | None = _doc(None, "tokens without firing to count as dead; default "
+                                              "min(10M, steps * batch_size // 10)")
+    threshold_beta: float = _doc(0.99, "BatchTopK: per-step EMA factor of the inference threshold")
+    normalize: str = _doc("scale", "input normalisation: none | scale | center_scale")
+    geometric_median_iters: int = _doc(10, "Weiszfeld iterations of b_dec's initialisation")
+    grad_clip: float = _doc(1.0, "global gradient-norm clip (0: off)")
+    seed: int = _doc(0, "random seed (model init and batch sampling)")
+    device: str = _doc("auto", "auto | cpu | cuda | cuda:N")
+    backend: str = _doc("auto", "ops backend: auto | reference | cpu | triton | cuda (the SOFTSAE_BACKEND "
+                        "environment variable replaces auto)")
+    decode_mode: str = _doc("auto", "decoder: auto (sparse in the hard phase) | sparse | dense")
+    amp: str = _doc("auto", "bf16 autocast: auto (on CUDA only) | bf16 (always) | off")
+    log_every: int = _doc(10, "steps between logged metrics")
+    log: str = _doc("jsonl", "metrics logger: jsonl (OUT/metrics.jsonl; always written) | tensorboard (+ "
+                    "OUT/tensorboard) | wandb (+ an offline run in OUT/wandb)")
+    checkpoint_every: int = _doc(1000, "steps between resumable checkpoints (0: only at the end)")
+    progress: bool = _doc(True, "progress bar")
+    parallel: str = _doc("none", "none: one process | data: rows of the global batch over the processes of a "
+                         "torchrun launch | dictionary: the dictionary sharded over them (rank 0 writes the run)")
 
     def resolved(self, d: int) -> TrainConfig:
         """A copy with every default filled in and checked against activation dim ``d``."""
