@@ -165,7 +165,7 @@ class DataParallel(_Distributed):
             "broadcast_buffers"  # (torch < 2.14)
         self.ddp = ddp(train_forward, device_ids=[dev.index] if dev.type == "cuda" else None, process_group=self.group,
                        find_unused_parameters=model.arch == "softsae",  # the k head drops out in the hard phase
-                       **{no_sync: False})
+                       gradient_as_bucket_view=True, **{no_sync: False})  # no copies between grads and buckets
         self.ddp.register_comm_hook(self.group, _sum_hook)
         return self.ddp
 
