@@ -400,13 +400,17 @@ def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, model_path: str | Path | None = None,
-                   layer: str = DEFAULT_LAYER, heldout_frac: float = 0.1, dtype: str = "float32",
+                   layer: str | None = None, heldout_frac: float = 0.1, dtype: str = "float32",
                    max_tokens: int | None = None, seq_len: int = 128, batch_size: int = 32, shard_docs: int = 256,
                    device: str = "cpu", keep_special: bool = False, progress: bool = False,
                    keep_shards: bool = False) -> dict:
     """Extract ``layer`` activations of every token of ``docs`` (default: the Python docs corpus).
 
-    Resumable (see the module doc for the layout). Returns the meta dict also written to
+    ``model_path``: anything ``softsae.lm.resolve_model`` takes (None / ``minilm``, ``smollm2``, an HF
+    directory, a ``.gguf`` file); ``layer`` defaults to the model's documented layer. A causal LM reads
+    each document as one text (paragraphs joined by blank lines) cut into BOS-led windows of ``seq_len``
+    tokens (``softsae.lm``); MiniLM reads paragraph by paragraph as before. Resumable (see the module
+    doc for the layout). Returns the meta dict also written to
     ``<stem>.meta.json``: ``paths`` (split -> .npy), ``rows`` (split -> N), ``d``, ``dtype``,
     ``documents`` (split -> [[id, rows], ...]), ``tokens_per_s`` and ``seconds`` of this call's
     extraction. If the outputs already exist with the same settings, nothing is recomputed.
@@ -422,11 +426,16 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
     docs = list(python_docs_corpus() if docs is None else docs)
     if not docs:
         raise ValueError("docs: no documents to extract")
+    from softsae.lm import lm_texts, load_lm, model_key, resolve_model, run_lm_windows
+
     paths = output_paths(out, heldout_frac)
-    model_dir = Path(model_path) if model_path is not None else packaged_model_path()
-    settings = {"model": str(model_dir.resolve()), "layer": layer, "seq_len": seq_len, "keep_special": keep_special,
+    spec = resolve_model(model_path)
+    layer = layer or spec.default_layer
+    settings = {"model": model_key(spec), "layer": layer, "seq_len": seq_len, "keep_special": keep_special,
                 "dtype": dtype, "heldout_frac": heldout_frac, "shard_docs": shard_docs, "max_tokens": max_tokens,
                 "n_docs": len(docs), "docs_sha256": _docs_fingerprint(docs)}
+    if spec.causal:
+        settings["windows"] = "document, BOS first"
     if paths["meta"].exists() and all(paths[s].exists() for s in _split_paths(Path(out), heldout_frac)):
         meta = _read_json(paths["meta"])
         if meta.get("settings") == settings:
@@ -463,8 +472,8 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
     seconds, new_rows, d = 0.0, 0, None
     try:
         if first_todo < n_shards and (max_tokens is None or done_rows < max_tokens):
-            tok, model = _load(model_dir, device)
-            capture = LayerCapture(model, layer)
+            lm = load_lm(spec, device)
+            _find_module(lm.model, layer)  # an unknown layer fails before any shard is written
             for i in range(first_todo, n_shards):
                 if max_tokens is not None and done_rows >= max_tokens:
                     break
@@ -475,12 +484,13 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
                 chunk = docs[i * shard_docs:(i + 1) * shard_docs]
                 texts, owner = [], []
                 for j, doc in enumerate(chunk):
-                    ps = doc.paragraphs()
+                    ps = lm_texts([doc]) if lm.causal else doc.paragraphs()
+                    ps = [p for p in ps if p]
                     texts.extend(ps)
                     owner.extend([j] * len(ps))
-                windows, src = tokenize_windows(tok, texts, seq_len)
-                win_owner = [owner[m] for m in src]
-                rows = run_windows(capture, windows, tok.pad_token_id or 0, batch_size, device, keep_special)
+                windows = lm.windows(texts, seq_len)
+                win_owner = [owner[w.doc] for w in windows]
+                rows = run_lm_windows(lm, windows, batch_size, layer, keep_special)
                 per_doc = [0] * len(chunk)
                 for j, r in zip(win_owner, rows, strict=True):
                     per_doc[j] += len(r)

