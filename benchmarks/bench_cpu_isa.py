@@ -19,9 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import percentiles_ms  # noqa: E402
+from _timing import percentiles_ms
 
 CPU = torch.device("cpu")
 ALPHAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)

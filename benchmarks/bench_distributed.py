@@ -12,8 +12,9 @@ includes the ~0.9 GB of the Python/torch CUDA-build runtime), its growth during 
 exact bytes of the training state the rank holds (parameters, gradients and the two Adam moments, float32).
 
 On CPU with gloo this is indicative only: W processes share the machine's cores, gloo's
-collectives go through loopback TCP, and the sharded soft top-k is plain PyTorch in float64
-(not yet the fused kernels). On a shared machine the numbers are noisy.
+collectives go through loopback TCP, and the sharded soft top-k threshold search is plain PyTorch in
+float64 (every other part of the step runs the one-process models' own kernels on each shard; one
+rank holds the whole model, placed locally). On a shared machine the numbers are noisy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -33,10 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from softsae.distributed.process import shard_range, shutdown  # noqa: E402
-from softsae.distributed.sharded_model import SHARD_DIM  # noqa: E402
-from softsae.trainer import TrainConfig, new_model, train  # noqa: E402
+from softsae.distributed.process import shard_range, shutdown
+from softsae.distributed.state import SHARD_DIM
+from softsae.trainer import TrainConfig, new_model, train
 
 
 def _config(a, arch: str, parallel: str) -> TrainConfig:
@@ -104,6 +103,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="logged step the timing starts from")
     ap.add_argument("--archs", nargs="+", default=["softsae", "topk"])
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--modes", nargs="+", default=["data", "dictionary"], choices=["data", "dictionary"])
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--out", help="also write the markdown table to this file")
     a = ap.parse_args()
@@ -112,7 +112,7 @@ def main() -> None:
     rows = []
     for arch in a.archs:
         rows.append(run(a, arch, "none", 1))
-        for parallel in ("data", "dictionary"):
+        for parallel in a.modes:
             for world in a.worlds:
                 rows.append(run(a, arch, parallel, world))
                 print(rows[-1], flush=True)

@@ -18,16 +18,11 @@ which results_table.py renders RESULTS.md's table; on CPU the memory is the proc
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import _timing
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _timing  # noqa: E402
-
-import softsae  # noqa: E402
-from softsae.ops.soft_topk_ref import _solve_threshold, laplace_cdf  # noqa: E402
+import softsae
+from softsae.ops.soft_topk_ref import _solve_threshold, laplace_cdf
 
 
 def sort_based_soft_topk(x: torch.Tensor, k: torch.Tensor, alpha: float) -> torch.Tensor:

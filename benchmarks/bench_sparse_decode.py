@@ -21,17 +21,13 @@ RESULTS.md's table; on CPU the memory is the process max-RSS growth.
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
+import _timing
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _timing  # noqa: E402
-
-import softsae  # noqa: E402
-from softsae.ops.sparse_decode_ref import densify  # noqa: E402
+import softsae
+from softsae.ops.sparse_decode_ref import densify
 
 
 def make_codes(B: int, n: int, k_mean: int, device: torch.device):

@@ -21,17 +21,14 @@ Gradients of the sparse paths are checked against the dense ones before timing.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import environment, percentiles_ms
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, percentiles_ms  # noqa: E402
-
-import softsae  # noqa: E402
-from softsae.ops.sparse_encoder import encoder_pre, sparse_encoder_bwd  # noqa: E402
+import softsae
+from softsae.ops.sparse_encoder import encoder_pre, sparse_encoder_bwd
 
 
 def main() -> None:

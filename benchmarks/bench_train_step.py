@@ -27,7 +27,7 @@ step (Adam), decoder renormalisation, dead-latent bookkeeping. Every framework g
 Models (``--models``): topk, batchtopk, softsae-soft (the trainer's default step before the hard
 phase: the hard codes' sparse decode plus the k head's straight-through term), softsae-soft-sparse
 (decode_mode "sparse"), softsae-hard, softsae-soft-kh4 (softsae-soft with a k head of width n/4
-instead of the paper's n: ``k_hidden``, whose cost in FVU benchmarks/k_head_width.py measures).
+instead of the paper's n: ``k_hidden``, whose cost in FVU benchmarks/science/k_head_width.py measures).
 A framework whose package is missing is skipped with the reason (printed and in the JSON rows).
 
 Memory on CPU: the peak RSS during one step over the RSS just before it (Linux: the high-water mark
@@ -47,19 +47,16 @@ import importlib.metadata
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _timing import add_rows_args, environment, markdown_table, peak_memory, percentiles_ms, write_rows
+from bench_train_throughput import make_train_step
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import add_rows_args, environment, markdown_table, peak_memory, percentiles_ms, write_rows  # noqa: E402
-from bench_train_throughput import make_train_step  # noqa: E402
-
-import softsae  # noqa: E402
-from softsae.cpu_memory import keep_freed_memory  # noqa: E402
+import softsae
+from softsae.cpu_memory import keep_freed_memory
 
 FRAMEWORKS = ("softsae", "reference", "dictionary_learning", "sparsify")
 MODELS = ("topk", "batchtopk", "softsae-soft", "softsae-soft-sparse", "softsae-hard", "softsae-soft-kh4")
@@ -69,7 +66,7 @@ SOFTSAE_MODELS = {  # model -> (arch, hard phase, decode_mode, k head width as a
     "softsae-soft": ("softsae", False, "auto", 1),
     "softsae-soft-sparse": ("softsae", False, "sparse", 1),
     "softsae-hard": ("softsae", True, "auto", 1),
-    "softsae-soft-kh4": ("softsae", False, "auto", 4),  # k_hidden = n / 4 (benchmarks/k_head_width.py)
+    "softsae-soft-kh4": ("softsae", False, "auto", 4),  # k_hidden = n / 4 (benchmarks/science/k_head_width.py)
 }
 PACKAGES = {"softsae": "softsae", "reference": "softsae", "dictionary_learning": "dictionary-learning",
             "sparsify": "eai-sparsify"}

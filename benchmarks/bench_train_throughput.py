@@ -14,17 +14,14 @@ fastest non-reference backend over the reference. --rows FILE.jsonl appends one 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+from _timing import add_rows_args, environment, markdown_table, peak_memory, percentiles_ms, write_rows
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import add_rows_args, environment, markdown_table, peak_memory, percentiles_ms, write_rows  # noqa: E402
-
-import softsae  # noqa: E402
-from softsae.losses import DeadLatentTracker  # noqa: E402
-from softsae.trainer import TrainConfig, make_optimizer, new_model, train_step  # noqa: E402
+import softsae
+from softsae.losses import DeadLatentTracker
+from softsae.trainer import TrainConfig, make_optimizer, new_model, train_step
 
 VARIANTS = [  # (label, arch, hard phase, decode_mode)
     ("SoftSAE soft, dense decode", "softsae", False, "dense"),

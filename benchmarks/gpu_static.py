@@ -29,12 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import _timing
 import torch
 from softsae.kernels import aot
 from softsae.kernels.aot import is_hot
-
-sys.path.insert(0, str(Path(__file__).parent))
-import _timing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

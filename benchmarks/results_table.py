@@ -19,8 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import markdown_table, row_mem_bytes  # noqa: E402
+from _timing import markdown_table, row_mem_bytes
 
 ROWS_DIR = Path(__file__).parent / "results" / "rows"
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)

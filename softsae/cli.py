@@ -44,68 +44,36 @@ def _add_train(sub) -> None:
     s.add_argument("--buffer-tokens", type=int, default=None, help="rows (tokens) held by the shuffling buffer, "
                    "at least 2 x --batch-size; memory about buffer x d x 4 bytes (default 262144)")
     s.add_argument("--seq-len", type=int, default=None, help="tokens per model window (default 128)")
-    p.add_argument("--arch", choices=("softsae", "topk", "batchtopk"), help="default softsae")
-    p.add_argument("--recipe", choices=("default", "paper"), help="preset of the schedules, applied before "
-                   "--config and the other flags: default (TrainConfig's) | paper (the SoftSAE authors': soft-gate "
-                   "forward, alpha 1 -> 1e-4 over 2500 steps, K annealed over 1%%, last 4%% hard without encoder "
-                   "gradient, lr 3e-4 at n=16k); see softsae.recipes")
-    p.add_argument("--dict-size", type=int, help="number of latents n (required, here or in --config)")
-    p.add_argument("--k", type=float, help="K: latents per input (SoftSAE: target mean budget; required)")
-    p.add_argument("--steps", type=int, help="optimisation steps (required, here or in --config)")
-    p.add_argument("--batch-size", type=int, help="default 4096")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--lr", type=float, help="default 2e-4 / sqrt(dict_size / 2^14)")
-    p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--backend", help="ops backend: auto | reference | cpu | triton | cuda (default auto; "
-                   "the SOFTSAE_BACKEND environment variable replaces auto)")
-    p.add_argument("--parallel", choices=("none", "data", "dictionary"),
-                   help="data: data-parallel over the processes of a torchrun launch (--batch-size is the global "
-                   "batch; rank 0 writes the run); dictionary: the dictionary (encoder, decoder, k-head rows) "
-                   "sharded over the processes of a torchrun launch; none: one process (the default)")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"),
-                   help="bf16 autocast: auto (on CUDA only, the default) | bf16 (always) | off")
-    p.add_argument("--log", choices=("jsonl", "tensorboard", "wandb"),
-                   help="metrics logger: jsonl (OUT/metrics.jsonl, the default; always written), tensorboard "
-                   "(+ OUT/tensorboard, needs the tensorboard package) or wandb (+ an offline run in OUT/wandb)")
-    p.add_argument("--k-max", type=float, help="SoftSAE k-head range (default 2k)")
-    p.add_argument("--k-hidden", type=int, help="SoftSAE k-head width (default --dict-size, the paper's; "
-                   "a narrower head makes the training step cheaper)")
-    p.add_argument("--alpha", type=float, help="final soft top-k scale (normalised units; see "
-                   "softsae.trainer for the default and the evidence)")
-    p.add_argument("--alpha-start", type=float, help="alpha at step 0 when annealing (default 1)")
-    p.add_argument("--alpha-anneal-frac", type=float, help="fraction of steps to anneal alpha over")
-    p.add_argument("--alpha-anneal-steps", type=int, help="absolute override of --alpha-anneal-frac")
-    p.add_argument("--alpha-schedule", choices=("linear", "log"), help="shape of the alpha anneal")
-    p.add_argument("--alpha-relative", action=argparse.BooleanOptionalAction,
-                   help="Laplace scale = alpha x the row's largest pre-activation")
-    p.add_argument("--k-anneal-frac", type=float, help="fraction of steps over which K goes max(d, K) -> K (all archs)")
-    p.add_argument("--k-anneal-steps", type=int, help="absolute override of --k-anneal-frac")
-    p.add_argument("--hard-frac", type=float, help="SoftSAE: final hard top-k fraction of the steps")
-    p.add_argument("--hard-steps", type=int, dest="hard_topk_steps", help="absolute override of --hard-frac")
-    p.add_argument("--hard-encoder-grad", action=argparse.BooleanOptionalAction,
-                   help="SoftSAE: train the encoder in the hard phase (--no-hard-encoder-grad: decoder only)")
-    p.add_argument("--st-frac", type=float,
-                   help="SoftSAE: straight-through fraction (hard forward, soft gradient) before the hard phase")
-    p.add_argument("--st-steps", type=int, help="absolute override of --st-frac")
-    p.add_argument("--st-mode", choices=("soft", "k"),
-                   help="SoftSAE straight-through gradient: soft (encoder and k head via the soft gate) or k "
-                        "(encoder via the hard codes, as TopK; k head via the soft gate)")
-    p.add_argument("--k-round", choices=("floor", "round"), help="SoftSAE: hard budget = floor or round of k_hat")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--decay-start", type=int)
-    p.add_argument("--w-k", type=float, help="k-loss weight")
-    p.add_argument("--auxk-alpha", type=float)
-    p.add_argument("--dead-threshold", type=int, dest="dead_feature_threshold",
-                   help="tokens without firing to count as dead")
-    p.add_argument("--normalize", choices=("none", "scale", "center_scale"), help="default scale")
-    p.add_argument("--checkpoint-every", type=int, help="default 1000")
-    p.add_argument("--log-every", type=int, help="default 10")
+    _add_config_flags(p.add_argument_group("training settings (TrainConfig's fields; see softsae.trainer)"))
     p.add_argument("--eval-rows", type=int, default=100_000, help="rows of --data (a stream: its next rows) "
                    "evaluated after training (0: no evaluation, no eval.json)")
     p.add_argument("--resume", action="store_true", default=False, help="continue from OUT/trainer_state.pt")
     p.add_argument("--overwrite", action="store_true", default=False, help="allow a non-empty OUT")
-    p.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
+
+
+def _add_config_flags(group) -> None:
+    """One flag per TrainConfig field, generated from the field: ``--field-name`` (and its older name where
+    settings._FLAGS has one, e.g. --hard-steps), the type from its annotation, the choices from
+    softsae.settings, the help from its documentation (``metadata["help"]``) and default."""
+    import dataclasses
+    import typing
+
+    from softsae.settings import _CHOICES, _FLAGS
+    from softsae.trainer import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        names = list(dict.fromkeys([_FLAGS.get(f.name, "--" + f.name.replace("_", "-")),
+                                    "--" + f.name.replace("_", "-")]))
+        kind = next(t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None))
+        default = "" if f.default is None or kind is bool else \
+            f" (default {f.default:g})" if isinstance(f.default, float) else f" (default {f.default})"
+        help_text = f.metadata["help"].replace("%", "%%") + default  # argparse formats % in help
+        if kind is bool:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(*names, dest=f.name, type=kind, choices=_CHOICES.get(f.name), help=help_text)
 
 
 def _add_eval(sub) -> None:

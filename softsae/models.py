@@ -24,6 +24,11 @@ gradients from the non-zero (row, latent) pairs of dpre alone when the selection
 same gradients up to summation order. On CUDA it is off by default (its compaction reads one
 width back to the host per backward); set ``model.sparse_encoder_grad = True`` to use it there.
 
+Placement: ``model.latents`` (default :data:`softsae.placement.LOCAL`) is where the (B, n) matrix lives.
+Every selection, decode and batch statistic goes through it, so the same classes train sharded over
+a process group (``softsae.distributed.placement``: the dictionary split over ranks, or the rows);
+``n`` stays the global dictionary size, ``n_local`` is this process's number of latents.
+
 Public methods take and return *unnormalised* activations: ``encode(x)``, ``decode(codes)``,
 ``forward(x) -> x_hat``. ``forward_train(x_n)`` works in normalised space and returns
 everything the trainer needs (``SAEOutput``).
@@ -41,11 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softsae.ops.k_head import k_head_logit
-from softsae.ops.soft_gate_dk import soft_gate_dk
-from softsae.ops.soft_topk import nonzero_per_row, soft_topk, soft_topk_gate
-from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.sparse_encoder import encoder_pre
 from softsae.ops.topk_per_row import topk_per_row
+from softsae.placement import LOCAL, Local, padded_to_dense
 
 ARCHS = ("softsae", "topk", "batchtopk")
 DECODE_MODES = ("auto", "sparse", "dense")
@@ -100,10 +103,7 @@ class Codes:
         """The dense (B, n) code matrix (differentiable w.r.t. vals)."""
         if self.dense is not None:
             return self.dense
-        B = self.vals.shape[0]
-        full = self.vals.new_zeros(B, self.n + 1)
-        full = full.scatter(1, torch.where(self.idx >= 0, self.idx, self.n), self.vals)
-        return full[:, : self.n]
+        return padded_to_dense(self.vals, self.idx, self.n)
 
 
 @dataclass
@@ -132,6 +132,7 @@ class SparseAutoencoder(nn.Module):
         self.d, self.n, self.k = d, n, k
         self.backend, self.decode_mode = backend, decode_mode
         self.hard = False  # hard top-k phase flag (SoftSAE); eval mode is always hard
+        self.latents: Local = LOCAL  # placement of the (B, n) matrix (softsae.placement)
         # sparse encoder backward: None = auto (on for CPU tensors), True / False force it
         self.sparse_encoder_grad: bool | None = None
         W = torch.randn(n, d)
@@ -153,6 +154,11 @@ class SparseAutoencoder(nn.Module):
     def is_hard(self) -> bool:
         return self.hard or not self.training
 
+    @property
+    def n_local(self) -> int:
+        """Latents held by this process (``n`` unless the dictionary is sharded)."""
+        return self.W_enc.shape[0]
+
     # ------------------------------------------------------------------ normalisation
     def set_normalization(self, shift: Tensor | None, scale: float | Tensor) -> None:
         """Store the input normalisation ``x_n = (x - shift) / scale``."""
@@ -170,7 +176,7 @@ class SparseAutoencoder(nn.Module):
     def pre_acts(self, x_n: Tensor) -> Tensor:
         """Post-ReLU encoder activations (B, n) of normalised input (B, d); with the sparse encoder
         backward when ``sparse_encoder_grad`` (None: CPU tensors only) and autograd is recording."""
-        x = x_n - self.b_dec
+        x = self.latents.replicate(x_n - self.b_dec)
         use = self.sparse_encoder_grad
         if use is None:
             use = x.device.type == "cpu"
@@ -184,18 +190,18 @@ class SparseAutoencoder(nn.Module):
     def decode_codes(self, codes: Codes) -> Tensor:
         """Normalised reconstruction (B, d) of codes, via sparse_decode or a dense GEMM."""
         if codes.is_sparse:  # (under autocast vals may be bf16; the decoder weights stay float32)
-            return sparse_decode(codes.vals.to(self.W_dec.dtype), codes.idx, self.W_dec, self.b_dec,
-                                 backend=self.backend)
-        return F.linear(codes.dense, self.W_dec.t(), self.b_dec)
+            return self.latents.decode(codes.vals.to(self.W_dec.dtype), codes.idx, self.W_dec, self.b_dec,
+                                       self.backend)
+        return self.latents.decode_dense(codes.dense, self.W_dec, self.b_dec)
 
     def _hard_codes(self, pre: Tensor, k: Tensor | int) -> Codes:
         # A model with a k_max attribute (SoftSAE: k <= k_max) passes a static width, so that a
         # per-row k tensor needs no host read-back of max(k) on CUDA.
         k_cap = getattr(self, "k_max", None)
         width = min(self.n, math.ceil(k_cap)) if isinstance(k, Tensor) and k_cap is not None else None
-        vals_sel, idx = topk_per_row(pre, k, k_max=width)
-        codes = Codes(self.n, vals=vals_sel, idx=idx)
-        return codes if self._use_sparse(True) else Codes(self.n, dense=codes.to_dense())
+        vals_sel, idx = self.latents.topk_per_row(pre, k, width)
+        codes = Codes(self.n_local, vals=vals_sel, idx=idx)
+        return codes if self._use_sparse(True) else Codes(self.n_local, dense=codes.to_dense())
 
     def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, Tensor | None]:
         """Choose the active latents: (codes, k_hat or None). Subclasses implement."""
@@ -216,7 +222,7 @@ class SparseAutoencoder(nn.Module):
             return codes.to_dense()
         if codes.is_sparse:
             return codes.vals, codes.idx
-        return nonzero_per_row(codes.dense)
+        return self.latents.nonzero(codes.dense)
 
     def decode(self, z: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         """Unnormalised reconstruction (B, d) of dense codes (B, n) or a padded (vals, idx) pair."""
@@ -277,7 +283,7 @@ class SoftSAE(SparseAutoencoder):
         alpha: scale of the soft top-k (the trainer may anneal ``self.alpha``).
         k_hidden: width m of the head ``Linear(d, m) -> ReLU -> Linear(m, 1)``; default n (the
             paper's). The head's two (B, m, d) GEMMs per training step cost as much as the
-            encoder's at m = n; a narrower head is cheaper (benchmarks/k_head_width.py measures
+            encoder's at m = n; a narrower head is cheaper (benchmarks/science/k_head_width.py measures
             what it costs in FVU).
     """
 
@@ -324,11 +330,18 @@ class SoftSAE(SparseAutoencoder):
         is one autograd node (``softsae.ops.k_head``). Under autocast (bf16) the shift stays before
         the GEMM, where it cancels in float32, and the nn modules run."""
         lin1, act, lin2 = self.k_estimator
-        if torch.is_autocast_enabled(x_n.device.type):
-            logit = lin2(act(lin1(x_n - self.b_dec))).squeeze(-1)
+        b_dec, lat = self.latents.replicate(self.b_dec), self.latents
+        if not lat.sharded_latents:  # the head's hidden layer holds every unit
+            if torch.is_autocast_enabled(x_n.device.type):
+                logit = lin2(act(lin1(x_n - b_dec))).squeeze(-1)
+            else:
+                logit = k_head_logit(x_n, lin1.weight, lin1.bias - lin1.weight @ b_dec,
+                                     lin2.weight.reshape(-1), lin2.bias)
+        elif torch.is_autocast_enabled(x_n.device.type):  # hidden units sharded with the dictionary
+            logit = (lat.partial_sum(F.linear(act(lin1(x_n - b_dec)), lin2.weight)) + lin2.bias).squeeze(-1)
         else:
-            logit = k_head_logit(x_n, lin1.weight, lin1.bias - lin1.weight @ self.b_dec,
-                                 lin2.weight.reshape(-1), lin2.bias)
+            logit = lat.partial_sum(k_head_logit(x_n, lin1.weight, lin1.bias - lin1.weight @ b_dec,
+                                                 lin2.weight.reshape(-1), torch.zeros_like(lin2.bias))) + lin2.bias
         if logit.dtype not in (torch.float32, torch.float64):
             logit = logit.float()  # at least float32 (bf16 under autocast)
         return (self.k_max * torch.sigmoid(logit)).clamp(1.0, float(self.n))
@@ -347,9 +360,9 @@ class SoftSAE(SparseAutoencoder):
         """Dense soft-gated codes (B, n); with ``alpha_relative`` the Laplace scale of row b is
         alpha * max_i pre[b, i] (the row's largest activation, detached), else alpha."""
         if not self.alpha_relative:
-            return soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend)
-        scale = pre.detach().amax(-1, keepdim=True).clamp_min(1e-12)
-        return pre * soft_topk(pre / scale, k_hat, self.alpha, backend=self.backend)
+            return self.latents.soft_gate(pre, k_hat, self.alpha, self.backend)
+        scale = self.latents.row_max(pre.detach()).clamp_min(1e-12)
+        return pre * self.latents.soft_topk(pre / scale, k_hat, self.alpha, self.backend)
 
     def forward_train(self, x_n: Tensor) -> SAEOutput:
         out = super().forward_train(x_n)
@@ -367,18 +380,10 @@ class SoftSAE(SparseAutoencoder):
         y, scale = pre.detach(), None
         y = y if y.dtype in (torch.float32, torch.float64) else y.float()  # bf16 under autocast
         if self.alpha_relative:
-            scale = y.amax(-1, keepdim=True).clamp_min(1e-12)
+            scale = self.latents.row_max(y).clamp_min(1e-12)
             y = y / scale
-        W = self.W_dec.detach()
         k = k_hat.detach()
-        if y.device.type == "cpu":
-            vals, idx = soft_gate_dk(y, k, self.alpha, backend=self.backend)
-            if idx.shape[1] * 8 <= self.n:
-                v = sparse_decode(vals.to(W.dtype), idx, W, None, backend=self.backend)
-            else:  # wide (large alpha): dense rows, one GEMM
-                v = Codes(self.n, vals=vals, idx=idx).to_dense().to(W.dtype) @ W
-        else:
-            v = soft_gate_dk(y, k, self.alpha, backend=self.backend, sparse=False).to(W.dtype) @ W
+        v = self.latents.gate_k_direction(y, k, self.alpha, self.W_dec.detach(), self.backend)
         if scale is not None:
             v = v * scale
         return (k_hat - k).unsqueeze(-1).to(v.dtype) * v
@@ -392,11 +397,11 @@ class SoftSAE(SparseAutoencoder):
             if self.st_mode == "k":  # k_hat's gradient: forward_train adds k_direction to the decode
                 return self._hard_codes(pre, self.hard_k(k_hat)), k_hat
             z_hard = self._hard_codes(pre, self.hard_k(k_hat)).to_dense()
-            return Codes(self.n, dense=straight_through(z_hard, pre, k_hat, self.soft_dense)), k_hat
+            return Codes(self.n_local, dense=straight_through(z_hard, pre, k_hat, self.soft_dense)), k_hat
         if self._use_sparse(False) and not self.alpha_relative:
-            vals, idx = soft_topk_gate(pre, k_hat, self.alpha, backend=self.backend, sparse=True)
-            return Codes(self.n, vals=vals, idx=idx, soft_pre=pre), k_hat
-        return Codes(self.n, dense=self.soft_dense(pre, k_hat), soft_pre=pre), k_hat
+            vals, idx = self.latents.soft_gate_sparse(pre, k_hat, self.alpha, self.backend)
+            return Codes(self.n_local, vals=vals, idx=idx, soft_pre=pre), k_hat
+        return Codes(self.n_local, dense=self.soft_dense(pre, k_hat), soft_pre=pre), k_hat
 
 
 class TopKSAE(SparseAutoencoder):
@@ -429,35 +434,24 @@ class BatchTopKSAE(SparseAutoencoder):
         self.threshold_beta = float(threshold_beta)
         self.register_buffer("threshold", torch.full((), -1.0))  # < 0: not estimated yet
         self.k_train: int | None = None  # trainer's annealed K (training only; eval uses the threshold)
-        self.dp_group = None  # trainer: data-parallel process group (rows split over ranks); None: one process
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "threshold_beta": self.threshold_beta}
 
     def select(self, pre: Tensor, x_n: Tensor) -> tuple[Codes, None]:
-        B = pre.shape[0]
         if not self.training:
             # untrained threshold (< 0): per-row top-k. The output width is data-dependent here
             # (one host read-back on CUDA at inference); training below has none.
             above = (pre > self.threshold).sum(-1)
             return self._hard_codes(pre, torch.where(self.threshold < 0, self.k, above)), None
         k = self.k_train if self.k_train is not None else self.k
-        if self.dp_group is not None:  # data parallel: top k * B_total over ALL ranks' rows, global minimum
-            from softsae.distributed.sharded_ops import sharded_batch_topk
-
-            _, idx, low = sharded_batch_topk(pre.detach(), int(k), self.dp_group, split="rows", positive_only=True)
-            full = torch.zeros(B, self.n + 1, dtype=torch.bool, device=pre.device)
-            mask = full.scatter_(1, torch.where(idx >= 0, idx, self.n), True)[:, : self.n].reshape(-1)
-            self._update_threshold(low.to(self.threshold.dtype), ~torch.isnan(low))
-        else:
-            flat = pre.detach().reshape(-1)
-            top = torch.topk(flat, min(k * B, flat.numel()), sorted=False)
-            keep = top.values > 0
-            mask = torch.zeros(flat.numel(), dtype=torch.bool, device=pre.device).scatter_(0, top.indices, keep)
-            self._update_threshold(torch.where(keep, top.values, float("inf")).min(), keep.any())
+        # the k * B largest over the global batch and dictionary (the placement's), and their minimum
+        mask, low, valid = self.latents.batch_topk(pre.detach(), int(k))
+        self._update_threshold(low.to(self.threshold.dtype), valid)
         if self._use_sparse(True):  # padded width = the batch's largest row count: one read-back on CUDA
-            return self._hard_codes(pre, mask.view(B, self.n).sum(-1)), None
-        return Codes(self.n, dense=pre * mask.view(B, self.n)), None  # no host sync
+            vals, idx = topk_per_row(pre, mask.sum(-1))  # this process's kept entries of each row
+            return Codes(self.n_local, vals=vals, idx=idx), None
+        return Codes(self.n_local, dense=pre * mask), None  # no host sync
 
     @torch.no_grad()
     def _update_threshold(self, batch_min: Tensor, valid: Tensor | bool = True) -> None:

@@ -28,9 +28,9 @@ exactly as ``normalize="scale"`` here (x / sqrt(E||x||^2); CLIP: centred first),
 and ours are in the same units; the value is not "tied to another activation scale". It is the
 run length and recipe that differ: the authors anneal alpha linearly 1 -> 1e-4 over 2.5k of 244k
 steps. On 2.5k-step runs a final alpha of 1e-4 trains worse here, whatever the anneal (not
-measured at the authors' length). Evidence (benchmarks/recipe_ablation.py, held-in synthetic
+measured at the authors' length). Evidence (benchmarks/science/recipe_ablation.py, held-in synthetic
 A16: d=64, n=512, K=16, 2500 steps x 256; FVU held out, ratio = FVU / TopK's FVU at the same
-mean L0, TopK trained with the same schedules; benchmarks/results/recipe_ablation.jsonl, science_synthetic.md):
+mean L0, TopK trained with the same schedules; benchmarks/science/results/recipe_ablation.jsonl, science_synthetic.md):
 
     config                                                                                FVU  ratio
     authors' schedules (alpha 1 -> 1e-4 linear over 1%, K anneal 1%, hard 4% w/o enc. grad)  0.325  0.99
@@ -89,7 +89,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from softsae.checkpoint import (
     WEIGHTS,
@@ -98,80 +98,99 @@ from softsae.checkpoint import (
     atomic_write_text,
     check_resume_state,
     load_checked,
-    load_trainer_state,
     save_sae,
 )
-from softsae.config import check_ranges
 from softsae.cpu_memory import keep_freed_memory
-from softsae.data import check_finite_batch, load_activations, normalization_stats
-from softsae.distributed.agreement import agree_on_run
-from softsae.distributed.data_parallel import (
-    DataParallel,
-    OverlappedGradReduce,
-    broadcast_module_,
-    setup_data_parallel,
-)
+from softsae.data import normalization_stats
 from softsae.fileio import remove_stale_temps
 from softsae.logger import LOGGERS, METRICS_FILE, MetricsLogger, open_logger
 from softsae.losses import DeadLatentTracker, auxk_loss, k_loss, reconstruction_loss
-from softsae.models import ARCHS, BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
+from softsae.models import ARCHS, BatchTopKSAE, Codes, SoftSAE, SparseAutoencoder, TopKSAE
+from softsae.parallel import SingleProcess, strategy_for
+from softsae.schedules import (  # noqa: F401  (re-exported: the trainer's public schedule functions)
+    alpha_at,
+    apply_schedule,
+    is_hard_phase,
+    is_st_phase,
+    k_target_at,
+    lr_at,
+    make_optimizer,
+)
+from softsae.settings import check_ranges
 
 STATE_FILE = "trainer_state.pt"
 # the files a run writes into its out_dir; a new run removes their stale temporaries (softsae.fileio)
 RUN_FILES = (STATE_FILE, WEIGHTS, "config.json", "train_config.json", "metrics.jsonl", "eval.json", "stream.json")
 
 
+def _doc(default, help: str):
+    """A TrainConfig field and its documentation (``softsae train``'s flags and --help are generated from it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. ``None`` fields get the defaults in ``resolved()``."""
+    """Everything that defines a training run. ``None`` fields get the defaults in ``resolved()``; each
+    field's documentation is its ``metadata["help"]``."""
 
-    arch: str = "softsae"
-    recipe: str = "default"  # the preset the fields came from (softsae.recipes; applied before the other fields)
-    dict_size: int = 4096
-    k: float = 32  # TopK/BatchTopK: latents per input; SoftSAE: target mean budget K
-    k_max: float | None = None  # SoftSAE head range, default 2k
-    k_hidden: int | None = None  # SoftSAE head width, default dict_size (the paper's)
-    steps: int = 10_000
-    batch_size: int = 4096
-    lr: float | None = None  # default 2e-4 / sqrt(dict_size / 2**14)
-    warmup_steps: int | None = None  # default min(1000, steps // 10)
-    decay_start: int | None = None  # default int(0.8 * steps)
-    k_anneal_frac: float = 0.0  # K target goes max(d, K) -> K over this fraction of the steps (all archs)
-    k_anneal_steps: int | None = None  # absolute override of k_anneal_frac (0: off)
-    alpha: float = 3e-3  # final soft top-k scale, in normalised units (see module doc)
-    alpha_start: float = 1.0
-    alpha_anneal_frac: float = 0.0  # alpha_start -> alpha over this fraction of the steps (0: alpha fixed)
-    alpha_anneal_steps: int | None = None  # absolute override of alpha_anneal_frac
-    alpha_schedule: str = "log"  # "linear" (the authors') | "log" (log-linear)
-    alpha_relative: bool = False  # Laplace scale = alpha * the row's largest pre-activation
-    hard_frac: float = 0.2  # SoftSAE hard top-k phase: the last hard_frac of the steps
-    hard_topk_steps: int | None = None  # absolute override of hard_frac
-    hard_encoder_grad: bool = True  # False: the hard phase selects without gradient (the authors' choice)
-    st_frac: float | None = None  # straight-through phase (hard forward) just before the hard phase;
-    # None: all of the steps before the hard phase (the default recipe), 0: a soft-gate forward instead
-    st_steps: int | None = None  # absolute override of st_frac
-    st_mode: str = "k"  # straight-through gradient: "k" (encoder through the hard codes, as TopK; only the
-    # k head through the soft gate's dk: the default) | "soft" (encoder and k head through the soft gate)
-    k_round: str = "floor"  # SoftSAE hard budget: "floor" | "round" of k_hat
-    w_k: float = 1.0  # weight of the k-loss
-    k_loss_beta: float = 5.0
-    auxk_alpha: float = 1 / 32
-    k_aux: int | None = None  # default d // 2
-    dead_feature_threshold: int | None = None  # tokens; default min(10M, steps * batch_size // 10)
-    threshold_beta: float = 0.99  # BatchTopK threshold EMA (per step)
-    normalize: str = "scale"  # "none" | "scale" | "center_scale"
-    geometric_median_iters: int = 10
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    backend: str = "auto"
-    decode_mode: str = "auto"
-    amp: str = "auto"  # "auto" (bf16 autocast on CUDA only) | "bf16" | "off"
-    log_every: int = 10
-    log: str = "jsonl"  # metrics logger: "jsonl" (metrics.jsonl only) | "tensorboard" | "wandb" (offline)
-    checkpoint_every: int = 1000  # 0: only at the end
-    progress: bool = True
-    parallel: str = "none"  # "none" | "data" | "dictionary" (torchrun; batch_size is the global batch, see train())
+    arch: str = _doc("softsae", "model: softsae | topk | batchtopk")
+    recipe: str = _doc("default", "preset of the schedules (softsae.recipes), applied before --config and the other "
+                       "settings: default (TrainConfig's) | paper (the SoftSAE authors': soft-gate forward, alpha "
+                       "1 -> 1e-4 over 2500 steps, K annealed over 1%, last 4% hard without encoder gradient, lr "
+                       "3e-4 at n=16k)")
+    dict_size: int = _doc(4096, "number of latents n (required on the command line, here or in --config)")
+    k: float = _doc(32, "K: latents per input (TopK/BatchTopK); SoftSAE: the target mean budget (required on the "
+                    "command line)")
+    k_max: float | None = _doc(None, "SoftSAE k-head range; default 2k")
+    k_hidden: int | None = _doc(None, "SoftSAE k-head width; default dict_size (the paper's; a narrower head makes "
+                                "the training step cheaper)")
+    steps: int = _doc(10_000, "optimisation steps (required on the command line, here or in --config)")
+    batch_size: int = _doc(4096, "rows per step (the GLOBAL batch when parallel)")
+    lr: float | None = _doc(None, "learning rate; default 2e-4 / sqrt(dict_size / 2^14)")
+    warmup_steps: int | None = _doc(None, "linear warmup steps; default min(1000, steps // 10)")
+    decay_start: int | None = _doc(None, "step where the linear decay to 0 starts; default int(0.8 * steps)")
+    k_anneal_frac: float = _doc(0.0, "fraction of the steps over which K goes max(d, K) -> K (all archs)")
+    k_anneal_steps: int | None = _doc(None, "absolute override of k_anneal_frac (0: off)")
+    alpha: float = _doc(3e-3, "final soft top-k scale, in normalised units (softsae.trainer: default and evidence)")
+    alpha_start: float = _doc(1.0, "alpha at step 0 when annealing")
+    alpha_anneal_frac: float = _doc(0.0, "fraction of the steps to anneal alpha_start -> alpha over (0: alpha fixed)")
+    alpha_anneal_steps: int | None = _doc(None, "absolute override of alpha_anneal_frac")
+    alpha_schedule: str = _doc("log", "shape of the alpha anneal: linear (the authors') | log (log-linear)")
+    alpha_relative: bool = _doc(False, "Laplace scale = alpha x the row's largest pre-activation")
+    hard_frac: float = _doc(0.2, "SoftSAE: the final hard top-k phase, as a fraction of the steps")
+    hard_topk_steps: int | None = _doc(None, "absolute override of hard_frac")
+    hard_encoder_grad: bool = _doc(True, "SoftSAE: train the encoder in the hard phase (off: the hard phase selects "
+                                   "without gradient, the authors' choice)")
+    st_frac: float | None = _doc(None, "SoftSAE: straight-through phase (hard forward) just before the hard phase, "
+                                 "as a fraction of the steps; default all steps before the hard phase, 0: a "
+                                 "soft-gate forward instead")
+    st_steps: int | None = _doc(None, "absolute override of st_frac")
+    st_mode: str = _doc("k", "SoftSAE straight-through gradient: k (encoder through the hard codes, as TopK; the k "
+                        "head through the soft gate's dk) | soft (encoder and k head through the soft gate)")
+    k_round: str = _doc("floor", "SoftSAE hard budget: floor | round of k_hat")
+    w_k: float = _doc(1.0, "weight of the k-loss")
+    k_loss_beta: float = _doc(5.0, "softplus sharpness of the k-loss")
+    auxk_alpha: float = _doc(1 / 32, "weight of the aux-k loss on dead latents")
+    k_aux: int | None = _doc(None, "aux-k latents per row; default d // 2")
+    dead_feature_threshold: int | None = _doc(None, "tokens without firing to count as dead; default "
+                                              "min(10M, steps * batch_size // 10)")
+    threshold_beta: float = _doc(0.99, "BatchTopK: per-step EMA factor of the inference threshold")
+    normalize: str = _doc("scale", "input normalisation: none | scale | center_scale")
+    geometric_median_iters: int = _doc(10, "Weiszfeld iterations of b_dec's initialisation")
+    grad_clip: float = _doc(1.0, "global gradient-norm clip (0: off)")
+    seed: int = _doc(0, "random seed (model init and batch sampling)")
+    device: str = _doc("auto", "auto | cpu | cuda | cuda:N")
+    backend: str = _doc("auto", "ops backend: auto | reference | cpu | triton | cuda (the SOFTSAE_BACKEND "
+                        "environment variable replaces auto)")
+    decode_mode: str = _doc("auto", "decoder: auto (sparse in the hard phase) | sparse | dense")
+    amp: str = _doc("auto", "bf16 autocast: auto (on CUDA only) | bf16 (always) | off")
+    log_every: int = _doc(10, "steps between logged metrics")
+    log: str = _doc("jsonl", "metrics logger: jsonl (OUT/metrics.jsonl; always written) | tensorboard (+ "
+                    "OUT/tensorboard) | wandb (+ an offline run in OUT/wandb)")
+    checkpoint_every: int = _doc(1000, "steps between resumable checkpoints (0: only at the end)")
+    progress: bool = _doc(True, "progress bar")
+    parallel: str = _doc("none", "none: one process | data: rows of the global batch over the processes of a "
+                         "torchrun launch | dictionary: the dictionary sharded over them (rank 0 writes the run)")
 
     def resolved(self, d: int) -> TrainConfig:
         """A copy with every default filled in and checked against activation dim ``d``."""
@@ -247,45 +266,6 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-# ----------------------------------------------------------------------------- schedules
-
-
-def lr_at(step: int, c: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, constant, then linear decay to 0 from ``decay_start``."""
-    warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
-    if step < c.decay_start:
-        return c.lr * warm
-    return c.lr * warm * max(0.0, (c.steps - step) / max(1, c.steps - c.decay_start))
-
-
-def k_target_at(step: int, c: TrainConfig, d: int) -> float:
-    """Budget target (SoftSAE k-loss target; TopK's K): linear from max(d, K) to K over ``k_anneal_steps``."""
-    if c.k_anneal_steps <= 0:
-        return float(c.k)
-    frac = min(1.0, step / c.k_anneal_steps)
-    return float(c.k) + (max(d, c.k) - float(c.k)) * (1.0 - frac)
-
-
-def alpha_at(step: int, c: TrainConfig) -> float:
-    """Soft top-k scale: ``alpha_start`` -> ``alpha`` over ``alpha_anneal_steps``, linearly or log-linearly."""
-    if c.alpha_anneal_steps <= 0:
-        return c.alpha
-    frac = min(1.0, step / c.alpha_anneal_steps)
-    if c.alpha_schedule == "linear":
-        return c.alpha_start + (c.alpha - c.alpha_start) * frac
-    return math.exp(math.log(c.alpha_start) + (math.log(c.alpha) - math.log(c.alpha_start)) * frac)
-
-
-def is_hard_phase(step: int, c: TrainConfig) -> bool:
-    """SoftSAE's final hard top-k phase (the last ``hard_topk_steps`` steps)."""
-    return c.arch == "softsae" and step >= c.steps - c.hard_topk_steps
-
-
-def is_st_phase(step: int, c: TrainConfig) -> bool:
-    """SoftSAE's straight-through phase: the ``st_steps`` steps just before the hard phase."""
-    return c.arch == "softsae" and c.steps - c.hard_topk_steps - c.st_steps <= step < c.steps - c.hard_topk_steps
-
-
 # ----------------------------------------------------------------------------- init helpers
 
 
@@ -315,24 +295,6 @@ def new_model(c: TrainConfig, d: int) -> SparseAutoencoder:
 # ----------------------------------------------------------------------------- one step
 
 
-def apply_schedule(model, opt: torch.optim.Optimizer, step: int, c: TrainConfig) -> bool:
-    """Set step ``step``'s learning rate and the model's phase flags (hard phase; SoftSAE's alpha and
-    straight-through settings; the baselines' annealed K). Returns whether the step is hard. Any model
-    with ``arch`` and those flags: SparseAutoencoder or the dictionary-sharded ShardedSAE."""
-    for g in opt.param_groups:
-        g["lr"] = lr_at(step, c)
-    hard = is_hard_phase(step, c)
-    model.hard = hard
-    if model.arch == "softsae":
-        model.alpha = alpha_at(step, c)
-        model.straight_through = is_st_phase(step, c)
-        model.st_mode = c.st_mode
-        model.hard_encoder_grad = c.hard_encoder_grad
-    else:
-        model.k_train = int(round(k_target_at(step, c, model.d))) if c.k_anneal_steps > 0 else None
-    return hard
-
-
 def forward_train_amp(model, x_n: Tensor, c: TrainConfig):
     """``model.forward_train(x_n)`` under bf16 autocast when ``c.amp`` asks for it ("auto": CUDA only)."""
     use_amp = c.amp == "bf16" or (c.amp == "auto" and x_n.device.type == "cuda")
@@ -340,92 +302,101 @@ def forward_train_amp(model, x_n: Tensor, c: TrainConfig):
         return model.forward_train(x_n)
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Adam:
-    """Adam (betas 0.9, 0.999) over ``params``: torch's fused single-pass implementation when every
-    parameter is a CPU or CUDA float tensor (on CPU about 10x faster than the default multi-pass
-    update at 16384 x 768), else the default. The state dict is the same either way."""
-    params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True if fused else None)
 
+def train_loss(model: SparseAutoencoder, x_n: Tensor, step: int, c: TrainConfig, dead: Tensor
+               ) -> tuple[Tensor, dict[str, Tensor], Codes]:
+    """The step's forward and loss on normalised x_n (B, d) (the schedule already applied).
 
-def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: DeadLatentTracker, x: Tensor,
-               step: int, c: TrainConfig, dp: DataParallel | None = None) -> dict[str, Tensor]:
-    """One optimisation step on a raw batch x (B, d); returns the loss terms (tensors, no sync).
-
-    ``dp`` (data parallel): x is this rank's rows of the global batch; every batch statistic is
-    global, the gradients are SUM-all-reduced (convention in softsae.distributed.data_parallel) and
-    the returned terms are the global values, identical on every rank.
+    Returns (loss, the terms to log, the detached codes). With the rows sharded (data mode) every
+    per-row term is this rank's share of the global one (its rows over the global row count) and the
+    logged terms are summed over the ranks by ``_global_terms``; the k-loss is on the global mean.
     """
-    group = dp.group if dp is not None else None
-    world = dp.world_size if dp is not None else 1
-    if isinstance(model, BatchTopKSAE):
-        model.dp_group = group
-    hard = apply_schedule(model, opt, step, c)
-    x_n = model.normalize(x)
+    lat = model.latents
     out = forward_train_amp(model, x_n, c)
     x_hat = out.x_hat.float()
-    rows = x.shape[0]
-    rows_total = dp.global_rows(rows, x.device) if dp is not None else rows
-    recon = reconstruction_loss(x_n, x_hat) * (rows / rows_total)  # this rank's share of the global mean
+    rows = x_n.shape[0]
+    recon = reconstruction_loss(x_n, x_hat) * (rows / lat.total_rows(rows))  # share of the global mean
     loss = recon
     terms: dict[str, Tensor] = {"recon": recon.detach()}
     if out.k_hat is not None:
-        if dp is None:
-            terms["mean_k"] = out.k_hat.detach().mean()
-        if not hard and c.w_k > 0:
-            kl = k_loss(out.k_hat.float(), k_target_at(step, c, model.d), beta=c.k_loss_beta, group=group)
-            loss = loss + c.w_k * kl / world  # identical on every rank: 1/W each sums to the global term
+        terms["k_sum"] = out.k_hat.detach().double().sum()
+        if not model.hard and c.w_k > 0:
+            kl = k_loss(out.k_hat.float(), k_target_at(step, c, model.d), beta=c.k_loss_beta, latents=lat)
+            loss = loss + c.w_k * kl
             terms["k_loss"] = kl.detach()
     if c.auxk_alpha > 0:
-        aux = auxk_loss(out.pre.float(), x_n - x_hat, tracker.dead_mask(), model.W_dec, c.k_aux, model.backend,
-                        group=group)
+        aux = auxk_loss(out.pre.float(), x_n - x_hat, dead, model.W_dec, c.k_aux, model.backend, latents=lat)
         loss = loss + c.auxk_alpha * aux
         terms["auxk"] = aux.detach()
+    codes = out.codes
+    detached = Codes(codes.n, *(None if t is None else t.detach() for t in
+                                (codes.dense, codes.vals, codes.idx, codes.soft_pre)))
+    return loss, terms, detached
+
+
+class TrainForward(nn.Module):
+    """``train_loss`` as a module's forward: the unit that data mode wraps in DistributedDataParallel
+    (its outputs hold no tensor of the graph but the loss, so DDP finds exactly the used parameters)."""
+
+    def __init__(self, model: SparseAutoencoder, c: TrainConfig) -> None:
+        super().__init__()
+        self.sae, self.c = model, c
+
+    def forward(self, x_n: Tensor, step: int, dead: Tensor) -> tuple[Tensor, dict[str, Tensor], Codes]:
+        return train_loss(self.sae, x_n, step, self.c, dead)
+
+
+def train_step(model: SparseAutoencoder, opt: torch.optim.Optimizer, tracker: DeadLatentTracker, x: Tensor,
+               step: int, c: TrainConfig, engine: nn.Module | None = None) -> dict[str, Tensor]:
+    """One optimisation step on a raw batch x (B, d); returns the loss terms (tensors, no sync).
+
+    ``engine``: the module whose forward is ``train_loss`` (data mode: the DDP-wrapped
+    :class:`TrainForward`); None calls ``train_loss`` directly. The model's placement
+    (``model.latents``) makes every batch statistic global when the rows or the dictionary are
+    sharded; the returned terms are then the global values, identical on every rank.
+    """
+    apply_schedule(model, opt, step, c)
+    x_n = model.normalize(x)
+    dead = tracker.dead_mask()
     opt.zero_grad(set_to_none=True)
+    loss, terms, codes = (engine(x_n, step, dead) if engine is not None else train_loss(model, x_n, step, c, dead))
     loss.backward()
-    if dp is not None:
-        dp.sync_grads(model.parameters())
     model.project_decoder_grad()
     if c.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        model.latents.clip_grad_norm_(model, c.grad_clip)
     opt.step()
     model.normalize_decoder()
-    if dp is None:
-        tracker.update(out.codes.fired(), x.shape[0])
-        terms["loss"] = loss.detach()
-        terms["l0"] = out.codes.l0().float().mean()
-        terms["fvu"] = (recon * x.shape[0] / (x_n - x_n.mean(0)).pow(2).sum().clamp_min(1e-30)).detach()
-        return terms
-    from softsae.distributed.stats import merge_fired
-
-    tracker.update(*merge_fired(out.codes.fired(), rows, group))
-    return _global_terms(terms, loss, out, x_n, rows_total, group)
+    tracker.update(*model.latents.merge_fired(codes.fired(), x.shape[0]))
+    return _global_terms(model, terms, codes, x_n, c)
 
 
-def _global_terms(terms: dict[str, Tensor], loss: Tensor, out, x_n: Tensor, rows_total: int, group
-                  ) -> dict[str, Tensor]:
-    """Data parallel: the logged terms over the global batch (two small all-reduces)."""
-    import torch.distributed as dist
-
-    shares = ["recon", "auxk"] if "auxk" in terms else ["recon"]
-    d = x_n.shape[1]
-    k_sum = out.k_hat.detach().double().sum().reshape(1) if out.k_hat is not None else x_n.new_zeros(1).double()
-    buf = torch.cat([torch.stack([terms[s].double() for s in shares] + [loss.detach().double(),
-                                                                          out.codes.l0().double().sum()]),
-                     k_sum, x_n.detach().double().sum(0)])
-    dist.all_reduce(buf, group=group)
-    m = len(shares)
-    mu = buf[m + 3:m + 3 + d] / rows_total
-    var = (x_n.detach().double() - mu).pow(2).sum().reshape(1)
-    dist.all_reduce(var, group=group)
+def _global_terms(model: SparseAutoencoder, terms: dict[str, Tensor], codes: Codes, x_n: Tensor,
+                  c: TrainConfig) -> dict[str, Tensor]:
+    """The logged terms over the global batch: shares summed over the row shards, L0 over the latent
+    shards (one process: the local values; data mode: two small all-reduces)."""
+    lat = model.latents
+    shares = [s for s in ("recon", "auxk") if s in terms]
+    l0 = lat.count(codes.l0().double()) if lat.sharded_latents else codes.l0().double()
+    xs = x_n.detach()
+    parts = [terms[s].double().reshape(1) for s in shares] + [l0.sum().reshape(1), xs.sum(0, dtype=torch.float64),
+                                                              l0.new_tensor([len(xs)])]
+    if "k_sum" in terms:
+        parts.append(terms["k_sum"].reshape(1))
+    buf = lat.sum_rows(torch.cat(parts))
+    m, d = len(shares), xs.shape[1]
+    rows = buf[m + 1 + d]
+    mu = (buf[m + 1:m + 1 + d] / rows).to(xs.dtype)
+    var = lat.sum_rows((xs - mu).pow(2).sum(dtype=torch.float64).reshape(1))[0]
     res = {s: buf[i].float() for i, s in enumerate(shares)}
-    res.update(loss=buf[m].float(), l0=(buf[m + 1] / rows_total).float())
-    if out.k_hat is not None:
-        res["mean_k"] = (buf[m + 2] / rows_total).float()
+    loss = res["recon"]
     if "k_loss" in terms:
         res["k_loss"] = terms["k_loss"]
-    res["fvu"] = (buf[0] * rows_total / var[0].clamp_min(1e-30)).float()
+        loss = loss + c.w_k * terms["k_loss"]
+    if "auxk" in res:
+        loss = loss + c.auxk_alpha * res["auxk"]
+    res.update(loss=loss, l0=(buf[m] / rows).float(), fvu=(buf[0] * rows / var.clamp_min(1e-30)).float())
+    if "k_sum" in terms:
+        res["mean_k"] = (buf[-1] / rows).float()
     return res
 
 
@@ -483,24 +454,19 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
-def _save_state(path: Path, model, opt, tracker, step, rng, c: TrainConfig, source=None) -> None:
+def _save_state(path: Path, model, opt, tracker, step, rng, c: TrainConfig, source, strategy: SingleProcess
+                ) -> None:
+    """Write ``trainer_state.pt`` in the one-process format on the main rank (collective: every rank calls)."""
+    full = strategy.full_state(model, opt, tracker)
+    if full is None or path is None:
+        return
+    weights, opt_state, tracker_state = full
     atomic_torch_save({
-        "step": step, "model_config": model.config(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "tracker": tracker.state_dict(), "rng": _rng_state(rng), "torch_rng": torch.get_rng_state(),
+        "step": step, "model_config": model.config(), "model": weights, "optimizer": opt_state,
+        "tracker": tracker_state, "rng": _rng_state(rng), "torch_rng": torch.get_rng_state(),
         "train_config": dataclasses.asdict(c),
         "source": source.state_dict() if hasattr(source, "state_dict") else None,  # a stream's position
     }, path)
-
-
-def _check_batch(x: Tensor, source, dp: DataParallel | None, step: int | None = None) -> None:
-    """NaN/inf (and, data parallel, the width on every rank: one collective, the same error everywhere,
-    naming the rank, not its file)."""
-    if dp is None:
-        check_finite_batch(x, getattr(source, "name", "data"))
-        return
-    from softsae.distributed.stats import check_batch
-
-    check_batch(x, source.d, dp.group, what=f"activations ({'first batch' if step is None else f'step {step}'})")
 
 
 def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: bool = False,
@@ -510,49 +476,28 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     ``resume=True`` continues from ``out_dir/trainer_state.pt`` when it exists. ``model`` may
     supply an already built SAE (its normalisation is recomputed unless ``normalize="none"``).
 
-    ``parallel="data"`` (launch with torchrun; joins the existing process group or
-    ``softsae.distributed.init_from_env``): ``batch_size`` is the GLOBAL batch. All ranks share the
-    sampling stream (each draws the same global batch and keeps its rows, see
-    softsae.distributed.data_parallel); every batch statistic (normalisation, b_dec's geometric
-    median, mean k_hat, BatchTopK's selection and threshold, dead latents, aux-k's means) is global,
-    gradients are all-reduced, so the run matches the one-process run with the same settings. Only
-    rank 0 writes files (metrics, checkpoints, the model); every rank returns the same model.
-
-    ``parallel="dictionary"`` (torchrun): each rank holds n/W latents (encoder, decoder and k-head
-    rows), every rank draws the same global batch, the forward uses the global sharded selections;
-    checkpoints are full (gathered on rank 0), see softsae.distributed.dictionary_parallel. Rank 0
-    returns the full model, the other ranks ``model=None``.
+    ``parallel="data"`` or ``"dictionary"`` (launch with torchrun; joins the existing process group or
+    ``softsae.distributed.init_from_env``): ``batch_size`` is the GLOBAL batch and every rank draws the
+    same global batch from one shared sampling stream. Data mode splits its rows over the ranks (the
+    training forward under DistributedDataParallel), dictionary mode the latents; every batch
+    statistic is global, so the run matches the one-process run with the same settings (see
+    ``softsae.parallel``). Only rank 0 writes files; checkpoints are full and resume at any world size
+    in any mode. Data mode returns the model on every rank, dictionary mode the gathered model on rank
+    0 and ``model=None`` elsewhere.
     """
-    if config.parallel == "dictionary":
-        from softsae.distributed.dictionary_parallel import train_dictionary
-
-        return train_dictionary(data, config, out_dir, resume, model)
-    if config.parallel == "data":  # every rank loads; one agreed error if any rank cannot
-        from softsae.distributed.launch import join_and_load
-
-        source, c = join_and_load(data, config)
-    else:
-        source = load_activations(data)
-        c = config.resolved(source.d)
+    strategy = strategy_for(config.parallel)
+    source, c = strategy.start(data, config)
     device = torch.device(c.device)
-    dp: DataParallel | None = None
-    if c.parallel == "data":
-        dp, device = setup_data_parallel(device, c.batch_size)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults on the step's large temporaries (softsae/cpu_memory.py)
-    main = dp is None or dp.is_main
-    lo, hi = dp.rows(c.batch_size) if dp is not None else (0, c.batch_size)
+    main = strategy.is_main
     out = Path(out_dir) if out_dir is not None else None
     state_path = out / STATE_FILE if out is not None else None
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
 
-    state = None
     found = state_path if resume and state_path is not None and state_path.exists() else None
-    if dp is not None:  # every rank: the same settings and the same checkpoint, or one error everywhere
-        state = agree_on_run(c, found, "parallel='data' training")
-    elif found is not None:
-        state = load_trainer_state(found)  # ValueError naming the file if empty, corrupt or foreign
+    state = strategy.read_state(c, found)  # distributed: the same settings and checkpoint on every rank
     if state is not None:
         model = model_from_state(state, state_path, c)
     elif model is None:
@@ -560,15 +505,22 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
     if model.d != source.d:
         raise ValueError(f"model expects d={model.d} but the activations have d={source.d}")
     model = model.to(device).train()
-    if dp is not None:
-        broadcast_module_(model, dp.group)
-        dp = dataclasses.replace(dp, reducer=OverlappedGradReduce(model.parameters(), dp.group))
+    if state is None:  # the same global statistics in every mode: every rank sees the same rows
+        shift, scale = normalization_stats(source, c.normalize)
+        model.set_normalization(shift, scale)
+        model.to(device)
+        first = source.sample(min(c.batch_size, 8192), rng)
+        strategy.check_first(first, source)
+        with torch.no_grad():
+            model.b_dec.copy_(geometric_median(model.normalize(first.to(device)), c.geometric_median_iters))
+        if out is not None and main and (out / METRICS_FILE).exists():
+            (out / METRICS_FILE).unlink()
+    engine = strategy.place(model, TrainForward(model, c))
     opt = make_optimizer(model.parameters(), c.lr)
-    tracker = DeadLatentTracker(model.n, c.dead_feature_threshold, device)
+    tracker = DeadLatentTracker(model.n_local, c.dead_feature_threshold, device)
     start = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        tracker.load_state_dict(state["tracker"])
+        strategy.load_state(state, model, opt, tracker)
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         if hasattr(source, "load_state_dict") and state.get("source") is not None:
@@ -576,41 +528,20 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
         start = int(state["step"])
         if out is not None and main:
             _trim_metrics(out / METRICS_FILE, start - 1)
-    else:
-        shift, scale = normalization_stats(source, c.normalize)
-        model.set_normalization(shift, scale)
-        model.to(device)
-        first = source.sample(min(c.batch_size, 8192), rng).to(device)
-        _check_batch(first, source, dp)
-        with torch.no_grad():
-            if dp is None:
-                model.b_dec.copy_(geometric_median(model.normalize(first), c.geometric_median_iters))
-            else:
-                from softsae.distributed.stats import geometric_median as global_geometric_median
-
-                f_lo, f_hi = dp.rows(first.shape[0])
-                model.b_dec.copy_(global_geometric_median(model.normalize(first[f_lo:f_hi]),
-                                                          c.geometric_median_iters, group=dp.group))
-            if out is not None and main and (out / METRICS_FILE).exists():
-                (out / METRICS_FILE).unlink()
+        del state
 
     logger, bar = open_run_outputs(c, out, main, start, f"train {c.arch}")
+    checkpointing = c.checkpoint_every > 0 and strategy.any_rank(out is not None)  # collective when sharded
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
         for step in range(start, c.steps):
-            x = source.sample(c.batch_size, rng)  # data parallel: the global batch, identical on every rank
-            if dp is not None:  # so every rank checks all of it and raises the same error, then keeps its rows
-                _check_batch(x, source, dp, step)
-                x = x[lo:hi]
-            x = x.to(device, non_blocking=True)
-            if dp is None and (device.type == "cpu" or step % c.log_every == 0):
-                check_finite_batch(x, getattr(source, "name", "data"))
-            terms = train_step(model, opt, tracker, x, step, c) if dp is None else \
-                train_step(model, opt, tracker, x, step, c, dp)
+            x = strategy.batch(source.sample(c.batch_size, rng), source, step, device, c.log_every)
+            terms = train_step(model, opt, tracker, x, step, c, engine)
             if step % c.log_every == 0 or step == c.steps - 1:
+                dead = int(model.latents.count(tracker.dead_mask().sum().reshape(1)).item())
                 last = {k: float(v) for k, v in terms.items()}
-                last.update(step=step, lr=lr_at(step, c), dead=tracker.n_dead(), hard=is_hard_phase(step, c),
+                last.update(step=step, lr=lr_at(step, c), dead=dead, hard=is_hard_phase(step, c),
                             elapsed_s=round(time.perf_counter() - t0, 3))
                 if isinstance(model, SoftSAE):
                     last.update(alpha=model.alpha, k_target=k_target_at(step, c, model.d))
@@ -620,28 +551,25 @@ def train(data, config: TrainConfig, out_dir: str | Path | None = None, resume: 
                     logger.log(last, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4g}", fvu=f"{last['fvu']:.4f}",
-                                    k=f"{last.get('mean_k', last['l0']):.2f}", dead=last["dead"], refresh=False)
+                                    k=f"{last.get('mean_k', last['l0']):.2f}", dead=dead, refresh=False)
             if bar is not None:
                 bar.update(1)
-            if state_path is not None and main and c.checkpoint_every > 0 and (step + 1) % c.checkpoint_every == 0 \
-                    and step + 1 < c.steps:
-                _save_state(state_path, model, opt, tracker, step + 1, rng, c, source)
+            if checkpointing and (step + 1) % c.checkpoint_every == 0 and step + 1 < c.steps:
+                _save_state(state_path if main else None, model, opt, tracker, step + 1, rng, c, source, strategy)
     finally:
         if bar is not None:
             bar.close()
         if logger is not None:
             logger.close()
-        if dp is not None and dp.reducer is not None:
-            dp.reducer.remove()  # the returned model must not start collectives on a later backward
+        strategy.close()
     model.hard = False
     if isinstance(model, SoftSAE):
         model.straight_through, model.hard_encoder_grad = False, True
     elif isinstance(model, (TopKSAE, BatchTopKSAE)):
         model.k_train = None
-    if isinstance(model, BatchTopKSAE):
-        model.dp_group = None
     model.eval()
-    if out is not None and main:
+    model = strategy.finish(model)
+    if model is not None and out is not None and main:
         save_sae(model, out, extra={"train_config": dataclasses.asdict(c)})
         if state_path.exists():
             os.unlink(state_path)

@@ -69,6 +69,20 @@ def cfg(arch: str, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def grad_model(arch: str, x: torch.Tensor, make_cfg=None):
+    """(model, resolved config) of the one-step gradient tests: SGD-ready, no clipping, k-loss active,
+    normalised by x's scale, b_dec at x's geometric median (``make_cfg``: the test file's ``cfg``)."""
+    from softsae.trainer import geometric_median, new_model
+
+    torch.manual_seed(5)
+    c = (make_cfg or cfg)(arch, grad_clip=0.0, k=2 if arch == "softsae" else 4, k_max=8).resolved(x.shape[1])
+    model = new_model(c, x.shape[1])
+    model.set_normalization(None, float(x.pow(2).sum(-1).mean().sqrt()))
+    with torch.no_grad():
+        model.b_dec.copy_(geometric_median(model.normalize(x)))
+    return model, c
+
+
 def acts(rows: int = 400, d: int = 16, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((rows, d)).astype(np.float32) * np.linspace(0.5, 2.0, d, dtype=np.float32)

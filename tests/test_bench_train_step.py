@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
+import ab_train_step_levers
+import bench_train_step
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ab_train_step_levers  # noqa: E402
-import bench_train_step  # noqa: E402
 
 TINY = ["--d", "16", "--n", "64", "--k", "4", "--batch-size", "32", "--repeat", "2", "--threads", "1"]
 

@@ -5,12 +5,12 @@ run every parameter and buffer must equal the single-process ``train()`` to floa
 softsae (soft and hard phases, k-loss), topk and batchtopk (global selection and threshold), with
 dead latents and aux-k active. Adam is nearly invariant to the gradient scale, so the gradient
 convention (SUM of per-rank shares) is checked directly: one ``train_step`` with plain SGD and no
-clipping on an uneven split (16 + 15 rows) must give the single-process gradients.
+clipping on an uneven split (16 + 15 rows) must give the single-process gradients, both through the
+trainer's DistributedDataParallel engine (summing comm hook) and as the ranks' shares summed by hand.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from datetime import timedelta
@@ -21,10 +21,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_spawn import grad_model
 
-from softsae.distributed.process import shutdown
+from softsae.distributed.placement import ShardedRows
+from softsae.distributed.process import shard_range, shutdown
 from softsae.losses import DeadLatentTracker
-from softsae.trainer import TrainConfig, geometric_median, new_model, train, train_step
+from softsae.parallel import DataParallel, _sum_hook
+from softsae.trainer import TrainConfig, TrainForward, train, train_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -53,52 +56,43 @@ def _grad_batch() -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(1).standard_normal((31, 16)).astype(np.float32))
 
 
-def _grad_step(arch: str, x: torch.Tensor, dp=None, overlap: bool = False) -> dict[str, torch.Tensor]:
+def _grad_step(arch: str, x: torch.Tensor, mode: str | None = None) -> dict[str, torch.Tensor]:
     """One train_step (SGD, no clipping, k-loss active, everything dead for aux-k); the gradients.
-    ``overlap``: the gradients are all-reduced by an OverlappedGradReduce during the backward."""
-    torch.manual_seed(5)
-    c = _cfg(arch, grad_clip=0.0, k=2 if arch == "softsae" else 4, k_max=8).resolved(16)
-    model = new_model(c, 16)
-    if overlap:
-        from softsae.distributed.data_parallel import OverlappedGradReduce
-
-        # a small bucket: the big gradients go alone, the small ones share a bucket
-        dp = dataclasses.replace(dp, reducer=OverlappedGradReduce(model.parameters(), dp.group, bucket_bytes=1024))
-    model.set_normalization(None, float(x.pow(2).sum(-1).mean().sqrt()))
-    with torch.no_grad():
-        model.b_dec.copy_(geometric_median(model.normalize(x)))
+    ``mode``: None one process; "ddp" this rank's rows through the trainer's DDP engine; "shares" this
+    rank's rows without DDP, the ranks' gradient shares then summed with one all-reduce each."""
+    model, c = grad_model(arch, x, _cfg)
+    engine = None
+    if mode == "ddp":
+        engine = DataParallel().place(model, TrainForward(model, c))
+    elif mode == "shares":
+        model.latents = ShardedRows(None)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     tracker = DeadLatentTracker(model.n, 1)
     tracker.tokens_since_fired[::2] = 5  # half the latents dead: aux-k selects among them
-    lo, hi = dp.rows(x.shape[0]) if dp is not None else (0, x.shape[0])
-    terms = train_step(model, opt, tracker, x[lo:hi], 0, c, dp)
-    if overlap:
-        assert dp.reducer.in_flight == 0
-        dp.reducer.remove()
+    lo, hi = shard_range(x.shape[0], dist.get_rank(), dist.get_world_size()) if mode else (0, x.shape[0])
+    terms = train_step(model, opt, tracker, x[lo:hi], 0, c, engine)
+    if mode == "shares":
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
     out = {f"grad.{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     out.update({f"term.{k}": v.detach().clone() for k, v in terms.items()})
     out["tracker"] = tracker.tokens_since_fired.clone()
     return out
 
 
-def _launched_during_backward(rank: int, world: int) -> int:
-    """Reductions an OverlappedGradReduce has in flight right after backward() returns (before wait)."""
-    from softsae.distributed.data_parallel import OverlappedGradReduce
-
+def _ddp_sums(rank: int) -> bool:
+    """The trainer's DDP comm hook sums the ranks' gradients (DDP's own default averages them)."""
     torch.manual_seed(0)
     lin = torch.nn.Sequential(torch.nn.Linear(16, 512), torch.nn.ReLU(), torch.nn.Linear(512, 16))
     x = torch.randn(8, 16) * (rank + 1)
-    want = list(torch.autograd.grad(lin(x).pow(2).sum(), list(lin.parameters())))  # no .grad, no hooks
+    want = list(torch.autograd.grad(lin(x).pow(2).sum(), list(lin.parameters())))
     for g in want:
-        dist.all_reduce(g)  # the sum the reducer must produce
-    red = OverlappedGradReduce(lin.parameters(), dist.group.WORLD, bucket_bytes=4096)
-    lin(x).pow(2).sum().backward()
-    launched = red.in_flight
-    red.wait()
-    red.remove()
-    for p, g in zip(lin.parameters(), want, strict=True):
-        torch.testing.assert_close(p.grad, g)
-    return launched
+        dist.all_reduce(g)  # the sum the hook must produce
+    ddp = torch.nn.parallel.DistributedDataParallel(lin)
+    ddp.register_comm_hook(None, _sum_hook)
+    ddp(x).pow(2).sum().backward()
+    return all(torch.allclose(p.grad, g, rtol=1e-5, atol=1e-6) for p, g in zip(lin.parameters(), want, strict=True))
 
 
 def _rank_main(rank: int, world: int, store: str, data: str, tmp: str) -> None:
@@ -108,17 +102,14 @@ def _rank_main(rank: int, world: int, store: str, data: str, tmp: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        from softsae.distributed.data_parallel import DataParallel
-
         results = {}
         for arch in ARCHS:
             out_dir = Path(tmp) / f"run_{arch}"
             res = train(data, _cfg(arch, parallel="data"), out_dir=out_dir)
             results[arch] = {"state": res.model.state_dict(), "last": res.last}
-            dp = DataParallel(dist.group.WORLD, rank, world)
-            results[f"grad_{arch}"] = _grad_step(arch, _grad_batch(), dp)
-            results[f"grad_overlap_{arch}"] = _grad_step(arch, _grad_batch(), dp, overlap=True)
-        results["launched_during_backward"] = _launched_during_backward(rank, world)
+            results[f"grad_{arch}"] = _grad_step(arch, _grad_batch(), "ddp")
+            results[f"grad_shares_{arch}"] = _grad_step(arch, _grad_batch(), "shares")
+        results["ddp_sums"] = _ddp_sums(rank)
         try:
             train(data, _cfg("topk", parallel="data", batch_size=1))
         except ValueError as e:
@@ -200,21 +191,18 @@ def test_gradients_are_the_global_gradients(two_ranks, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_overlapped_reduce_gives_the_global_gradients(two_ranks, arch):
+def test_rank_shares_sum_to_the_global_gradients(two_ranks, arch):
     _, _, ranks = two_ranks
     want = _grad_step(arch, _grad_batch())
     for r, res in enumerate(ranks):
-        got = res[f"grad_overlap_{arch}"]
+        got = res[f"grad_shares_{arch}"]
         assert set(got) == set(want), (arch, r)
         for name in want:
-            _assert_close(got[name], want[name], f"{arch} overlapped rank {r} {name}")
+            _assert_close(got[name], want[name], f"{arch} summed shares rank {r} {name}")
 
 
-def test_reductions_start_during_backward(two_ranks):
-    # 2 weights of 32 KiB go alone; the biases share buckets: several reductions were already started
-    # when backward() returned, i.e. they overlapped it (before this, one flat all-reduce ran after it)
-    for res in two_ranks[2]:
-        assert res["launched_during_backward"] >= 2
+def test_ddp_comm_hook_sums_gradients(two_ranks):
+    assert all(res["ddp_sums"] for res in two_ranks[2])
 
 
 def test_batch_smaller_than_world_is_refused(two_ranks):

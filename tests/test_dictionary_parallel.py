@@ -4,8 +4,8 @@ Each rank holds n/W latents (n = 50: 25 + 25 and 17 + 17 + 16). After 8 steps of
 gathered weights, buffers and the logged terms equal the single-process ``train()`` with the same seed,
 for softsae (soft and hard phases, k-loss), topk and batchtopk (global selection and threshold), with
 dead latents and aux-k active and mid-run checkpoints written. Adam hides gradient-scale errors, so
-one ``dictionary_train_step`` with plain SGD and no clipping must also give the single-process
-gradients of every parameter (gathered). Also: data parallel on 3 ranks, the state slicing.
+one ``train_step`` of the sharded model (``shard_model_``) with plain SGD and no clipping must also give
+the single-process gradients of every parameter (gathered). Also: data parallel on 3 ranks, the state slicing.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_spawn import acts, cfg, join, spawn
+from dist_spawn import acts, cfg, grad_model, join, spawn
 
-from softsae.distributed.dictionary_parallel import dictionary_train_step
+from softsae.distributed.placement import shard_model_
 from softsae.distributed.process import shutdown
-from softsae.distributed.sharded_model import SHARD_DIM, ShardedSAE, gather_full, shard_full
+from softsae.distributed.state import SHARD_DIM, gather_full, shard_full
 from softsae.losses import DeadLatentTracker
-from softsae.trainer import geometric_median, new_model, train, train_step
+from softsae.trainer import new_model, train, train_step
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -32,12 +32,7 @@ TOL = 2e-5
 def _grad_setup(arch: str):
     """A model, SGD(lr=0), a tracker with half the latents dead, the batch and the step's config."""
     x = torch.from_numpy(acts(31, 16, seed=1))
-    torch.manual_seed(5)
-    c = cfg(arch, grad_clip=0.0, k=2 if arch == "softsae" else 4, k_max=8).resolved(16)
-    model = new_model(c, 16)
-    model.set_normalization(None, float(x.pow(2).sum(-1).mean().sqrt()))
-    with torch.no_grad():
-        model.b_dec.copy_(geometric_median(model.normalize(x)))
+    model, c = grad_model(arch, x)
     tracker = DeadLatentTracker(model.n, 1)
     tracker.tokens_since_fired[::2] = 5
     return model, tracker, x, c
@@ -53,10 +48,10 @@ def _one_process_grads(arch: str) -> dict[str, torch.Tensor]:
 
 def _sharded_grads(arch: str) -> dict[str, torch.Tensor] | None:
     model, tracker, x, c = _grad_setup(arch)
-    sm = ShardedSAE(model)
+    sm = shard_model_(model)
     local_tracker = DeadLatentTracker(sm.n_local, 1)
-    local_tracker.tokens_since_fired.copy_(tracker.tokens_since_fired[sm.lo:sm.hi])
-    terms = dictionary_train_step(sm, torch.optim.SGD(sm.parameters(), lr=0.0), local_tracker, x, 0, c)
+    local_tracker.tokens_since_fired.copy_(tracker.tokens_since_fired[sm.latents.lo:sm.latents.hi])
+    terms = train_step(sm, torch.optim.SGD(sm.parameters(), lr=0.0), local_tracker, x, 0, c)
     grads = gather_full({n: p.grad for n, p in sm.named_parameters() if p.grad is not None}, sm.n)
     if grads is None:
         return None

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gpu_report  # benchmarks/ (pytest's pythonpath, pyproject.toml)
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def test_interop_export_refuses_a_narrow_head():
 
 
 def test_dictionary_mode_refuses_a_narrow_head():
-    from softsae.distributed.sharded_model import ShardedSAE
+    from softsae.distributed.placement import shard_model_
 
     with pytest.raises(ValueError, match="k_hidden == n"):
-        ShardedSAE(SoftSAE(8, 32, 4, k_hidden=3))
+        shard_model_(SoftSAE(8, 32, 4, k_hidden=3))

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import softsae
 from softsae.losses import DeadLatentTracker, auxk_loss, k_loss, reconstruction_loss
 from softsae.models import BatchTopKSAE, SoftSAE, TopKSAE
-from softsae.ops import soft_topk as st
+from softsae.ops import soft_topk_ops as st
 from softsae.ops import sparse_decode as sd
 
 aten = torch.ops.aten

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import _timing  # benchmarks/ (pytest's pythonpath, pyproject.toml)
 import pytest
+import results_table
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import _timing  # noqa: E402
-import results_table  # noqa: E402
 
 
 def _cells(table: str) -> list[list[str]]:

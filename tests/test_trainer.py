@@ -117,10 +117,10 @@ def test_resume_gives_the_same_model(tmp_path, synth, monkeypatch):
 
     real_step = trainer_mod.train_step
 
-    def crashing_step(model, opt, tracker, x, step, c):
+    def crashing_step(model, opt, tracker, x, step, c, engine=None):
         if step == 13:
             raise KeyboardInterrupt
-        return real_step(model, opt, tracker, x, step, c)
+        return real_step(model, opt, tracker, x, step, c, engine)
 
     monkeypatch.setattr(trainer_mod, "train_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
@@ -249,8 +249,8 @@ def test_topk_k_annealing_and_softsae_phases_in_a_run(synth):
     seen = []
     orig = trainer_mod.train_step
 
-    def spy(model, opt, tracker, x, step, cfg):
-        terms = orig(model, opt, tracker, x, step, cfg)
+    def spy(model, opt, tracker, x, step, cfg, engine=None):
+        terms = orig(model, opt, tracker, x, step, cfg, engine)
         seen.append((model.k_train, float(terms["l0"])))
         return terms
 

@@ -5,14 +5,15 @@
     lo, hi = sd.shard_range(n, ctx.rank, ctx.world_size)      # this rank's latents
     z_r = sd.sharded_soft_topk_gate(pre[:, lo:hi], k_hat, alpha)   # global threshold: sum p = k over all shards
     x_hat = sd.sharded_decode(vals, idx, W_dec_r, b_dec)
-    scale = sd.normalization_stats(x_r)[1]; sd.check_batch(x_r, d)
+    sd.check_batch(x_r, d)                                    # bad data on any rank: one error everywhere
 
-See sharded_ops.py (layout, gradient convention, collectives per call) and stats.py. Training:
-``TrainConfig(parallel="data")`` (data_parallel.py) or ``parallel="dictionary"`` (dictionary_parallel.py,
-the sharded model in sharded_model.py), both under torchrun.
+See sharded_ops.py (layout, gradient convention, collectives per call) and stats.py. The models'
+placements over a process group are in placement.py (dictionary mode: ``shard_model_``), the full <->
+sharded training state in state.py; the training strategies that use them are ``softsae.parallel``.
 """
 
 from softsae.distributed._comm import DistributedInputError
+from softsae.distributed.placement import ShardedLatents, ShardedRows, shard_model_
 from softsae.distributed.process import (
     DistContext,
     choose_backend,
@@ -22,7 +23,6 @@ from softsae.distributed.process import (
     shard_sizes,
     shutdown,
 )
-from softsae.distributed.sharded_model import ShardedSAE
 from softsae.distributed.sharded_ops import (
     copy_to_shards,
     reduce_from_shards,
@@ -33,21 +33,19 @@ from softsae.distributed.sharded_ops import (
     sharded_soft_topk_gate,
     sharded_topk_per_row,
 )
-from softsae.distributed.stats import check_batch, geometric_median, global_mean, merge_fired, normalization_stats
+from softsae.distributed.stats import check_batch, merge_fired
 
 __all__ = [
     "DistContext",
     "DistributedInputError",
-    "ShardedSAE",
+    "ShardedLatents",
+    "ShardedRows",
     "check_batch",
     "choose_backend",
     "copy_to_shards",
     "default_timeout",
-    "geometric_median",
-    "global_mean",
     "init_from_env",
     "merge_fired",
-    "normalization_stats",
     "reduce_from_shards",
     "shard_range",
     "shard_sizes",
@@ -58,4 +56,5 @@ __all__ = [
     "sharded_soft_topk",
     "sharded_soft_topk_gate",
     "sharded_topk_per_row",
+    "shard_model_",
 ]

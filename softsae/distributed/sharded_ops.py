@@ -34,7 +34,7 @@ The per-shard work is plain PyTorch in float64, not yet the fused kernels of a s
 one sort (or top-(2 max k + 18) selection) of the shard, P Laplace CDFs per iteration over the
 window of entries within 40 s of the bracket (the whole shard at large alpha), two log-sum-exp
 passes and the output pass. Measured on 2 CPU ranks it is several times slower than the
-one-process C++ kernel on the full row (see ``python -m softsae.distributed.bench``).
+one-process C++ kernel on the full row (see ``benchmarks/bench_sharded_soft_topk.py``).
 """
 
 from __future__ import annotations
@@ -521,12 +521,13 @@ def sharded_topk_per_row(z: Tensor, k, group: dist.ProcessGroup | None = None,
     order = torch.sort(all_v, dim=-1, descending=True, stable=True).indices
     sel_i = all_i.gather(1, order)
     pos = torch.arange(sel_i.shape[1], device=z.device)
-    chosen = torch.where(pos[None, :] < kk[:, None], sel_i, n)  # global indices of the top k
+    chosen = torch.where(pos[None, :] < kk[:, None], sel_i, n)  # global indices of the top k, best first
     mine = (chosen >= off) & (chosen < off + n_r)
-    keep = torch.zeros(B, n_r, dtype=torch.bool, device=z.device)
-    rows = torch.arange(B, device=z.device)[:, None].expand_as(chosen)
-    keep[rows[mine], chosen[mine] - off] = True
-    return _select_ordered(keep, z, width, off if global_index else 0)
+    # this rank's picks moved to the front, their order (value descending, ties by index) kept: (B, k) work
+    front = torch.sort((~mine).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    local = torch.where(mine, chosen - off, -1).gather(1, front)
+    vals = torch.where(local >= 0, z.gather(1, local.clamp(min=0)), 0)
+    return vals, torch.where(local >= 0, local + (off if global_index else 0), -1)
 
 
 def sharded_batch_topk(z: Tensor, k: int, group: dist.ProcessGroup | None = None, split: str = "latents",

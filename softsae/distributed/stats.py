@@ -1,23 +1,11 @@
-"""Global batch statistics for data-parallel training on torch.distributed.
+"""Collective checks and bookkeeping over the ranks' rows (identical results on every rank):
 
-Each rank holds different rows (tokens) of the batch; every statistic here is over ALL ranks'
-rows and comes back identical on every rank:
-
-    shift, scale = normalization_stats(x_r)           # scale = sqrt(E ||x - shift||^2) over all rows
-    b_dec0 = geometric_median(x_r)                    # Weiszfeld with all-reduced sums
-    mean_k = global_mean(k_hat_r)                     # differentiable (see the gradient convention)
-    fired, tokens = merge_fired(fired_r, n_tokens_r)  # dead-latent counters
+    fired, tokens = merge_fired(fired_r, n_tokens_r)  # dead-latent counters of data-parallel ranks
     check_batch(x_r, d)                               # bad data on any rank -> the same error on every rank
 
-Gradient convention of :func:`global_mean` (DDP's): the gradient of each parameter is averaged
-over the data-parallel ranks after backward. ``global_mean``'s backward all-reduces (sums) the
-upstream gradients, so rank r's local gradient is W times the exact partial derivative of the
-global mean w.r.t. its rows, and the DDP average over the W ranks gives exactly the gradient of
-the global loss.
-
-BatchTopK's global selection and threshold for data-parallel rows is
-``softsae.distributed.sharded_batch_topk(z_r, k, split="rows")``. Aux-k's selection needs no
-collective once the dead mask is global: each row picks from the same (merged) dead set.
+The data-mode batch statistics of the models (BatchTopK's global selection, the global mean of
+k_hat, aux-k's means) are methods of ``softsae.distributed.placement.ShardedRows``; normalisation
+and b_dec's geometric median use the global batch, which every rank draws.
 """
 
 from __future__ import annotations
@@ -29,106 +17,13 @@ from torch import Tensor
 from softsae.distributed._comm import all_gather_stack, all_reduce_, comm_device, raise_everywhere
 from softsae.distributed.process import group_rank_world
 
-__all__ = ["check_batch", "geometric_median", "global_mean", "merge_fired", "normalization_stats"]
+__all__ = ["check_batch", "merge_fired"]
 
 
 def _check_rows(x: Tensor, name: str = "x") -> None:
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a 2-D float tensor (rows, d), got {shape}")
-
-
-def normalization_stats(x: Tensor, mode: str = "scale", group: dist.ProcessGroup | None = None
-                        ) -> tuple[Tensor | None, float]:
-    """(shift (d,) float32 or None, scale) for ``x_n = (x - shift) / scale`` over all ranks' rows.
-
-    Modes as ``softsae.data.normalization_stats``: ``"none"``, ``"scale"`` (E ||x_n||^2 = 1 over the
-    global rows), ``"center_scale"`` (shift = global mean first). x: (B_r, d), B_r may differ
-    per rank. Sums in float64; one all-reduce of (d + 2,) (plus one of (2,) for center_scale).
-    """
-    if mode not in ("none", "scale", "center_scale"):
-        raise ValueError(f"mode must be 'none', 'scale' or 'center_scale', got {mode!r}")
-    _check_rows(x)
-    group_rank_world(group)
-    if mode == "none":
-        return None, 1.0
-    xd = x.detach().to(torch.float64)
-    d = xd.shape[1]
-    buf = torch.zeros(d + 2, dtype=torch.float64, device=x.device)
-    buf[:d] = xd.sum(0)
-    buf[d] = xd.pow(2).sum()
-    buf[d + 1] = xd.shape[0]
-    all_reduce_(buf, group=group)
-    rows = buf[d + 1]
-    if rows == 0:
-        raise ValueError("normalization_stats: no rows on any rank")
-    shift = None
-    if mode == "center_scale":
-        shift = buf[:d] / rows
-        sq = torch.stack([(xd - shift).pow(2).sum(), xd.new_zeros(())])
-        ssq = all_reduce_(sq, group=group)[0]
-    else:
-        ssq = buf[d]
-    scale = float((ssq / rows).sqrt())
-    if not scale > 0:
-        raise ValueError("normalization_stats: activations are all zero on every rank; cannot normalise")
-    return (shift.float() if shift is not None else None), scale
-
-
-@torch.no_grad()
-def geometric_median(x: Tensor, iters: int = 10, eps: float = 1e-8,
-                     group: dist.ProcessGroup | None = None) -> Tensor:
-    """Geometric median of all ranks' rows by Weiszfeld's iteration, from the global mean.
-
-    x (B_r, d) -> (d,) in x.dtype, identical on every rank. Each step is one all-reduce of (d + 1,)
-    float64: sum_i w_i x_i and sum_i w_i with w_i = 1 / max(||x_i - y||, eps). Equals
-    ``softsae.trainer.geometric_median`` on the concatenated rows up to summation order.
-    """
-    _check_rows(x)
-    if not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-    group_rank_world(group)
-    xd = x.to(torch.float64)
-    d = xd.shape[1]
-    buf = torch.cat([xd.sum(0), xd.new_tensor([xd.shape[0]])])
-    all_reduce_(buf, group=group)
-    if buf[d] == 0:
-        raise ValueError("geometric_median: no rows on any rank")
-    y = buf[:d] / buf[d]
-    for _ in range(iters):
-        w = 1.0 / (xd - y).norm(dim=1).clamp_min(eps)
-        buf = torch.cat([(w[:, None] * xd).sum(0), w.sum().reshape(1)])
-        all_reduce_(buf, group=group)
-        y = buf[:d] / buf[d]
-    return y.to(x.dtype)
-
-
-class _GlobalMean(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        buf = torch.stack([x.detach().to(torch.float64).sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
-                                                                             device=x.device)])
-        all_reduce_(buf, group=group)
-        ctx.group, ctx.count, ctx.shape = group, buf[1], x.shape
-        return (buf[0] / buf[1]).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        g = all_reduce_(grad.detach().to(torch.float64).reshape(1).clone(), group=ctx.group)
-        return (g / ctx.count).to(grad.dtype).expand(ctx.shape), None
-
-
-def global_mean(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Mean of ``x``'s elements over all ranks (0-d, identical everywhere), differentiable.
-
-    Backward all-reduces the upstream gradient (DDP convention, see the module doc): after DDP's
-    average over ranks, parameters get the exact gradient of a loss of the global mean, e.g. the
-    k-loss ``softplus(mean(k_hat) - K)``. Ranks may hold different numbers of elements.
-    """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor, got {type(x).__name__ if not isinstance(x, Tensor) else x.dtype}")
-    group_rank_world(group)
-    return _GlobalMean.apply(x, group)
 
 
 def merge_fired(fired: Tensor, n_tokens: int, group: dist.ProcessGroup | None = None) -> tuple[Tensor, int]:

@@ -116,6 +116,8 @@ def number(obj: dict, key: str, where: str | Path, default: Any = _MISSING, inte
     return float(v)
 
 
+SAELENS_ARCHITECTURE = "softsae"  # the architecture name softsae registers with SAELens
+
 @dataclass
 class Params:
     """Plain SAE weights in softsae's orientation (float32, CPU).

@@ -13,8 +13,8 @@ on raw activations and its latents are norm_factor times the normalised-space on
 recorded; reading divides it back out (see ``softsae.interop._common``, convention "decoder").
 
 SoftSAE has no class in dictionary_learning: it is written in the authors' format (the keys of
-``softsae.checkpoint.to_reference_state_dict``, normalisation kept as ``norm_factor``/``shift_factor``
-keys) with ``dict_class`` "SoftSAE", and read back by ``softsae.checkpoint.from_reference_state_dict``.
+``softsae.interop.reference.to_reference_state_dict``, normalisation kept as ``norm_factor``/``shift_factor``
+keys) with ``dict_class`` "SoftSAE", and read back by ``softsae.interop.reference.from_reference_state_dict``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from softsae.checkpoint import _scalar, from_reference_state_dict, to_reference_state_dict
 from softsae.fileio import atomic_torch_save, atomic_write_json
 from softsae.interop._common import (
     Params,
@@ -37,6 +36,7 @@ from softsae.interop._common import (
     read_json_object,
     unfold,
 )
+from softsae.interop.reference import _scalar, from_reference_state_dict, to_reference_state_dict
 from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 
 AE = "ae.pt"

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from softsae.fileio import atomic_save_safetensors, atomic_write_json
 from softsae.interop._common import (
+    SAELENS_ARCHITECTURE,
     Params,
     build,
     check_threshold,
@@ -50,7 +51,7 @@ from softsae.models import BatchTopKSAE, SoftSAE, SparseAutoencoder, TopKSAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
-ARCHITECTURE = "softsae"  # the name softsae registers with SAELens
+ARCHITECTURE = SAELENS_ARCHITECTURE  # the name softsae registers with SAELens
 # SAELens reads configs without metadata.sae_lens_version >= 6 through its pre-6.0 converter.
 FORMAT_VERSION = "6.0.0"
 

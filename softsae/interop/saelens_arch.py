@@ -14,7 +14,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 
-from softsae.interop.saelens import ARCHITECTURE
+from softsae.interop._common import SAELENS_ARCHITECTURE as ARCHITECTURE
 from softsae.ops.topk_per_row import topk_per_row
 
 

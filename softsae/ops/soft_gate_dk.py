@@ -30,6 +30,7 @@ from torch import Tensor
 from softsae import _backends
 from softsae.ops import soft_topk as st
 from softsae.ops import soft_topk_sparse as sts
+from softsae.ops.soft_topk_ops import _fwd_op, _sparse_fwd_impl
 
 DK_CUT = 32.0  # entries with |u| more than this above the row's smallest |u| are dropped
 
@@ -54,8 +55,8 @@ def soft_topk_threshold(x: Tensor, k, alpha, backend: str = "auto") -> Tensor:
     if x2.numel() == 0:
         return x2.new_empty(x2.shape[0], dtype=torch.float64)
     if sts.fused_backend(x2, name) is not None:
-        return sts._fwd_impl(x2, k_rows, alpha_t, True, 0, name)[2]
-    return st._fwd_op(x2, k_rows, alpha_t, True, False, name)[1]
+        return _sparse_fwd_impl(x2, k_rows, alpha_t, True, 0, name)[2]
+    return _fwd_op(x2, k_rows, alpha_t, True, False, name)[1]
 
 
 @torch.no_grad()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("dictionary_learning", reason="dictionary-learning is not installed (run .ci/interop)")
 pytest.importorskip("sparsify", reason="eai-sparsify is not installed (run .ci/interop)")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import bench_train_step  # noqa: E402
+import bench_train_step
 
 
 def test_every_framework_steps_at_a_tiny_shape():

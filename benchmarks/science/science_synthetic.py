@@ -1,8 +1,8 @@
 """Science check on data with known structure: does SoftSAE's k follow the true number of active
 factors, and does it reach a lower or equal FVU than TopK at the same mean L0?
 
-    python benchmarks/science_synthetic.py                     # default setting, ~2-5 min on 2 CPU cores
-    python benchmarks/science_synthetic.py --steps 4000 --backend cpu --markdown out.md
+    python benchmarks/science/science_synthetic.py                     # default setting, ~2-5 min on 2 CPU cores
+    python benchmarks/science/science_synthetic.py --steps 4000 --backend cpu --markdown out.md
 
 Setting: d=64 activations built from 128 random unit directions; each sample uses 1..16 of them
 (log-uniform count), positive coefficients in [0.5, 1.5], noise 0.01. SAEs have 256 latents.

@@ -1,12 +1,12 @@
 """Recipe ablations for SoftSAE against TopK at equal mean L0 on synthetic data with known counts.
 
-    python benchmarks/recipe_ablation.py --data A16 --configs cur,auth,auth_a10       # appends JSON rows
-    python benchmarks/recipe_ablation.py --table                                        # markdown of all rows
+    python benchmarks/science/recipe_ablation.py --data A16 --configs cur,auth,auth_a10       # appends JSON rows
+    python benchmarks/science/recipe_ablation.py --table                                        # markdown of all rows
 
 Each config (a set of TrainConfig overrides, CONFIGS below) trains one SoftSAE; TopK is trained at
 floor and ceil of the SoftSAE's held-out mean L0 with the same steps, batch, lr schedule and K
 annealing, and its FVU interpolated linearly to that L0 (TopK runs are cached in the log). Every
-row goes to benchmarks/results/recipe_ablation.jsonl: config -> SoftSAE FVU, mean L0, Spearman(L0,
+row goes to benchmarks/science/results/recipe_ablation.jsonl: config -> SoftSAE FVU, mean L0, Spearman(L0,
 true count), TopK FVU at equal L0, ratio, and the same-dictionary diagnostics (soft / floor /
 round / uniform top-K / batch threshold). One thread per process (OMP_NUM_THREADS=1).
 
@@ -15,7 +15,7 @@ Datasets: ``A*`` are the held-in sets of softsae.synthetic.make_synthetic (tuned
 ``M8``/``M16``/``M32`` are MiniLM activations (``softsae activations --heldout-frac 0.1``): trained on
 the train split minus its last ``MINILM_VAL_ROWS`` rows, which are the validation rows (whole
 documents, never trained on here); the held-out split stays unseen by the ablation and is used only by
-benchmarks/science_minilm.py.
+benchmarks/science/science_minilm.py.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ DATASETS = {
     "A24d128": ("held-in", dict(d=128, n_true=512, k_min=1, k_max=96), 24, 1024),
     "A21": ("held-in", dict(d=64, n_true=420, k_min=1, k_max=84), 21, 512),  # close to the issue's setting
 }
-MINILM_ACTS = Path(__file__).parents[1] / "runs" / "minilm_docs.npy"  # as in science_minilm.py
+MINILM_ACTS = Path(__file__).parents[2] / "runs" / "minilm_docs.npy"  # as in science_minilm.py
 MINILM_VAL_ROWS = 20_000
 MINILM_DICT = 1536
 for _k in (8, 16, 32):

@@ -1,9 +1,12 @@
 """A/B experiments behind benchmarks/results/train_step.md ("Measured levers"): least CPU time of a
 step, both variants alternating in one process (less disturbed by a loaded machine than two runs).
 
-    python benchmarks/ab_train_step_levers.py fold --d 768 --n 16384 --B 1024 --reps 3
-    python benchmarks/ab_train_step_levers.py topk-fast --d 768 --n 16384 --B 1024 --reps 3
-    python benchmarks/ab_train_step_levers.py fused-gemm --d 768 --n 16384 --B 1024 --reps 4
+    PYTHONPATH=benchmarks python benchmarks/science/ab_train_step_levers.py fold --d 768 --n 16384 --B 1024
+        --reps 3
+    PYTHONPATH=benchmarks python benchmarks/science/ab_train_step_levers.py topk-fast --d 768 --n 16384 --B 1024
+        --reps 3
+    PYTHONPATH=benchmarks python benchmarks/science/ab_train_step_levers.py fused-gemm --d 768 --n 16384 --B 1024
+        --reps 4
 
 fold: SoftSAE train_step with the k head's b_dec folded into its bias (softsae.models, current) vs
 the head applied to ``x_n - b_dec``. topk-fast: TopK / SoftSAE-hard train_step with a prototype
@@ -16,19 +19,15 @@ one (2n x d) GEMM over the concatenated weights, b_dec folded into the biases, b
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_train_throughput import make_train_step  # benchmarks/: PYTHONPATH=benchmarks (see above)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_train_throughput import make_train_step  # noqa: E402
-
-import softsae.models as models  # noqa: E402
-from softsae.ops.topk_per_row import topk_per_row  # noqa: E402
+import softsae.models as models
+from softsae.ops.topk_per_row import topk_per_row
 
 
 def least_cpu_ms(variants: dict[str, Callable[[], object]], reps: int, setup: Callable[[str], None] = lambda _: None

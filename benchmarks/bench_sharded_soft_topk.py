@@ -1,6 +1,6 @@
 """Measure the dictionary-sharded Soft Top-K on CPU gloo ranks against the unsharded float64 reference.
 
-    python -m softsae.distributed.bench --rows 64 --n 4096 --world 2 --alpha 1e-4 1e-2 1.0
+    python benchmarks/bench_sharded_soft_topk.py --rows 64 --n 4096 --world 2 --alpha 1e-4 1e-2 1.0
 
 Prints, per alpha: search iterations (all-reduces of the threshold search), sharded forward and
 backward wall time (rank 0, after a barrier), the unsharded fwd+bwd time in one process (reference

@@ -1,7 +1,7 @@
 """SoftSAE's k-head width on MiniLM: what a head narrower than the paper's (k_hidden < n) costs.
 
-    python benchmarks/k_head_width.py                       # K 16, seed 0, k_hidden 384 and 96 (n = 1536), 5M tokens
-    python benchmarks/k_head_width.py --ks 8 16 32 --seeds 0 1 --widths 384
+    python benchmarks/science/k_head_width.py               # K 16, seed 0, k_hidden 384 and 96 (n = 1536), 5M tokens
+    python benchmarks/science/k_head_width.py --ks 8 16 32 --seeds 0 1 --widths 384
 
 The head ``Linear(d, m) -> ReLU -> Linear(m, 1)`` costs two (B, m, d) GEMMs per training step
 (forward and weight gradient); at the paper's m = n that is twice the encoder's GEMM, and it is
@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from science_minilm import FULL, RESULTS, ROOT, interp_log, prepare, run_one  # noqa: E402
+from science_minilm import FULL, RESULTS, ROOT, interp_log, prepare, run_one  # this folder (the script's)
 
 
 def main() -> None:
@@ -79,7 +77,8 @@ def main() -> None:
                      f"{' (extrapolated)' if extrap else ''} | {fvu / t_fvu:.3f} | {down:.4f} / {t_down:.4f} "
                      f"| {secs:.0f} |")
     text = (f"## SoftSAE k-head width on MiniLM (K {', '.join(map(str, a.ks))})\n\n"
-            f"`{' '.join(['python benchmarks/k_head_width.py'] + sys.argv[1:])}`: {a.tokens_per_model} tokens per "
+            f"`{' '.join(['python benchmarks/science/k_head_width.py'] + sys.argv[1:])}`: "
+            f"{a.tokens_per_model} tokens per "
             f"model, dictionary {a.dict_size}, batch {a.batch_size}, seeds {a.seeds}, the trainer's defaults "
             f"(only k_hidden differs; the width-n and TopK runs are those of science_minilm.py --full in "
             f"`{a.runs.relative_to(ROOT) if a.runs.is_relative_to(ROOT) else a.runs}`). Held-out split; ratio = "

