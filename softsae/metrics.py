@@ -45,6 +45,17 @@ def spearman(a, b) -> float:
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
+def interp_log(x: float, xs: list[float], ys: list[float]) -> tuple[float, bool]:
+    """Piecewise-linear interpolation in log(x) through points sorted by ``xs`` (e.g. a TopK frontier's
+    mean L0 -> FVU); returns (value, extrapolated?). One point: its value, extrapolated."""
+    lx, lxs = math.log(x), [math.log(v) for v in xs]
+    if len(xs) == 1:
+        return ys[0], True
+    i = 0 if lx <= lxs[1] else min(len(xs) - 2, max(j for j in range(len(xs) - 1) if lxs[j] <= lx))
+    w = (lx - lxs[i]) / (lxs[i + 1] - lxs[i])
+    return ys[i] + w * (ys[i + 1] - ys[i]), not lxs[0] <= lx <= lxs[-1]
+
+
 def dictionary_recovery(W_learned: Tensor | np.ndarray, W_true: Tensor | np.ndarray) -> dict[str, float]:
     """For each true direction (rows of W_true (m, d)), the max cosine with a learned row (n, d).
 

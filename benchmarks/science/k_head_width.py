@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from science_minilm import FULL, RESULTS, ROOT, interp_log, prepare, run_one  # this folder (the script's)
+from science_minilm import FULL, RESULTS, ROOT, prepare, run_one  # this folder (the script's)
+
+from softsae.metrics import interp_log
 
 
 def main() -> None:

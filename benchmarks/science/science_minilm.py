@@ -38,7 +38,7 @@ import torch
 
 from softsae.activations import extract_corpus, output_paths
 from softsae.checkpoint import atomic_write_json, load_sae
-from softsae.metrics import evaluate
+from softsae.metrics import evaluate, interp_log
 from softsae.trainer import METRICS_FILE, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,16 +125,6 @@ def dictionary_vs_allocation(a, paths: dict, k: int, seed: int, soft_l0: float) 
             out["softsae_floor_khat"] = _decode_fvu(m, x_n, _topk_dense(pre, torch.floor(m.k_hat_norm(x_n))
                                                                          .clamp(1, m.n)), den)
     return out
-
-
-def interp_log(x: float, xs: list[float], ys: list[float]) -> tuple[float, bool]:
-    """Piecewise-linear interpolation in log(x) through sorted points; (value, extrapolated?)."""
-    lx, lxs = math.log(x), [math.log(v) for v in xs]
-    if len(xs) == 1:
-        return ys[0], True
-    i = 0 if lx <= lxs[1] else min(len(xs) - 2, max(j for j in range(len(xs) - 1) if lxs[j] <= lx))
-    w = (lx - lxs[i]) / (lxs[i + 1] - lxs[i])
-    return ys[i] + w * (ys[i + 1] - ys[i]), not lxs[0] <= lx <= lxs[-1]
 
 
 def aggregate(results: list[dict]) -> dict:

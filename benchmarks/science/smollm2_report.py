@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+
+from softsae.metrics import interp_log
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LABELS = {"softsae": "SoftSAE", "softsae_paper": "SoftSAE (paper recipe)", "topk": "TopK", "batchtopk": "BatchTopK"}
 METRICS = {"fvu": ("held-out FVU", False), "frac_recovered_zero": ("CE loss recovered (vs zero abl.)", True),
            "kl_mean": ("KL(clean || SAE), nats/token", False)}
-
-
-def interp_log(x: float, xs: list[float], ys: list[float]) -> tuple[float, bool]:
-    """Piecewise-linear interpolation in log(x) through points sorted by xs; (value, extrapolated?)."""
-    lx, lxs = math.log(x), [math.log(v) for v in xs]
-    if len(xs) == 1:
-        return ys[0], True
-    i = 0 if lx <= lxs[1] else min(len(xs) - 2, max(j for j in range(len(xs) - 1) if lxs[j] <= lx))
-    w = (lx - lxs[i]) / (lxs[i + 1] - lxs[i])
-    return ys[i] + w * (ys[i + 1] - ys[i]), not lxs[0] <= lx <= lxs[-1]
 
 
 def collect(runs_dir: Path, names: list[str]) -> list[dict]:
