@@ -20,12 +20,6 @@ from softsae.distributed.process import group_rank_world
 __all__ = ["check_batch", "merge_fired"]
 
 
-def _check_rows(x: Tensor, name: str = "x") -> None:
-    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a 2-D float tensor (rows, d), got {shape}")
-
-
 def merge_fired(fired: Tensor, n_tokens: int, group: dist.ProcessGroup | None = None) -> tuple[Tensor, int]:
     """Merge dead-latent bookkeeping of data-parallel ranks (full dictionary on every rank).
 
