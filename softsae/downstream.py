@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softsae.activations import DEFAULT_LAYER, _find_module, _load
+from softsae.activations import DEFAULT_LAYER
+from softsae.hf import find_module, load_hf
 
 Replace = Callable[[Tensor], Tensor]  # (M, d) activations at the trained positions -> (M, d)
 
@@ -67,8 +68,8 @@ class SpliceEvaluator:
             raise ValueError("texts: no non-empty texts to evaluate on")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.tok, self.model = _load(model_path, device)
-        self.module = _find_module(self.model, layer)
+        self.tok, self.model = load_hf(model_path, device)
+        self.module = find_module(self.model, layer)
         self.layer, self.device, self.batch_size = layer, device, batch_size
         self.batches = []
         for s in range(0, len(texts), batch_size):

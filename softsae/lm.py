@@ -30,7 +30,7 @@ mask 0) in a batch. No window mixes two texts; no token is dropped. The BOS posi
 sink whose residual norm is far above the others'; tests/test_smollm2.py checks > 3x the median) and
 any special token inside the text are excluded (``Window.keep`` False), as are padding positions;
 the SAE is trained and evaluated on kept positions only. For MiniLM the windows are those of
-``softsae.activations.tokenize_windows`` ([CLS] ... [SEP], the special tokens not kept).
+``softsae.hf.tokenize_windows`` ([CLS] ... [SEP], the special tokens not kept).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from softsae.activations import LayerCapture, _find_module, _without_checkout_on_path, tokenize_windows
+from softsae.hf import LayerCapture, find_module, packaged_model_path, tokenize_windows, without_checkout_on_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_LAYER = "model.layers.14"  # output of block 15 of 30: the mid-depth residual stream (module doc)
@@ -63,8 +63,6 @@ class ModelSpec:
 
 
 def _minilm_path() -> Path:
-    from softsae.activations import packaged_model_path
-
     return packaged_model_path()
 
 
@@ -230,7 +228,7 @@ class LanguageModel:
             raise ValueError(f"--model {self.spec.name}: logits need a causal language model")
         handle = None
         if edit is not None:
-            module = _find_module(self.model, layer or self.spec.default_layer)
+            module = find_module(self.model, layer or self.spec.default_layer)
 
             def hook(_mod, _inp, output):
                 h = output[0] if isinstance(output, (tuple, list)) else output
@@ -263,7 +261,7 @@ def load_lm(spec: str | Path | ModelSpec | None, device: str = "cpu") -> Languag
     ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    with _without_checkout_on_path():
+    with without_checkout_on_path():
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         kw: dict = {"local_files_only": True}

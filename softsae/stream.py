@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softsae.activations import _find_module
 from softsae.data import DataError, check_finite_batch
+from softsae.hf import find_module
 from softsae.lm import Window, run_lm_windows
 
 DEFAULT_BUFFER_TOKENS = 262_144  # 400 MB at d = 384 (MiniLM); 64 batches of 4096
@@ -316,7 +316,7 @@ def open_stream(model_path: str | Path | None = None, layer: str | None = None, 
         texts = [t for t in lm_texts(docs) if t] if spec.causal else document_texts(docs)
     texts = list(texts)
     lm = load_lm(spec, device)
-    _find_module(lm.model, layer)
+    find_module(lm.model, layer)
     producer = WindowStream(lm, layer, texts, seq_len=seq_len, batch_size=batch_size, keep_special=keep_special,
                             cycle=cycle)
     settings = {"model": model_key(spec), "layer": layer, "seq_len": seq_len, "keep_special": keep_special,

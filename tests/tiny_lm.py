@@ -14,9 +14,9 @@ def make_tiny_llama(path: Path, n_layers: int = 4, d: int = 32, seed: int = 0) -
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from softsae.activations import _without_checkout_on_path
+    from softsae.hf import without_checkout_on_path
 
-    with _without_checkout_on_path():  # the checkout's kernels/ would shadow HF's kernels package
+    with without_checkout_on_path():  # the checkout's kernels/ would shadow HF's kernels package
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
