@@ -45,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from softsae.checkpoint import atomic_write, atomic_write_json
+from softsae.fileio import atomic_write, atomic_write_json
 from softsae.lm import LanguageModel, Window, batch_windows, model_key
 from softsae.metrics import spearman
+from softsae.stream import texts_fingerprint
 
 # (M, d) float32 activations at the spliced positions -> (reconstruction (M, d), l0 (M,) or None, k_hat or None)
 Splice = Callable[[Tensor], tuple[Tensor, Tensor | None, Tensor | None]]
@@ -66,13 +67,6 @@ def sae_splice(sae: torch.nn.Module) -> Splice:
         return sae.denormalize(out.x_hat).float(), out.codes.l0(), out.k_hat
 
     return fn
-
-
-def _fingerprint(texts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(hashlib.sha256(t.encode("utf-8")).digest())
-    return h.hexdigest()
 
 
 class LMEvaluator:
@@ -110,7 +104,7 @@ class LMEvaluator:
         self._given_mean = None if mean is None else mean.detach().float().reshape(-1).cpu()
         if self._given_mean is not None and self._given_mean.numel() != lm.d_model:
             raise ValueError(f"mean must be a ({lm.d_model},) vector, got {tuple(mean.shape)}")
-        key = {"model": model_key(lm.spec), "layer": self.layer, "seq_len": seq_len, "texts": _fingerprint(texts),
+        key = {"model": model_key(lm.spec), "layer": self.layer, "seq_len": seq_len, "texts": texts_fingerprint(texts),
                "max_tokens": max_tokens, "mean": None if mean is None else
                hashlib.sha256(self._given_mean.numpy().tobytes()).hexdigest(), "version": 1}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
