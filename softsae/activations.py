@@ -45,7 +45,14 @@ import numpy as np
 import torch
 
 from softsae.corpus import Document, is_heldout, python_docs_corpus
-from softsae.fileio import atomic_save_npy, atomic_write_json, remove_stale_temps, temp_path, write_npy_rows
+from softsae.fileio import (
+    atomic_save_npy,
+    atomic_write_json,
+    iter_row_blocks,
+    remove_stale_temps,
+    temp_path,
+    write_npy_rows,
+)
 from softsae.hf import find_module, load_hf
 
 DEFAULT_LAYER = "encoder.layer.3"  # output of the 4th of 6 blocks of MiniLM-L6 (residual stream)
@@ -172,7 +179,7 @@ def _raw_to_npy(raw_path: Path, out: Path, n: int, d: int, chunk_rows: int = 655
     """Copy n x d float32 rows from a raw file into ``out`` (.npy), written atomically with plain writes
     after reserving the space (a full disk is an OSError naming ``out``, never SIGBUS)."""
     src = np.memmap(raw_path, dtype=np.float32, mode="r", shape=(n, d))  # reading a map cannot hit a full disk
-    write_npy_rows(out, (n, d), np.float32, lambda: (src[s:s + chunk_rows] for s in range(0, n, chunk_rows)))
+    write_npy_rows(out, (n, d), np.float32, lambda: iter_row_blocks(src, chunk_rows))
 
 
 # ----------------------------------------------------------------------------- corpus extraction, resumable
@@ -240,13 +247,9 @@ def _open_shard(path: Path, rows: int, d: int | None = None, dtype: np.dtype | N
     return arr
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    atomic_save_npy(path, arr)
-
-
 def _write_shard(shard_dir: Path, index: int, acts: np.ndarray, docs: list[dict]) -> None:
     """Shard ``index``: the activations, then (last, marking it complete) its document list."""
-    _write_npy(shard_dir / f"shard_{index:05d}.npy", acts)
+    atomic_save_npy(shard_dir / f"shard_{index:05d}.npy", acts)
     atomic_write_json(shard_dir / f"shard_{index:05d}.json", {"rows": int(len(acts)), "docs": docs})
 
 
