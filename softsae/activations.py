@@ -346,8 +346,7 @@ def extract_corpus(out: str | Path, docs: Sequence[Document] | None = None, mode
                 chunk = docs[i * shard_docs:(i + 1) * shard_docs]
                 texts, owner = [], []
                 for j, doc in enumerate(chunk):
-                    ps = lm_texts([doc]) if lm.causal else doc.paragraphs()
-                    ps = [p for p in ps if p]
+                    ps = lm_texts([doc], lm.causal)
                     texts.extend(ps)
                     owner.extend([j] * len(ps))
                 windows = lm.windows(texts, seq_len)

@@ -336,9 +336,12 @@ def _stream_options(a: argparse.Namespace, cfg) -> dict | None:
 
 def _open_stream(stream: dict):
     from softsae.activations import read_text_documents
-    from softsae.stream import document_texts, open_stream
+    from softsae.lm import lm_texts, resolve_model
+    from softsae.stream import open_stream
 
-    texts = document_texts(read_text_documents(stream["text"])) if stream["text"] is not None else None
+    texts = None
+    if stream["text"] is not None:
+        texts = lm_texts(read_text_documents(stream["text"]), resolve_model(stream["model"]).causal)
     return open_stream(stream["model"], stream["layer"], texts, buffer_tokens=stream["buffer_tokens"],
                        seq_len=stream["seq_len"], device=stream["device"], seed=stream["seed"])
 
@@ -431,12 +434,13 @@ def _eval_lm(a, model) -> int:
     if layer is None and stream_file.is_file():
         layer = json.loads(stream_file.read_text(encoding="utf-8")).get("layer")
     if a.text is not None:
-        texts = [d.text for d in read_text_documents(a.text)]
+        docs = read_text_documents(a.text)
     else:
         from softsae.corpus import is_heldout, python_docs_corpus
 
-        texts = lm_texts([d for d in python_docs_corpus() if is_heldout(d.id, 0.1)])
+        docs = [d for d in python_docs_corpus() if is_heldout(d.id, 0.1)]
     lm = load_lm(a.lm, device=a.device)
+    texts = lm_texts(docs, lm.causal)
     if model.d != lm.d_model:
         raise ValueError(f"--model has d={model.d} but --lm {a.lm} has d_model={lm.d_model}")
     cache = a.cache_dir if a.cache_dir is not None else os.path.join(os.path.expanduser("~"), ".cache", "softsae",

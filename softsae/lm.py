@@ -278,10 +278,13 @@ def load_lm(spec: str | Path | ModelSpec | None, device: str = "cpu") -> Languag
     return LanguageModel(ms, model.to(device).eval(), tok, device)
 
 
-def lm_texts(docs) -> list[str]:
-    """The texts a model reads of ``softsae.corpus.Document`` s, one per document, in order: for a causal LM
-    the document's paragraphs joined by blank lines (windowed as one text, so context crosses paragraphs)."""
-    return ["\n\n".join(doc.paragraphs()) for doc in docs]
+def lm_texts(docs, causal: bool = True) -> list[str]:
+    """The texts a model reads of ``softsae.corpus.Document`` s, in order, empty ones dropped: for a causal
+    LM one per document, its paragraphs joined by blank lines (windowed as one text, so context crosses
+    paragraphs); for an encoder (MiniLM) one per paragraph. Extraction, streaming, ``softsae eval --lm``
+    and the dashboard all read text through this one rule."""
+    texts = ["\n\n".join(d.paragraphs()) for d in docs] if causal else [p for d in docs for p in d.paragraphs()]
+    return [t for t in texts if t]
 
 
 def model_key(spec: ModelSpec) -> str:

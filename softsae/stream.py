@@ -57,11 +57,6 @@ class RowProducer(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def document_texts(docs) -> list[str]:
-    """The paragraphs of ``docs`` (``softsae.corpus.Document``), in order: what ``extract_corpus`` reads."""
-    return [p for doc in docs for p in doc.paragraphs()]
-
-
 def texts_fingerprint(texts: Sequence[str]) -> str:
     """sha256 over the texts (order-sensitive): a resumed stream must read the same texts."""
     h = hashlib.sha256()
@@ -313,7 +308,7 @@ def open_stream(model_path: str | Path | None = None, layer: str | None = None, 
         from softsae.corpus import python_docs_corpus
 
         docs = python_docs_corpus()
-        texts = [t for t in lm_texts(docs) if t] if spec.causal else document_texts(docs)
+        texts = lm_texts(docs, spec.causal)
     texts = list(texts)
     lm = load_lm(spec, device)
     find_module(lm.model, layer)

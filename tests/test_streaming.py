@@ -163,13 +163,14 @@ def minilm():
 def test_stream_equals_softsae_activations(minilm, tmp_path):
     from softsae.activations import read_text_documents
     from softsae.cli import main
-    from softsae.stream import document_texts, open_stream
+    from softsae.lm import lm_texts
+    from softsae.stream import open_stream
 
     text = _text_file(tmp_path)
     out = tmp_path / "acts.npy"
     assert main(["activations", "--text", str(text), "--out", str(out), "--seq-len", "16", "--no-progress"]) == 0
     want = np.load(out)
-    texts = document_texts(read_text_documents([text]))
+    texts = lm_texts(read_text_documents([text]), causal=False)
     src = open_stream(texts=texts, buffer_tokens=64, seq_len=16, cycle=False, seed=0)
     got = torch.cat(list(src.iter_batches(16))).numpy()
     assert src.refills > 3  # several fills, so rows were carried over between them
@@ -179,9 +180,10 @@ def test_stream_equals_softsae_activations(minilm, tmp_path):
 
 def test_stream_cycles_and_restores_its_text_position(minilm, tmp_path):
     from softsae.activations import read_text_documents
-    from softsae.stream import document_texts, open_stream
+    from softsae.lm import lm_texts
+    from softsae.stream import open_stream
 
-    texts = document_texts(read_text_documents([_text_file(tmp_path, n=4)]))
+    texts = lm_texts(read_text_documents([_text_file(tmp_path, n=4)]), causal=False)
     src = open_stream(texts=texts, buffer_tokens=32, seq_len=16, seed=0)
     rows = torch.cat([src.sample(8) for _ in range(40)])  # 320 rows from ~100 tokens: several epochs
     assert src.producer.epoch >= 2 and torch.isfinite(rows).all()
@@ -203,7 +205,8 @@ def test_cli_train_streamed(minilm, tmp_path):
     from softsae.activations import read_text_documents
     from softsae.checkpoint import load_sae
     from softsae.cli import main
-    from softsae.stream import document_texts, open_stream
+    from softsae.lm import lm_texts
+    from softsae.stream import open_stream
 
     text = _text_file(tmp_path)
     out = tmp_path / "run"
@@ -214,7 +217,7 @@ def test_cli_train_streamed(minilm, tmp_path):
     assert info["layer"] == "encoder.layer.3" and info["buffer_tokens"] == 128 and info["rows_served"] >= 6 * 32
     assert json.loads((out / "eval.json").read_text())["n_rows"] == 64
     # normalisation statistics from the first buffer: scale = sqrt(E ||x||^2) over its rows
-    texts = document_texts(read_text_documents([text]))
+    texts = lm_texts(read_text_documents([text]), causal=False)
     first = open_stream(texts=texts, buffer_tokens=128, seq_len=16, seed=1).peek(65536).double()
     assert float(model.norm_scale) == pytest.approx(float(first.pow(2).sum(1).mean().sqrt()), rel=1e-5)
     assert info["norm_scale"] == pytest.approx(float(model.norm_scale))

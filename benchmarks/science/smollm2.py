@@ -2,8 +2,9 @@
 
     python benchmarks/science/smollm2.py                       # the reduced run (REDUCED): 400k tokens extracted,
                                                                # 131k training tokens per model; ~1 h on 2 busy cores
-    python benchmarks/science/smollm2.py --full                # issue 17's scale (FULL): 2M tokens per model,
-                                                               # seeds 0 and 1 at K=32 (GPU-sized work)
+    python benchmarks/science/smollm2.py --full                # issue 17's scale (FULL): 1M tokens extracted,
+                                                               # 2M training tokens per model, seeds 0 and 1 at
+                                                               # K=32; ~13 min per model per CPU thread
     python benchmarks/science/smollm2.py --stage train --only topk_k32_s0 softsae_k32_s0   # split over processes
     python benchmarks/science/smollm2.py --stage eval --only topk_k32_s0                   # (also --worker/--workers)
 
@@ -18,8 +19,9 @@ Stages (each cached and resumable; rerunning skips what is done):
    at 128 tokens with BOS first) over the Python docs corpus (``softsae.corpus``), float16; 10% of the
    documents, by a hash of their id, are held out. Training reads only the train split.
 2. ``train``: per K in KS, SoftSAE (``--recipe default``), SoftSAE (``--recipe paper``), TopK and BatchTopK,
-   dictionary 8 x 576 = 4608, ``tokens_per_model`` rows each (one pass over the first rows of the shuffled
-   train split when it is large enough), everything else TrainConfig's / the recipe's defaults. Held-out FVU
+   dictionary 8 x 576 = 4608, ``tokens_per_model`` rows each, drawn uniformly with replacement from the
+   train split (the FULL run: 2M draws from ~0.9M train rows, each row ~2.2 times), everything else
+   TrainConfig's / the recipe's defaults. Held-out FVU
    and L0 (``softsae.metrics.evaluate``) on the held-out activations.
 3. ``eval``: ``softsae.lm_eval.LMEvaluator`` on held-out documents (the first ``eval_tokens`` scored
    tokens of the held-out documents in corpus order): CE loss clean / spliced / zero- and mean-ablated,
@@ -52,8 +54,8 @@ VARIANTS = {  # name -> (arch, recipe)
     "batchtopk": ("batchtopk", "default"),
 }
 LABELS = {"softsae": "SoftSAE", "softsae_paper": "SoftSAE (paper recipe)", "topk": "TopK", "batchtopk": "BatchTopK"}
-FULL = {"max_tokens": 2_400_000, "tokens_per_model": 2_000_000, "seeds_k32": [0, 1], "batch_size": 4096,
-        "eval_tokens": 32_768}
+FULL = {"max_tokens": 1_000_000, "tokens_per_model": 2_000_000, "seeds_k32": [0, 1], "batch_size": 1024,
+        "eval_tokens": 16_384}
 REDUCED = {"max_tokens": 400_000, "tokens_per_model": 131_072, "seeds_k32": [0, 1], "batch_size": 512,
            "eval_tokens": 4_096}
 KS = [16, 32, 64]
@@ -114,7 +116,7 @@ def heldout_texts(meta: dict) -> list[str]:
     from softsae.lm import lm_texts
 
     held = {doc_id for doc_id, _ in meta["documents"]["heldout"]}
-    return [t for t in lm_texts([d for d in python_docs_corpus() if d.id in held]) if t]
+    return lm_texts([d for d in python_docs_corpus() if d.id in held])
 
 
 def stage_eval(a, meta: dict, runs: list[tuple[str, int, int]]) -> dict:

@@ -149,9 +149,21 @@ def _f(v, spec=".4f") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base: dict, ks: list[int]) -> str:
+def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base: dict, ks: list[int],
+             missing: list[str]) -> str:
     full = a.scale == "full"
     lines = [f"# SmolLM2-135M: SoftSAE vs TopK vs BatchTopK ({'full' if full else 'REDUCED'} scale)", ""]
+    if full:
+        n_train = meta["rows"]["train"]
+        lines += [f"**Scale.** {a.tokens_per_model:,} training tokens per model (batch {a.batch_size}), drawn "
+                  f"uniformly with replacement from {n_train:,} train activation rows (the corpus holds about "
+                  f"1.4M tokens, so each row is drawn ~{a.tokens_per_model / n_train:.1f} times); "
+                  f"{meta['rows']['heldout']:,} held-out rows; LM evaluation on {base.get('tokens', 0):,} "
+                  f"held-out tokens; seeds {', '.join(map(str, a.seeds_k32))} at K = 32, seed 0 elsewhere. "
+                  f"Run on {a.device}" + (" (2 CPU cores, one thread per training process)" if a.device == "cpu"
+                                          else "") + "."
+                  + (f" **Not finished** (time; no model or no LM evaluation): {', '.join(missing)}."
+                     if missing else ""), ""]
     if not full:
         lines += ["**Reduced run.** CPU only (2 shared cores), so the issue's scale (>= 2M training tokens per model, "
                   "two seeds at K = 32) was not run. Here: "
@@ -239,7 +251,8 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
                   f"{spearman(z['surprisal'], z['norm']):+.3f}, (surprisal, entropy) "
                   f"{spearman(z['surprisal'], z['entropy']):+.3f}, (entropy, norm) "
                   f"{spearman(z['entropy'], z['norm']):+.3f}."]
-    lines += ["", "Plots: `smollm2_frontiers.png` (L0 vs FVU, CE recovered, KL), `smollm2_information.png`.", ""]
+    stem = "smollm2" if full else "smollm2_reduced"
+    lines += ["", f"Plots: `{stem}_frontiers.png` (L0 vs FVU, CE recovered, KL), `{stem}_information.png`.", ""]
     return "\n".join(lines)
 
 
@@ -255,12 +268,12 @@ def write_report(a, meta: dict, todo: list[tuple[str, int, int]]) -> dict:
     agg = mean_over_seeds(rows)
     comps = frontier_comparison(agg, ks)
     stem = "smollm2" if a.scale == "full" else "smollm2_reduced"
-    plot(rows, agg, RESULTS / "smollm2_frontiers.png",
-         RESULTS / "smollm2_information.png", a.runs)
+    missing = sorted(set(names) - {r["run"] for r in rows if r.get("kl_mean") is not None})
+    plot(rows, agg, RESULTS / f"{stem}_frontiers.png", RESULTS / f"{stem}_information.png", a.runs)
     out = {"scale": a.scale, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "activations": {"rows": meta["rows"], "d": meta["d"], "extract_tokens_per_s": meta.get("tokens_per_s")},
-           "lm_baselines": base, "rows": rows, "frontier": comps}
+           "lm_baselines": base, "rows": rows, "frontier": comps, "not_run": missing}
     atomic_write_json(RESULTS / f"{stem}.json", out)
-    (RESULTS / f"{stem}.md").write_text(markdown(a, meta, rows, agg, comps, base, ks), encoding="utf-8")
+    (RESULTS / f"{stem}.md").write_text(markdown(a, meta, rows, agg, comps, base, ks, missing), encoding="utf-8")
     print((RESULTS / f"{stem}.md").read_text())
     return out

@@ -94,8 +94,7 @@ def document_texts(docs: list, causal: bool) -> list[str]:
     paragraphs joined), one per paragraph (of >= 20 characters) for MiniLM-style encoders."""
     from softsae.lm import lm_texts
 
-    texts = lm_texts(docs) if causal else [p for d in docs for p in d.paragraphs()]
-    texts = [t for t in texts if t.strip()]
+    texts = lm_texts(docs, causal)
     if not texts:
         raise ValueError("--text: no paragraph of 20 or more characters in the file(s)")
     return texts
