@@ -198,36 +198,84 @@ def _masked_logsumexp(v: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(torch.where(mask, v, -math.inf), dim=-1)
 
 
+def _root(c: Tensor, la: Tensor, lb: Tensor) -> Tensor:
+    """t / s of the closed form (docs/math.md 1.5) on a segment: c = k - #above, la = log sum_above
+    e^{-y/s}, lb = log sum_below e^{y/s}; the root of A w^2 / 2 + c w - B / 2 = 0 (w = e^{t/s}) in logs."""
+    log_abs_c = torch.log(c.abs())
+    l2 = torch.logaddexp(2.0 * log_abs_c, la + lb)
+    q = 0.5 * l2 + torch.log1p(torch.exp(log_abs_c - 0.5 * l2))
+    return torch.where(c >= 0, lb - q, q - la)
+
+
 def _global_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
-    """Per-row t with sum over ALL shards of F((y - t)/s) = k (docs/math.md 1.1, 1.4, 1.5).
+    """Per-row t with sum over ALL shards of F((y - t)/s) = k (docs/math.md 1.1, 1.5, 1.7).
 
     y (R, n_r) float64 (this shard), k (R,) float64 in (0, n), s 0-d float64 > 0, n the global row
     length. Rows with a non-finite entry on any shard get t = NaN. Returns (R,) float64, identical
-    on every rank.
+    on every rank: every decision is taken on all-gathered data.
 
-    Each shard is sorted once (only its 2 max(k) + 18 largest entries when all others lie below the
-    window). The bracket starts from the global max/min (1.4) tightened by the rank bound with
-    L = the largest, over the shards, local (floor(k) + 2)-th largest entry. Each
-    iteration evaluates the local g at P trial points on the window of the sorted shard within
-    [lo - 40 s, hi + 40 s] only (entries above it count 1, below it 0: an error < n e^-40 that can
-    only matter when a trial point is within rounding of t) and counts the entries above each
-    point by binary search; one all-reduce SUM combines them. It stops when no entry of any shard
-    lies strictly inside the bracket; t is then the closed form of that segment over ALL entries.
+    One all-gather: each shard sends its M = min(n, 2 floor(max k) + 16) largest entries, the largest
+    entry it leaves out and log sum e^{y/s} over those it leaves out. Counting every left-out entry as
+    below t gives g_hat >= g (e^u / 2 >= 1 - e^-u / 2), equal for t >= c, the largest left-out entry
+    of any shard. A shard with left-out entries has M + 1 entries >= c, each with F >= 1/2, so
+    g(c) > k and t > c: the root of g_hat, solved on the sorted candidates (1.5), IS t, for every s.
+    Rows where rounding breaks t >= c fall back to :func:`_search_threshold`.
+    """
+    R, n_r = y.shape
+    m = min(n, 2 * int(k.max().floor()) + 16) if R else 0
+    loc = torch.full((R, m + 3), -math.inf, dtype=torch.float64, device=y.device)
+    loc[:, m + 2] = 0.0
+    if n_r:
+        bad = ~(torch.isfinite(y.amax(dim=-1)) & torch.isfinite(y.amin(dim=-1)))  # NaN propagates
+        loc[:, m + 2] = bad.to(torch.float64)
+        ys = (y / s).masked_fill_(bad[:, None], 0.0)
+        top = torch.topk(ys, min(m + 1, n_r), dim=-1)
+        loc[:, :min(m, n_r)] = top.values[:, :m]
+        if n_r > m:  # c and the log-sum-exp of the left-out entries: their max is c, whose term is 1, so the
+            c = top.values[:, m:]  # clamp (e^-200 per entry, no slow subnormal exp) is invisible in the sum
+            rest = ys.sub_(c).clamp_min_(-200.0).scatter_(1, top.indices[:, :m], -math.inf).exp_().sum(dim=-1)
+            loc[:, m], loc[:, m + 1] = c.squeeze(1) + rest.log(), c.squeeze(1)
+    tab = all_gather_stack(loc, group)  # (W, R, m + 3)
+    bad = tab[:, :, m + 2].amax(dim=0) > 0
+    cs = torch.sort(tab[:, :, :m].permute(1, 0, 2).reshape(R, -1), dim=-1, descending=True).values
+    cs = torch.where(bad[:, None], 0.0, cs)  # -inf pads the shards' lists (and a short shard) at the end
+    inf_col = torch.full_like(cs[:, :1], -math.inf)
+    log_a = torch.cat([inf_col, torch.logcumsumexp(-cs, dim=-1)], dim=-1)  # +inf at the pads
+    log_b = torch.logaddexp(torch.cat([torch.logcumsumexp(cs.flip(-1), dim=-1).flip(-1), inf_col], dim=-1),
+                            torch.logsumexp(tab[:, :, m], dim=0)[:, None])
+    j = torch.arange(1, cs.shape[1] + 1, dtype=torch.float64, device=y.device)
+    g = j - 0.5 * torch.exp(cs + log_a[:, 1:]) + 0.5 * torch.exp(log_b[:, 1:] - cs)  # g_hat at t = cs_j; NaN at pads
+    above = (g <= k[:, None]).sum(dim=-1, keepdim=True)
+    t = _root(k - above.squeeze(1), log_a.gather(1, above).squeeze(1), log_b.gather(1, above).squeeze(1))
+    redo = ~bad & ~(t >= tab[:, :, m + 1].amax(dim=0))
+    t = torch.where(bad, math.nan, t * s)
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(1)
+        t[rows] = _search_threshold(y[rows], k[rows], s, n, group)
+    return t
+
+
+def _search_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
+    """:func:`_global_threshold` (same arguments and result) by a bracket search (docs/math.md 1.4, 1.7):
+    the fallback for rows where rounding defeats its one-gather solve, and the path it is tested against.
+
+    Each shard is sorted. The bracket starts from the global max/min tightened by the rank bound
+    (L = the largest local (floor(k) + 2)-th largest entry, one all-reduce MAX). Each iteration
+    evaluates g at P trial points on the sorted entries within [lo - 40 s, hi + 40 s] (those above
+    count 1, those below 0: an error < n e^-40) and counts the entries above each point by binary
+    search; one all-reduce SUM combines the shards. It stops when no entry of any shard lies strictly
+    inside the bracket; t is then the closed form of that segment over ALL entries (one all-gather).
     """
     R, n_r = y.shape
     dev = y.device
     finite = torch.isfinite(y).all(dim=-1) if n_r else torch.ones(R, dtype=torch.bool, device=dev)
     yz = torch.where(finite[:, None], y, 0.0)
     m0 = k.floor() + 2.0  # rank bound: m0 > k entries >= L
-    # The sorted shard, or (small k) only its ktop largest entries, ascending: enough whenever
-    # every other entry lies below lo - 40 s (checked below; else the whole shard is sorted).
-    ktop = min(n_r, 2 * int(m0.max()) + 16) if R else 0
-    full = ktop == n_r
-    ya = torch.sort(yz, dim=-1).values if full else torch.topk(yz, ktop, dim=-1).values.flip(-1)
+    ya = torch.sort(yz, dim=-1).values
     ext = torch.full((R, 4), -math.inf, dtype=torch.float64, device=dev)
     if n_r:
-        ext[:, 0], ext[:, 1] = ya[:, -1], -yz.amin(dim=-1)
-        pos = (ktop - m0).to(torch.int64)
+        ext[:, 0], ext[:, 1] = ya[:, -1], -ya[:, 0]
+        pos = (n_r - m0).to(torch.int64)
         ext[:, 3] = torch.where(pos >= 0, ya.gather(1, pos.clamp(min=0)[:, None]).squeeze(1), -math.inf)
     ext[:, 2] = (~finite).to(torch.float64)
     all_reduce_(ext, dist.ReduceOp.MAX, group)
@@ -240,35 +288,34 @@ def _global_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
     q = k / m0
     finv = torch.where(q < 0.5, torch.log(2.0 * q), -torch.log(2.0 * (1.0 - q)))
     lo = torch.where(torch.isfinite(ext[:, 3]) & ~bad, torch.maximum(lo, ext[:, 3] - s * finv), lo)
-    if not full and not bool(((ya[:, 0] < lo - NEGLIGIBLE_U * s) | bad).all()):
-        ya = torch.where(bad[:, None], 0.0, torch.sort(yz, dim=-1).values)
-    ya = ya.contiguous()
-    n_s = ya.shape[1]  # entries of this shard not in ya lie below every trial point and the window
     frac = torch.arange(1, N_TRIAL + 1, dtype=torch.float64, device=dev) / (N_TRIAL + 1)
     done = torch.zeros(R, dtype=torch.bool, device=dev)
     for _ in range(MAX_ITERS):
         pts = torch.cat([lo[:, None], lo[:, None] + (hi - lo)[:, None] * frac, hi[:, None]], dim=1)  # (R, P+2)
         buf = torch.zeros(R, 3 * N_TRIAL + 4, dtype=torch.float64, device=dev)
-        if n_s:
+        if n_r:
             w_lo = torch.searchsorted(ya, (lo - NEGLIGIBLE_U * s)[:, None])
             w_hi = torch.searchsorted(ya, (hi + NEGLIGIBLE_U * s)[:, None], right=True)
             width = int(torch.where(done[:, None], 0, w_hi - w_lo).max())
             cols = w_lo + torch.arange(width, device=dev)
-            win = ya.gather(1, cols.clamp(max=n_s - 1))
+            win = ya.gather(1, cols.clamp(max=n_r - 1))
             inwin = cols < w_hi
             for j in range(N_TRIAL):
                 cdf = torch.where(inwin, _laplace_cdf((win - pts[:, j + 1, None]) / s), 0.0)
-                buf[:, j] = (n_s - w_hi[:, 0]) + cdf.sum(dim=-1)
-            buf[:, N_TRIAL:2 * N_TRIAL + 2] = n_s - torch.searchsorted(ya, pts, right=True)  # #{y > pt}
-            buf[:, 2 * N_TRIAL + 2:] = n_s - torch.searchsorted(ya, pts)  # #{y >= pt}
+                buf[:, j] = (n_r - w_hi[:, 0]) + cdf.sum(dim=-1)
+            buf[:, N_TRIAL:2 * N_TRIAL + 2] = n_r - torch.searchsorted(ya, pts, right=True)  # #{y > pt}
+            buf[:, 2 * N_TRIAL + 2:] = n_r - torch.searchsorted(ya, pts)  # #{y >= pt}
         all_reduce_(buf, group=group)
         g, gt, ge = buf[:, :N_TRIAL], buf[:, N_TRIAL:2 * N_TRIAL + 2], buf[:, 2 * N_TRIAL + 2:]
         c = (g > k[:, None]).sum(dim=-1, keepdim=True)  # t lies in [pts[c], pts[c + 1]]
         new_lo, new_hi = pts.gather(1, c).squeeze(1), pts.gather(1, c + 1).squeeze(1)
         inside = gt.gather(1, c).squeeze(1) - ge.gather(1, c + 1).squeeze(1)
+        # g == k exactly at pts[c + 1] (a plateau at tiny s): its segment is t's, not the plateau's end
+        hit = (c.squeeze(1) < N_TRIAL) & (g.gather(1, c.clamp(max=N_TRIAL - 1)).squeeze(1) == k)
+        new_lo = torch.where(hit, new_hi, new_lo)
         stalled = (new_lo == lo) & (new_hi == hi)  # the bracket is at float64 resolution
         lo, hi = torch.where(done, lo, new_lo), torch.where(done, hi, new_hi)
-        done = done | (inside <= 0) | stalled
+        done = done | (inside <= 0) | stalled | hit
         if bool(done.all()):  # computed from all-reduced data: the same decision on every rank
             break
     # Segment: entries >= hi are above t, entries <= lo below (an entry left inside the bracket
@@ -281,13 +328,7 @@ def _global_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
     tab = all_gather_stack(loc, group)  # (W, R, 3)
     m = tab[:, :, 0].sum(dim=0)
     la, lb = torch.logsumexp(tab[:, :, 1], dim=0), torch.logsumexp(tab[:, :, 2], dim=0)
-    # Closed form (1.5): A w^2 / 2 + c w - B / 2 = 0 with w = e^{t/s}, in logs.
-    cc = k - m
-    log_abs_c = torch.log(cc.abs())
-    l2 = torch.logaddexp(2.0 * log_abs_c, la + lb)
-    q = 0.5 * l2 + torch.log1p(torch.exp(log_abs_c - 0.5 * l2))
-    t = torch.where(cc >= 0, lb - q, q - la) * s
-    return torch.where(bad, math.nan, t)
+    return torch.where(bad, math.nan, _root(k - m, la, lb) * s)
 
 
 def _scale(alpha: Tensor) -> Tensor:
