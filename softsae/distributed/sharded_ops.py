@@ -42,6 +42,7 @@ from softsae.ops.soft_topk import K_EPS, alpha_tensor, scale_of
 from softsae.ops.soft_topk_ref import laplace_cdf
 from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.topk_per_row import topk_per_row
+from softsae.placement import decode_terms
 
 __all__ = [
     "DistributedInputError",
@@ -383,8 +384,8 @@ def sharded_gate_k_direction(x: Tensor, k, alpha, W_dec: Tensor, group: dist.Pro
 
     The straight-through "k" step adds ``(k_hat - sg(k_hat)) v`` to the reconstruction (docs/math.md
     section 3; ``SoftSAE.k_direction`` in one process): the global threshold, each shard's terms x_i f_i
-    near it (relative to the global min |u|, one all-reduce MIN) decoded by ``sparse_decode``, then one
-    all-reduce SUM of the (R, d + 1) partial decodes and density sums.
+    near it (relative to the global min |u|, one all-reduce MIN) decoded as in one process
+    (``placement.decode_terms``), then one all-reduce SUM of the (R, d + 1) partial decodes and density sums.
     """
     alpha_t, kk, n = _soft_inputs(x, k, alpha, group, "sharded_gate_k_direction")
     R, d = x.shape[0], W_dec.shape[1]
@@ -401,7 +402,7 @@ def sharded_gate_k_direction(x: Tensor, k, alpha, W_dec: Tensor, group: dist.Pro
     buf = torch.zeros(R, d + 1, dtype=torch.float64, device=x.device)
     if x.shape[1]:
         vals, idx, f_sum = dk_terms(xw, t, s, m, DK_CUT)
-        buf[:, :d] = sparse_decode(vals.to(W_dec.dtype), idx, W_dec.detach(), None, backend=backend).double()
+        buf[:, :d] = decode_terms(vals, idx, W_dec.detach(), backend).double()
         buf[:, d] = f_sum
     all_reduce_(buf, group=group)
     return (buf[:, :d] / buf[:, d:]).to(W_dec.dtype)
