@@ -24,13 +24,21 @@ from softsae.ops.soft_topk import nonzero_per_row, soft_topk, soft_topk_gate
 from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.topk_per_row import topk_per_row
 
-__all__ = ["LOCAL", "Local", "padded_to_dense"]
+__all__ = ["LOCAL", "Local", "decode_terms", "padded_to_dense"]
 
 
 def padded_to_dense(vals: Tensor, idx: Tensor, n: int) -> Tensor:
     """The dense (B, n) matrix of padded codes (differentiable w.r.t. vals)."""
     full = vals.new_zeros(vals.shape[0], n + 1)
     return full.scatter(1, torch.where(idx >= 0, idx, n), vals)[:, :n]
+
+
+def decode_terms(vals: Tensor, idx: Tensor, W: Tensor, backend: str) -> Tensor:
+    """(B, d) = padded terms (vals, idx) @ W (n, d) in W's dtype: ``sparse_decode``, or one dense GEMM
+    when the terms are wide (more than n / 8 per row, e.g. the k direction at large alpha)."""
+    if idx.shape[1] * 8 <= W.shape[0]:
+        return sparse_decode(vals.to(W.dtype), idx, W, None, backend=backend)
+    return padded_to_dense(vals, idx, W.shape[0]).to(W.dtype) @ W
 
 
 class Local:
@@ -76,12 +84,8 @@ class Local:
         """v (B, d) = sum_i (dz_i/dk) W[i] of the soft gate z = y * soft_topk(y, k, alpha) (docs/math.md 3):
         a sparse decode of the terms near each row's threshold on CPU, one (B, n) x (n, d) GEMM elsewhere
         (or when those terms are not sparse)."""
-        n = W.shape[0]
         if y.device.type == "cpu":
-            vals, idx = soft_gate_dk(y, k, alpha, backend=backend)
-            if idx.shape[1] * 8 <= n:
-                return sparse_decode(vals.to(W.dtype), idx, W, None, backend=backend)
-            return padded_to_dense(vals, idx, n).to(W.dtype) @ W  # wide (large alpha): dense rows, one GEMM
+            return decode_terms(*soft_gate_dk(y, k, alpha, backend=backend), W, backend)
         return soft_gate_dk(y, k, alpha, backend=backend, sparse=False).to(W.dtype) @ W
 
     @torch.no_grad()

@@ -126,8 +126,8 @@ def _soft_topk_worker(rank: int, world: int) -> None:
                     _close(xs.grad, xf.grad[:, lo:hi], f"dx {case}")
                     _close(ks.grad, kf.grad, f"dk {case}")
                     _close(a_s.grad, af.grad, f"dalpha {case}")
-    # Long shards, small k: the search keeps only each shard's 2 max(k) + 18 largest entries when
-    # the rest is provably negligible (alpha 1e-4), and falls back to the whole sorted shard (alpha 1).
+    # Long shards, small k: each shard sends only its 2 max(k) + 16 largest entries, its largest
+    # left-out entry and the log-sum-exp of the others (exact at every alpha, docs/math.md 1.7).
     n = 100
     lo, hi = sd.shard_range(n, rank, world)
     x, _, w = _full_data(4, n, seed=5)

@@ -36,8 +36,9 @@ def all_reduce_(t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
     return t
 
 
-def raise_everywhere(messages: list[str], what: str) -> None:
+def raise_everywhere(messages: list[str], what: str, cause: BaseException | None = None) -> None:
     """Raise the same :class:`DistributedInputError` on every rank if ``messages`` (built from gathered,
-    identical data) is non-empty."""
+    identical data) is non-empty (chained to ``cause``, this rank's own error, if any)."""
     if messages:
-        raise DistributedInputError(f"{what}: " + "; ".join(messages) + " (every rank stops with this error)")
+        msg = f"{what}: " + "; ".join(messages) + " (every rank stops with this error)"
+        raise DistributedInputError(msg) from cause

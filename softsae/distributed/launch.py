@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from softsae.data import load_activations
-from softsae.distributed._comm import DistributedInputError
+from softsae.distributed._comm import raise_everywhere
 from softsae.distributed.process import group_rank_world, init_from_env
 
 __all__ = ["join", "join_and_load"]
@@ -44,8 +44,7 @@ def agree(error: BaseException | None, d: int | None, what: str) -> None:
     d0 = table[0][1]
     msgs += [f"rank {r} has activation dim {dr}, rank 0 has {d0}" for r, (e, dr) in enumerate(table)
              if e is None and d0 is not None and dr != d0]
-    if msgs:
-        raise DistributedInputError(f"{what}: " + "; ".join(msgs) + " (every rank stops with this error)") from error
+    raise_everywhere(msgs, what, cause=error)
 
 
 def join_and_load(data, config):

@@ -21,15 +21,9 @@ from softsae.distributed._comm import all_reduce_, comm_device
 from softsae.distributed.process import group_rank_world, shard_range
 from softsae.distributed.state import SHARD_DIM, shard_full
 from softsae.distributed.stats import merge_fired
-from softsae.placement import LOCAL, Local
+from softsae.placement import LOCAL, Local, padded_to_dense
 
 __all__ = ["ShardedLatents", "ShardedRows", "shard_model_"]
-
-
-def _keep_mask(idx: Tensor, n: int) -> Tensor:
-    """(B, n) bool of the padded indices ``idx`` (B, K)."""
-    full = torch.zeros(idx.shape[0], n + 1, dtype=torch.bool, device=idx.device)
-    return full.scatter_(1, torch.where(idx >= 0, idx, n), True)[:, :n]
 
 
 class ShardedLatents(Local):
@@ -72,7 +66,7 @@ class ShardedLatents(Local):
 
     def batch_topk(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         _, idx, low = so.sharded_batch_topk(pre, k, self.group, split="latents", positive_only=True)
-        return _keep_mask(idx, pre.shape[1]), low, ~torch.isnan(low)
+        return padded_to_dense(idx >= 0, idx, pre.shape[1]), low, ~torch.isnan(low)
 
     def dead_topk(self, pre: Tensor, dead: Tensor, k_aux: int) -> tuple[Tensor, Tensor] | None:
         if float(self.count(dead.sum().to(torch.float64).reshape(1))) == 0:
@@ -116,7 +110,7 @@ class ShardedRows(Local):
 
     def batch_topk(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         _, idx, low = so.sharded_batch_topk(pre, k, self.group, split="rows", positive_only=True)
-        return _keep_mask(idx, pre.shape[1]), low, ~torch.isnan(low)
+        return padded_to_dense(idx >= 0, idx, pre.shape[1]), low, ~torch.isnan(low)
 
     def total_rows(self, rows: int) -> int:
         t = torch.tensor([float(rows)], dtype=torch.float64, device=comm_device(self.group))

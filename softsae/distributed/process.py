@@ -68,10 +68,7 @@ def default_timeout() -> timedelta:
 
 def choose_backend(device: torch.device | str | None = None) -> str:
     """``nccl`` for CUDA devices (or when CUDA is available and no device is given), else ``gloo``."""
-    if device is None:
-        use_cuda = torch.cuda.is_available()
-    else:
-        use_cuda = torch.device(device).type == "cuda"
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if use_cuda and not dist.is_nccl_available():
         raise RuntimeError("CUDA device requested but this torch build has no NCCL; use a CPU device (gloo)")
     if not use_cuda and not dist.is_gloo_available():
@@ -111,12 +108,9 @@ def init_from_env(backend: str | None = None, timeout: timedelta | float | None 
 
 
 def shutdown() -> None:
-    """Leave the default process group cleanly: a barrier, then ``destroy_process_group``.
-
-    Without the barrier a rank that finishes first tears its connections down while a peer's gloo
-    threads still use them, and the peer can die with SIGABRT ("terminate called without an active
-    exception"). No-op when no group is initialised.
-    """
+    """Leave the default process group cleanly (no-op without one): a barrier, then
+    ``destroy_process_group``; without the barrier a rank that finishes first tears its connections
+    down while a peer's gloo threads use them, and the peer can die with SIGABRT."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # pending Work objects held only by reference cycles finish while the group is whole
         try:

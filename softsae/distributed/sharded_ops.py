@@ -11,30 +11,20 @@ rank order, rank r holding columns ``[off_r, off_r + n_r)`` (uneven splits allow
     vals, idx, thr = sharded_batch_topk(z_r, k)    # rank r's entries of the global top k*B of the batch
     x_hat = sharded_decode(vals, idx, W_dec_r, b_dec)   # sum over ranks of the partial decodes (+ b_dec)
 
-Gradient convention (as Megatron-style tensor parallelism): the loss is replicated (computed
-identically on every rank from replicated tensors; combine sharded partial terms with
-:func:`reduce_from_shards`). A sharded tensor receives its own gradient; a *replicated input*
-(``k``, ``alpha``, ``b_dec``) receives its FULL gradient on every rank: the ops all-reduce what
-they need internally (``dk = A/S`` and ``dalpha`` use global sums). So the k-head's gradient is
-replicated across the tensor-parallel group and must NOT be all-reduced over that group again
-(that would count it N times); a data-parallel gradient all-reduce runs over the data-parallel
-group only, as usual. A replicated tensor that enters sharded computation elsewhere (e.g. the
-encoder input ``x_n - b_dec``) must pass through :func:`copy_to_shards`, whose backward sums the
-shards' contributions.
+Gradient convention (Megatron-style tensor parallelism): the loss is replicated (computed identically
+on every rank; sharded partial terms are combined with :func:`reduce_from_shards`). A sharded tensor
+gets its own gradient; a *replicated input* (``k``, ``alpha``, ``b_dec``) gets its FULL gradient on
+every rank (the ops all-reduce what they need: ``dk = A/S`` and ``dalpha`` use global sums), so it must
+NOT be all-reduced over the tensor-parallel group again (data-parallel all-reduces are unaffected).
+A replicated tensor entering sharded computation (e.g. the encoder input ``x_n - b_dec``) passes
+through :func:`copy_to_shards`, whose backward sums the shards' contributions.
 
-Collectives per call (W ranks, R rows): every op first all-gathers a (W, 8) float64 metadata
+Collectives per call (W ranks, R rows): every op first all-gathers a (W, 7) float64 metadata
 table (shapes, a checksum of k and alpha, a NaN flag), so that mismatched or bad inputs raise the
 same :class:`DistributedInputError` on every rank instead of hanging. Soft Top-K forward: one
-all-reduce MAX of (R, 3) (bracket and finiteness), one all-reduce SUM of (R, 3P + 4) per search
-iteration (P = 7 trial points; the bracket shrinks 8x per iteration until no entry of any shard
-lies strictly inside it: typically 3-15 iterations, at most 100), one all-gather of (R, 3) for the
-closed form (docs/math.md 1.5). Backward: one all-gather of (R, 6) (docs/math.md 1.2-1.3).
-
-The per-shard work is plain PyTorch in float64, not yet the fused kernels of a single device:
-one sort (or top-(2 max k + 18) selection) of the shard, P Laplace CDFs per iteration over the
-window of entries within 40 s of the bracket (the whole shard at large alpha), two log-sum-exp
-passes and the output pass. Measured on 2 CPU ranks it is several times slower than the
-one-process C++ kernel on the full row (see ``benchmarks/bench_sharded_soft_topk.py``).
+all-gather of (R, 2 floor(max k) + 19) for the threshold (docs/math.md 1.7). Backward: one
+all-gather of (R, 6) (docs/math.md 1.2-1.3). The per-shard work is PyTorch in float64: a top-k
+selection and one exp pass for the threshold, then the output pass.
 """
 
 from __future__ import annotations
@@ -48,9 +38,11 @@ from torch import Tensor
 from softsae.distributed._comm import DistributedInputError, all_gather_stack, all_reduce_, raise_everywhere
 from softsae.distributed.process import group_rank_world
 from softsae.ops.soft_gate_dk import DK_CUT, dk_terms
-from softsae.ops.soft_topk import K_EPS, S_MIN
+from softsae.ops.soft_topk import K_EPS, alpha_tensor, scale_of
+from softsae.ops.soft_topk_ref import laplace_cdf
 from softsae.ops.sparse_decode import sparse_decode
 from softsae.ops.topk_per_row import topk_per_row
+from softsae.placement import decode_terms
 
 __all__ = [
     "DistributedInputError",
@@ -74,11 +66,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _ReduceFromShards(torch.autograd.Function):
-    """Forward: all-reduce SUM of the shards' partial results. Backward: identity.
-
-    The sum feeds a replicated loss, so every rank's upstream gradient already is dL/d(sum), which
-    is also dL/d(partial_r): the gradient must not be summed again.
-    """
+    """Forward: all-reduce SUM of the shards' partial results. Backward: identity (the sum feeds a
+    replicated loss, so each rank's dL/d(sum) already is dL/d(partial_r): not summed again)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
@@ -127,8 +116,7 @@ def _check_2d(x, name: str) -> None:
 def _rows_k(k, rows: int, device: torch.device, name: str = "k") -> Tensor:
     """k as a (rows,) float64 tensor (autograd kept). Numbers, 1-element, (rows,) or (rows, 1) tensors."""
     if isinstance(k, Tensor):
-        if not (k.is_floating_point() or k.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
-                                                      torch.uint8)):
+        if k.dtype == torch.bool or k.is_complex():
             raise TypeError(f"{name} must be a real tensor or a number, got dtype {k.dtype}")
         kk = k.to(device=device, dtype=torch.float64)
         if kk.numel() == 1:
@@ -144,15 +132,15 @@ def _rows_k(k, rows: int, device: torch.device, name: str = "k") -> Tensor:
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_FLOAT_DTYPES)}
 
 
-def _gather_meta(x: Tensor, k: Tensor | None, alpha: Tensor | None, group, what: str, check_nan: bool) -> Tensor:
-    """All-gather (W, 8) float64 [rows, local n, dtype, sum k, sum k*i, alpha, #NaN, #inf] and
-    raise the same error on every rank if the ranks disagree or hold NaN (``check_nan``).
-
-    Returns the per-rank local sizes n_r as a (W,) int64 CPU tensor.
+def _gather_meta(x: Tensor, k: Tensor | None, alpha: Tensor | None, group, what: str, check_nan: bool,
+                 split: int = 1) -> Tensor:
+    """All-gather (W, 7) float64 [rows, cols, dtype, sum k, sum k*i, alpha, #NaN] and raise the same
+    error on every rank if the ranks disagree (on the axis not ``split`` over the ranks, the dtype, k,
+    alpha) or hold NaN (``check_nan``). Returns the per-rank sizes of axis ``split``, (W,) int64 CPU.
     """
     rows = x.shape[0]
     dev = x.device
-    meta = torch.zeros(8, dtype=torch.float64, device=dev)
+    meta = torch.zeros(7, dtype=torch.float64, device=dev)
     meta[0], meta[1], meta[2] = rows, x.shape[1], _DTYPE_CODE[x.dtype]
     if k is not None:
         kd = k.detach()
@@ -160,15 +148,13 @@ def _gather_meta(x: Tensor, k: Tensor | None, alpha: Tensor | None, group, what:
         meta[4] = (kd * torch.arange(1, rows + 1, dtype=torch.float64, device=dev)).sum()
     if alpha is not None:
         meta[5] = alpha.detach().reshape(())
-    xd = x.detach()
-    meta[6] = torch.isnan(xd).sum()
-    meta[7] = torch.isinf(xd).sum()
+    meta[6] = torch.isnan(x.detach()).sum()
     table = all_gather_stack(meta, group).cpu()
     msgs = []
-    ref = table[0]
+    ref, same = table[0], 1 - split
     for r in range(1, table.shape[0]):
-        if table[r, 0] != ref[0]:
-            msgs.append(f"rank {r} has {int(table[r, 0])} rows, rank 0 has {int(ref[0])}")
+        if table[r, same] != ref[same]:
+            msgs.append(f"rank {r} has {int(table[r, same])} {('rows', 'latents')[same]}, rank 0 has {int(ref[same])}")
         if table[r, 2] != ref[2]:
             msgs.append(f"rank {r} has dtype {_FLOAT_DTYPES[int(table[r, 2])]}, rank 0 has "
                         f"{_FLOAT_DTYPES[int(ref[2])]}")
@@ -180,128 +166,134 @@ def _gather_meta(x: Tensor, k: Tensor | None, alpha: Tensor | None, group, what:
     if check_nan:
         msgs += [f"rank {r} has {int(table[r, 6])} NaN values" for r in range(table.shape[0]) if table[r, 6] > 0]
     raise_everywhere(msgs, what)
-    return table[:, 1].to(torch.int64)
+    return table[:, split].to(torch.int64)
 
 
 # ----------------------------------------------------------------------------- soft top-k
 
 
-def _laplace_cdf(u: Tensor) -> Tensor:
-    e = 0.5 * torch.exp(-u.abs())
-    return torch.where(u < 0, e, 1.0 - e)
-
-
-def _masked_logsumexp(v: Tensor, mask: Tensor) -> Tensor:
-    """Row-wise log sum exp of v over mask (R, m) -> (R,); -inf for an empty mask."""
-    if v.shape[1] == 0:
-        return v.new_full((v.shape[0],), -math.inf)
-    return torch.logsumexp(torch.where(mask, v, -math.inf), dim=-1)
+def _root(c: Tensor, la: Tensor, lb: Tensor) -> Tensor:
+    """t / s of the closed form (docs/math.md 1.5) on a segment: c = k - #above, la = log sum_above
+    e^{-y/s}, lb = log sum_below e^{y/s}; the root of A w^2 / 2 + c w - B / 2 = 0 (w = e^{t/s}) in logs."""
+    log_abs_c = torch.log(c.abs())
+    l2 = torch.logaddexp(2.0 * log_abs_c, la + lb)
+    q = 0.5 * l2 + torch.log1p(torch.exp(log_abs_c - 0.5 * l2))
+    return torch.where(c >= 0, lb - q, q - la)
 
 
 def _global_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
-    """Per-row t with sum over ALL shards of F((y - t)/s) = k (docs/math.md 1.1, 1.4, 1.5).
+    """Per-row t with sum over ALL shards of F((y - t)/s) = k (docs/math.md 1.1, 1.5, 1.7).
 
     y (R, n_r) float64 (this shard), k (R,) float64 in (0, n), s 0-d float64 > 0, n the global row
     length. Rows with a non-finite entry on any shard get t = NaN. Returns (R,) float64, identical
-    on every rank.
+    on every rank: every decision is taken on all-gathered data.
 
-    Each shard is sorted once (only its 2 max(k) + 18 largest entries when all others lie below the
-    window). The bracket starts from the global max/min (1.4) tightened by the rank bound with
-    L = the largest, over the shards, local (floor(k) + 2)-th largest entry. Each
-    iteration evaluates the local g at P trial points on the window of the sorted shard within
-    [lo - 40 s, hi + 40 s] only (entries above it count 1, below it 0: an error < n e^-40 that can
-    only matter when a trial point is within rounding of t) and counts the entries above each
-    point by binary search; one all-reduce SUM combines them. It stops when no entry of any shard
-    lies strictly inside the bracket; t is then the closed form of that segment over ALL entries.
+    One all-gather of each shard's M = min(n, 2 floor(max k) + 16) largest entries, the largest entry c_r
+    it leaves out and log sum e^{y/s} over those; the root of g_hat (the left-out entries counted as if
+    below t) on the sorted candidates is t exactly when t >= c = max_r c_r, which always holds (1.7).
+    Rows where rounding breaks t >= c fall back to :func:`_search_threshold`.
+    """
+    R, n_r = y.shape
+    m = min(n, 2 * int(k.max().floor()) + 16) if R else 0
+    loc = torch.full((R, m + 3), -math.inf, dtype=torch.float64, device=y.device)
+    if n_r:
+        bad = ~(torch.isfinite(y.amax(dim=-1)) & torch.isfinite(y.amin(dim=-1)))  # NaN propagates
+        loc[:, m + 2] = bad.to(torch.float64)
+        ys = (y / s).masked_fill_(bad[:, None], 0.0)
+        top = torch.topk(ys, min(m + 1, n_r), dim=-1)
+        loc[:, :min(m, n_r)] = top.values[:, :m]
+        if n_r > m:  # c and the log-sum-exp of the left-out entries: their max is c, whose term is 1, so the
+            c = top.values[:, m:]  # clamp (e^-200 per entry, no slow subnormal exp) is invisible in the sum
+            rest = ys.sub_(c).clamp_min_(-200.0).scatter_(1, top.indices[:, :m], -math.inf).exp_().sum(dim=-1)
+            loc[:, m], loc[:, m + 1] = c.squeeze(1) + rest.log(), c.squeeze(1)
+    tab = all_gather_stack(loc, group)  # (W, R, m + 3)
+    bad = tab[:, :, m + 2].amax(dim=0) > 0
+    cs = torch.sort(tab[:, :, :m].permute(1, 0, 2).reshape(R, -1), dim=-1, descending=True).values
+    inf_col = torch.full_like(cs[:, :1], -math.inf)
+    log_a = torch.cat([inf_col, torch.logcumsumexp(-cs, dim=-1)], dim=-1)  # +inf at the -inf pads (last)
+    log_b = torch.logaddexp(torch.cat([torch.logcumsumexp(cs.flip(-1), dim=-1).flip(-1), inf_col], dim=-1),
+                            torch.logsumexp(tab[:, :, m], dim=0)[:, None])
+    j = torch.arange(1, cs.shape[1] + 1, dtype=torch.float64, device=y.device)
+    g = j - 0.5 * torch.exp(cs + log_a[:, 1:]) + 0.5 * torch.exp(log_b[:, 1:] - cs)  # g_hat at t = cs_j; NaN at pads
+    above = (g <= k[:, None]).sum(dim=-1, keepdim=True)
+    t = _root(k - above.squeeze(1), log_a.gather(1, above).squeeze(1), log_b.gather(1, above).squeeze(1))
+    redo = ~bad & ~(t >= tab[:, :, m + 1].amax(dim=0))
+    t = torch.where(bad, math.nan, t * s)
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(1)
+        t[rows] = _search_threshold(y[rows], k[rows], s, n, group)
+    return t
+
+
+def _search_threshold(y: Tensor, k: Tensor, s: Tensor, n: int, group) -> Tensor:
+    """:func:`_global_threshold` of rows finite on every shard by a bracket search (docs/math.md 1.4, 1.7):
+    the fallback for rows where rounding defeats the one-gather solve, and the path it is tested against.
+
+    The bracket starts at the global max/min (one all-reduce MAX). Each iteration evaluates g at P trial
+    points on each sorted shard's entries within 40 s of the bracket (an error < n e^-40) and counts the
+    entries above them; one all-reduce SUM combines the shards. When no entry lies strictly inside the
+    bracket (or g == k at a trial point), t is the closed form of that segment over ALL entries.
     """
     R, n_r = y.shape
     dev = y.device
-    finite = torch.isfinite(y).all(dim=-1) if n_r else torch.ones(R, dtype=torch.bool, device=dev)
-    yz = torch.where(finite[:, None], y, 0.0)
-    m0 = k.floor() + 2.0  # rank bound: m0 > k entries >= L
-    # The sorted shard, or (small k) only its ktop largest entries, ascending: enough whenever
-    # every other entry lies below lo - 40 s (checked below; else the whole shard is sorted).
-    ktop = min(n_r, 2 * int(m0.max()) + 16) if R else 0
-    full = ktop == n_r
-    ya = torch.sort(yz, dim=-1).values if full else torch.topk(yz, ktop, dim=-1).values.flip(-1)
-    ext = torch.full((R, 4), -math.inf, dtype=torch.float64, device=dev)
+    ya = torch.sort(y, dim=-1).values
+    ext = torch.full((R, 2), -math.inf, dtype=torch.float64, device=dev)
     if n_r:
-        ext[:, 0], ext[:, 1] = ya[:, -1], -yz.amin(dim=-1)
-        pos = (ktop - m0).to(torch.int64)
-        ext[:, 3] = torch.where(pos >= 0, ya.gather(1, pos.clamp(min=0)[:, None]).squeeze(1), -math.inf)
-    ext[:, 2] = (~finite).to(torch.float64)
+        ext[:, 0], ext[:, 1] = ya[:, -1], -ya[:, 0]
     all_reduce_(ext, dist.ReduceOp.MAX, group)
-    bad = ext[:, 2] > 0
-    ya = torch.where(bad[:, None], 0.0, ya)
-    ymax, ymin = torch.where(bad, 0.0, ext[:, 0]), torch.where(bad, 0.0, -ext[:, 1])
     # Bracket (1.4): g(hi) <= k <= g(lo).
-    hi = ymax + s * torch.log(n / (2.0 * k)).clamp_min(0.0)
-    lo = ymin - s * torch.log(n / (2.0 * (n - k))).clamp_min(0.0)
-    q = k / m0
-    finv = torch.where(q < 0.5, torch.log(2.0 * q), -torch.log(2.0 * (1.0 - q)))
-    lo = torch.where(torch.isfinite(ext[:, 3]) & ~bad, torch.maximum(lo, ext[:, 3] - s * finv), lo)
-    if not full and not bool(((ya[:, 0] < lo - NEGLIGIBLE_U * s) | bad).all()):
-        ya = torch.where(bad[:, None], 0.0, torch.sort(yz, dim=-1).values)
-    ya = ya.contiguous()
-    n_s = ya.shape[1]  # entries of this shard not in ya lie below every trial point and the window
+    hi = ext[:, 0] + s * torch.log(n / (2.0 * k)).clamp_min(0.0)
+    lo = -ext[:, 1] - s * torch.log(n / (2.0 * (n - k))).clamp_min(0.0)
     frac = torch.arange(1, N_TRIAL + 1, dtype=torch.float64, device=dev) / (N_TRIAL + 1)
     done = torch.zeros(R, dtype=torch.bool, device=dev)
     for _ in range(MAX_ITERS):
         pts = torch.cat([lo[:, None], lo[:, None] + (hi - lo)[:, None] * frac, hi[:, None]], dim=1)  # (R, P+2)
         buf = torch.zeros(R, 3 * N_TRIAL + 4, dtype=torch.float64, device=dev)
-        if n_s:
+        if n_r:
             w_lo = torch.searchsorted(ya, (lo - NEGLIGIBLE_U * s)[:, None])
             w_hi = torch.searchsorted(ya, (hi + NEGLIGIBLE_U * s)[:, None], right=True)
             width = int(torch.where(done[:, None], 0, w_hi - w_lo).max())
             cols = w_lo + torch.arange(width, device=dev)
-            win = ya.gather(1, cols.clamp(max=n_s - 1))
+            win = ya.gather(1, cols.clamp(max=n_r - 1))
             inwin = cols < w_hi
             for j in range(N_TRIAL):
-                cdf = torch.where(inwin, _laplace_cdf((win - pts[:, j + 1, None]) / s), 0.0)
-                buf[:, j] = (n_s - w_hi[:, 0]) + cdf.sum(dim=-1)
-            buf[:, N_TRIAL:2 * N_TRIAL + 2] = n_s - torch.searchsorted(ya, pts, right=True)  # #{y > pt}
-            buf[:, 2 * N_TRIAL + 2:] = n_s - torch.searchsorted(ya, pts)  # #{y >= pt}
+                cdf = torch.where(inwin, laplace_cdf((win - pts[:, j + 1, None]) / s), 0.0)
+                buf[:, j] = (n_r - w_hi[:, 0]) + cdf.sum(dim=-1)
+            buf[:, N_TRIAL:2 * N_TRIAL + 2] = n_r - torch.searchsorted(ya, pts, right=True)  # #{y > pt}
+            buf[:, 2 * N_TRIAL + 2:] = n_r - torch.searchsorted(ya, pts)  # #{y >= pt}
         all_reduce_(buf, group=group)
         g, gt, ge = buf[:, :N_TRIAL], buf[:, N_TRIAL:2 * N_TRIAL + 2], buf[:, 2 * N_TRIAL + 2:]
         c = (g > k[:, None]).sum(dim=-1, keepdim=True)  # t lies in [pts[c], pts[c + 1]]
         new_lo, new_hi = pts.gather(1, c).squeeze(1), pts.gather(1, c + 1).squeeze(1)
         inside = gt.gather(1, c).squeeze(1) - ge.gather(1, c + 1).squeeze(1)
+        # g == k exactly at pts[c + 1] (a plateau at tiny s): its segment is t's, not the plateau's end
+        hit = (c.squeeze(1) < N_TRIAL) & (g.gather(1, c.clamp(max=N_TRIAL - 1)).squeeze(1) == k)
+        new_lo = torch.where(hit, new_hi, new_lo)
         stalled = (new_lo == lo) & (new_hi == hi)  # the bracket is at float64 resolution
         lo, hi = torch.where(done, lo, new_lo), torch.where(done, hi, new_hi)
-        done = done | (inside <= 0) | stalled
+        done = done | (inside <= 0) | stalled | hit
         if bool(done.all()):  # computed from all-reduced data: the same decision on every rank
             break
     # Segment: entries >= hi are above t, entries <= lo below (an entry left inside the bracket
     # after MAX_ITERS / a stall sits at t within rounding: split at the midpoint).
-    yz = torch.where(bad[:, None], 0.0, yz)
-    above = yz >= (0.5 * (lo + hi))[:, None]
-    ys = yz / s
-    loc = torch.stack([above.sum(dim=-1).to(torch.float64), _masked_logsumexp(-ys, above),
-                       _masked_logsumexp(ys, ~above)], dim=-1)
+    above = y >= (0.5 * (lo + hi))[:, None]
+    ys = y / s
+    loc = torch.stack([above.sum(dim=-1).to(torch.float64), torch.where(above, -ys, -math.inf).logsumexp(-1),
+                       torch.where(above, -math.inf, ys).logsumexp(-1)], dim=-1)  # -inf for an empty shard
     tab = all_gather_stack(loc, group)  # (W, R, 3)
     m = tab[:, :, 0].sum(dim=0)
     la, lb = torch.logsumexp(tab[:, :, 1], dim=0), torch.logsumexp(tab[:, :, 2], dim=0)
-    # Closed form (1.5): A w^2 / 2 + c w - B / 2 = 0 with w = e^{t/s}, in logs.
-    cc = k - m
-    log_abs_c = torch.log(cc.abs())
-    l2 = torch.logaddexp(2.0 * log_abs_c, la + lb)
-    q = 0.5 * l2 + torch.log1p(torch.exp(log_abs_c - 0.5 * l2))
-    t = torch.where(cc >= 0, lb - q, q - la) * s
-    return torch.where(bad, math.nan, t)
-
-
-def _scale(alpha: Tensor) -> Tensor:
-    return alpha.detach().to(torch.float64).abs().clamp_min(S_MIN).reshape(())
+    return _root(k - m, la, lb) * s
 
 
 class _ShardedSoftTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, k: Tensor, alpha: Tensor, largest: bool, gate: bool, n: int, group) -> Tensor:
-        s = _scale(alpha)
+        s = scale_of(alpha)[0]
         sign = 1.0 if largest else -1.0
         x64 = x.detach().to(torch.float64)
         t = _global_threshold(sign * x64, k.detach(), s, n, group)
-        p = _laplace_cdf((sign * x64 - t[:, None]) / s)
+        p = laplace_cdf((sign * x64 - t[:, None]) / s)
         ctx.save_for_backward(x, t, alpha)
         ctx.largest, ctx.gate, ctx.group = largest, gate, group
         return (x64 * p if gate else p).to(x.dtype)
@@ -309,7 +301,7 @@ class _ShardedSoftTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, t, alpha = ctx.saved_tensors
-        s = _scale(alpha)
+        s = scale_of(alpha)[0]
         sign = 1.0 if ctx.largest else -1.0
         x64, go = x.to(torch.float64), grad.to(torch.float64)
         u = (sign * x64 - t[:, None]) / s
@@ -337,30 +329,20 @@ class _ShardedSoftTopK(torch.autograd.Function):
         ds = (tab[:, :, 4] + (c_over_s - cbar_r) * tab[:, :, 5]).sum(0) / s
         dx = sign * (f / s) * (g - a_over_s[:, None])
         if ctx.gate:
-            dx = dx + go * _laplace_cdf(u)
+            dx = dx + go * laplace_cdf(u)
         dalpha = torch.sign(alpha.detach()) * ds.sum().to(alpha.dtype) if ctx.needs_input_grad[2] else None
         dk = a_over_s if ctx.needs_input_grad[1] else None
         return dx.to(x.dtype), dk, dalpha, None, None, None, None
 
 
-def _alpha_tensor(alpha, device: torch.device) -> Tensor:
-    if isinstance(alpha, Tensor):
-        if alpha.numel() != 1 or not alpha.is_floating_point():
-            raise ValueError(f"alpha must be a float or a 1-element float tensor, got shape {tuple(alpha.shape)} "
-                             f"and dtype {alpha.dtype}")
-        a = alpha.reshape(()).to(device=device, dtype=torch.float64)
-        if alpha.device.type == "cpu":
-            _check_alpha(float(alpha.detach()))
-        return a
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        _check_alpha(float(alpha))
-        return torch.full((), float(alpha), dtype=torch.float64, device=device)
-    raise TypeError(f"alpha must be a float or a 1-element tensor, got {type(alpha).__name__}")
-
-
-def _check_alpha(a: float) -> None:
-    if a == 0.0 or not math.isfinite(a):
-        raise ValueError(f"alpha must be finite and non-zero, got {a}")
+def _soft_inputs(x: Tensor, k, alpha, group, what: str) -> tuple[Tensor, Tensor, int]:
+    """alpha (0-d float64), k (R,) float64 clamped into [K_EPS, n - K_EPS] and n, the global row length,
+    after the checks of x, alpha, k and the metadata all-gather (the ranks must agree)."""
+    _check_2d(x, "x")
+    group_rank_world(group)
+    alpha_t, kk = alpha_tensor(alpha, x.device), _rows_k(k, x.shape[0], x.device)
+    n = int(_gather_meta(x, kk, alpha_t, group, what, check_nan=False).sum())
+    return alpha_t, kk.clamp(K_EPS, max(n, 1) - K_EPS), n
 
 
 def sharded_soft_topk(x: Tensor, k, alpha, group: dist.ProcessGroup | None = None, largest: bool = True,
@@ -380,17 +362,11 @@ def sharded_soft_topk(x: Tensor, k, alpha, group: dist.ProcessGroup | None = Non
     Returns (R, n_r) in x.dtype; ``sum`` over all ranks' columns equals ``k`` per row. Rows with a
     non-finite entry on any rank are NaN on every rank. Computed in float64.
     """
-    _check_2d(x, "x")
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__}")
-    group_rank_world(group)
-    alpha_t = _alpha_tensor(alpha, x.device)
-    kk = _rows_k(k, x.shape[0], x.device)
-    sizes = _gather_meta(x, kk, alpha_t, group, "sharded_soft_topk", check_nan=False)
-    n = int(sizes.sum())
+    alpha_t, kk, n = _soft_inputs(x, k, alpha, group, "sharded_soft_topk")
     if x.shape[0] == 0 or n == 0:
         return x * 0 + kk.sum().to(x.dtype) * 0
-    kk = kk.clamp(K_EPS, n - K_EPS) if n > 1 else kk.clamp(K_EPS, 1 - K_EPS)
     return _ShardedSoftTopK.apply(x, kk, alpha_t, largest, gate, n, group)
 
 
@@ -407,22 +383,15 @@ def sharded_gate_k_direction(x: Tensor, k, alpha, W_dec: Tensor, group: dist.Pro
     z = x * soft_topk(x, k, alpha), x (R, n_r) and W_dec (n_r, d) this rank's latents.
 
     The straight-through "k" step adds ``(k_hat - sg(k_hat)) v`` to the reconstruction (docs/math.md
-    section 3; ``softsae.models.SoftSAE.k_direction`` in one process): the global threshold (the
-    sharded search of ``sharded_soft_topk``), each shard's kept terms x_i f_i near it (relative to the
-    global min |u|, one all-reduce MIN) decoded by ``sparse_decode``, then one all-reduce SUM of the
-    (R, d + 1) partial decodes and density sums. No soft top-k output and no backward pass.
+    section 3; ``SoftSAE.k_direction`` in one process): the global threshold, each shard's terms x_i f_i
+    near it (relative to the global min |u|, one all-reduce MIN) decoded as in one process
+    (``placement.decode_terms``), then one all-reduce SUM of the (R, d + 1) partial decodes and density sums.
     """
-    _check_2d(x, "x")
-    group_rank_world(group)
-    alpha_t = _alpha_tensor(alpha, x.device)
-    kk = _rows_k(k, x.shape[0], x.device)
-    sizes = _gather_meta(x, kk, alpha_t, group, "sharded_gate_k_direction", check_nan=False)
-    n = int(sizes.sum())
+    alpha_t, kk, n = _soft_inputs(x, k, alpha, group, "sharded_gate_k_direction")
     R, d = x.shape[0], W_dec.shape[1]
     if R == 0 or n == 0:
         return W_dec.new_zeros(R, d)
-    kk = kk.clamp(K_EPS, n - K_EPS) if n > 1 else kk.clamp(K_EPS, 1 - K_EPS)
-    s = _scale(alpha_t)
+    s = scale_of(alpha_t)[0]
     xw = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
     x64 = xw.to(torch.float64)
     t = _global_threshold(x64, kk, s, n, group)
@@ -433,7 +402,7 @@ def sharded_gate_k_direction(x: Tensor, k, alpha, W_dec: Tensor, group: dist.Pro
     buf = torch.zeros(R, d + 1, dtype=torch.float64, device=x.device)
     if x.shape[1]:
         vals, idx, f_sum = dk_terms(xw, t, s, m, DK_CUT)
-        buf[:, :d] = sparse_decode(vals.to(W_dec.dtype), idx, W_dec.detach(), None, backend=backend).double()
+        buf[:, :d] = decode_terms(vals, idx, W_dec.detach(), backend).double()
         buf[:, d] = f_sum
     all_reduce_(buf, group=group)
     return (buf[:, :d] / buf[:, d:]).to(W_dec.dtype)
@@ -463,10 +432,9 @@ def _top_m_mask(values: Tensor, m: int) -> Tensor:
 def _select_ordered(keep: Tensor, z: Tensor, width: int, offset: int = 0) -> tuple[Tensor, Tensor]:
     """Padded (vals, idx) of the kept entries of each row of z (B, n): values descending, ties by index.
 
-    ``idx`` are local column indices plus ``offset``, -1 for padding; ``vals`` differentiable in z.
-    Every row keeps at most ``width`` entries. The kept entries are first compacted in index order
-    (a cumsum and a scatter, no sort of the n columns), then only the (B, width) block is sorted
-    (stable, so equal values stay in index order).
+    ``idx`` are local column indices plus ``offset``, -1 for padding; ``vals`` differentiable in z;
+    at most ``width`` per row. The kept entries are compacted in index order (a cumsum and a scatter),
+    then only that (B, width) block is sorted (stable: equal values stay in index order).
     """
     B, n = z.shape
     if width == 0 or n == 0:
@@ -492,10 +460,9 @@ def sharded_topk_per_row(z: Tensor, k, group: dist.ProcessGroup | None = None,
     identical on every rank (floored, clamped to [0, n]). Raises on every rank if any rank's z
     holds NaN.
 
-    Returns ``vals, idx`` of shape (B, min(max k, n_r)): values descending (ties by index), padded
-    with ``idx = -1``, ``vals = 0``; ``idx`` are LOCAL column indices (ready for this rank's W_dec
-    shard) unless ``global_index`` (then local + this rank's offset). ``vals`` is differentiable in z.
-    Collectives: the metadata all-gather and one all-gather of (B, max k) candidates (value, index).
+    Returns ``vals, idx`` (B, min(max k, n_r)): values descending (ties by index), padded with
+    ``idx = -1``, ``vals = 0``; ``idx`` LOCAL columns unless ``global_index``; ``vals`` differentiable
+    in z. Collectives: the metadata all-gather and one all-gather of (B, max k) (value, index) pairs.
     """
     _check_2d(z, "z")
     rank, _ = group_rank_world(group)
@@ -543,13 +510,11 @@ def sharded_batch_topk(z: Tensor, k: int, group: dist.ProcessGroup | None = None
             or (B_r, n) this rank's rows (``split="rows"``: data parallel, full dictionary).
         k: mean budget per row (int >= 0).
 
-    Returns ``vals, idx, threshold``: this rank's kept entries per row as padded codes
-    (values descending; ``idx`` LOCAL columns unless ``global_index``; width = the largest per-row
-    count, read back to the host) and ``threshold``, the smallest kept value over all ranks
-    (a 0-d float64 tensor, identical on every rank; NaN when nothing is kept), for the EMA
-    threshold of BatchTopK. Collectives: the metadata all-gather, one all-reduce MAX (candidate
-    count), two all-gathers of min(M, largest local size) candidates (values, flat indices): the
-    merge holds W * M candidates per rank.
+    Returns ``vals, idx, threshold``: this rank's kept entries as padded codes (values descending;
+    ``idx`` LOCAL columns unless ``global_index``; width read back to the host) and the smallest kept
+    value over all ranks (0-d float64, identical everywhere; NaN when nothing is kept), for BatchTopK's
+    EMA threshold. Collectives: the metadata all-gather, one all-reduce MAX, two all-gathers of
+    min(M, largest local size) candidates (values, flat indices).
     """
     _check_2d(z, "z")
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
@@ -558,16 +523,16 @@ def sharded_batch_topk(z: Tensor, k: int, group: dist.ProcessGroup | None = None
         raise ValueError(f"split must be 'latents' or 'rows', got {split!r}")
     rank, world = group_rank_world(group)
     B, n_r = z.shape
+    sizes = _gather_meta(z, None, None, group, "sharded_batch_topk", check_nan=True, split=int(split == "latents"))
     if split == "latents":
-        sizes = _gather_meta(z, None, None, group, "sharded_batch_topk", check_nan=True)
         n, b_total, row_off, col_off = int(sizes.sum()), B, 0, _offsets(sizes, rank)
     else:
-        row_sizes, n = _gather_rows_meta(z, group)
-        b_total, row_off, col_off = int(row_sizes.sum()), _offsets(row_sizes, rank), 0
+        n, b_total, row_off, col_off = n_r, int(sizes.sum()), _offsets(sizes, rank), 0
     m_total = k * b_total
     flat = z.detach().reshape(-1).to(torch.float64)
     cand = _top_m_mask(flat, m_total).nonzero().squeeze(1)  # positions in local flat order
-    c_pad = min(m_total, max_local_size(z, group))
+    size = torch.tensor([float(z.numel())], dtype=torch.float64, device=z.device)
+    c_pad = min(m_total, int(all_reduce_(size, dist.ReduceOp.MAX, group).item()))  # the largest local size
     cand_v = torch.full((c_pad,), -math.inf, dtype=torch.float64, device=z.device)
     sentinel = b_total * n  # beyond every real flat index: padding loses every tie
     cand_k = torch.full((c_pad,), sentinel, dtype=torch.int64, device=z.device)
@@ -592,36 +557,15 @@ def sharded_batch_topk(z: Tensor, k: int, group: dist.ProcessGroup | None = None
     return vals, idx, threshold
 
 
-def max_local_size(z: Tensor, group) -> int:
-    """Largest ``z.numel()`` over the ranks (one all-reduce MAX)."""
-    t = torch.tensor([float(z.numel())], dtype=torch.float64, device=z.device)
-    return int(all_reduce_(t, dist.ReduceOp.MAX, group).item())
-
-
-def _gather_rows_meta(z: Tensor, group) -> tuple[Tensor, int]:
-    """Row-split metadata: (W,) rows per rank and the common n; same error on every rank on mismatch."""
-    meta = torch.tensor([z.shape[0], z.shape[1], float(torch.isnan(z.detach()).sum())], dtype=torch.float64,
-                        device=z.device)
-    table = all_gather_stack(meta, group).cpu()
-    msgs = [f"rank {r} has {int(table[r, 1])} latents, rank 0 has {int(table[0, 1])}"
-            for r in range(1, table.shape[0]) if table[r, 1] != table[0, 1]]
-    msgs += [f"rank {r} has {int(table[r, 2])} NaN values" for r in range(table.shape[0]) if table[r, 2] > 0]
-    raise_everywhere(msgs, "sharded_batch_topk")
-    return table[:, 0].to(torch.int64), int(table[0, 1])
-
-
 # ----------------------------------------------------------------------------- decode
 
 
 def sharded_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None,
                    group: dist.ProcessGroup | None = None, backend: str = "auto") -> Tensor:
-    """``x_hat = z @ W_dec_full + b_dec`` with the dictionary sharded over latents.
-
-    vals, idx (B, K): this rank's codes with LOCAL indices into its shard ``W_dec`` (n_r, d)
-    (``softsae.sparse_decode`` layout, -1 = padding); b_dec (d,) replicated or None.
-    Each rank decodes its latents with ``softsae.sparse_decode`` and the (B, d) partial results
-    are summed by one all-reduce (backward: identity, see :func:`reduce_from_shards`). Returns the
-    replicated (B, d) reconstruction; dW_dec and dvals are this rank's shard, db_dec is full.
+    """``x_hat = z @ W_dec_full + b_dec`` with the dictionary sharded over latents: vals, idx (B, K) this
+    rank's codes with LOCAL indices into its shard ``W_dec`` (n_r, d), b_dec (d,) replicated or None.
+    The ranks' ``sparse_decode`` partial results are summed by one all-reduce (backward: identity, see
+    :func:`reduce_from_shards`): dW_dec and dvals are this rank's shard, db_dec is full.
     """
     group_rank_world(group)
     partial = sparse_decode(vals, idx, W_dec, None, backend=backend)

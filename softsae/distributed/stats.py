@@ -62,15 +62,12 @@ def check_batch(x, d: int | None = None, group: dist.ProcessGroup | None = None,
             meta[2] = x.shape[-1] if x.dim() else -1
     else:
         meta[1], meta[2] = x.shape
-        bad_rows = (~torch.isfinite(x.detach())).any(dim=1) if x.numel() else torch.zeros(0, dtype=torch.bool)
-        meta[3] = float((~torch.isfinite(x.detach())).sum()) if x.numel() else 0.0
+        bad = ~torch.isfinite(x.detach())
+        meta[3] = float(bad.sum())
         if meta[3] > 0:
-            meta[4] = float(bad_rows.nonzero()[0, 0])
+            meta[4] = float(bad.any(dim=1).nonzero()[0, 0])
     table = all_gather_stack(meta.to(dev), group).cpu()
-    want = d if d is not None else None
-    if want is None:
-        ok_cols = [int(r[2]) for r in table if r[0] == 0]
-        want = ok_cols[0] if ok_cols else None
+    want = d if d is not None else next((int(r[2]) for r in table if r[0] == 0), None)  # the first valid rank
     msgs = []
     for r, (kind, rows, cols, nonfinite, first) in enumerate(table.tolist()):
         if kind == 1:

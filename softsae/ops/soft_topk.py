@@ -66,19 +66,7 @@ def _check_inputs(x: Tensor, k, alpha, dim: int, largest: bool) -> tuple[int, Te
         raise ValueError(f"dim={dim} is out of range for x with {x.dim()} dimensions")
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__}")
-    if isinstance(alpha, Tensor):
-        if alpha.numel() != 1 or not alpha.is_floating_point():
-            raise ValueError(f"alpha must be a float or a 1-element float tensor, got shape "
-                             f"{tuple(alpha.shape)} and dtype {alpha.dtype}")
-        if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_alpha_value(float(alpha.detach()))
-        alpha_t = alpha.reshape(()).to(device=x.device, dtype=torch.float64)
-    elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        _check_alpha_value(float(alpha))
-        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (graph-capturable).
-        alpha_t = torch.full((), float(alpha), dtype=torch.float64, device=x.device)
-    else:
-        raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
+    alpha_t = alpha_tensor(alpha, x.device)
     if isinstance(k, Tensor):
         if not (k.is_floating_point() or k.dtype in (torch.int32, torch.int64, torch.int16, torch.int8,
                                                       torch.uint8)):
@@ -88,6 +76,23 @@ def _check_inputs(x: Tensor, k, alpha, dim: int, largest: bool) -> tuple[int, Te
     elif not isinstance(k, (int, float)) or isinstance(k, bool):
         raise TypeError(f"k must be a tensor or a number, got {type(k).__name__}")
     return dim % x.dim(), alpha_t
+
+
+def alpha_tensor(alpha, device: torch.device) -> Tensor:
+    """alpha (a number or a 1-element float tensor) as a 0-d float64 tensor on ``device``; its value is
+    checked (finite, non-zero) only when it is a number or a CPU tensor (see :func:`_check_inputs`)."""
+    if isinstance(alpha, Tensor):
+        if alpha.numel() != 1 or not alpha.is_floating_point():
+            raise ValueError(f"alpha must be a float or a 1-element float tensor, got shape "
+                             f"{tuple(alpha.shape)} and dtype {alpha.dtype}")
+        if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_alpha_value(float(alpha.detach()))
+        return alpha.reshape(()).to(device=device, dtype=torch.float64)
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        _check_alpha_value(float(alpha))
+        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy (graph-capturable).
+        return torch.full((), float(alpha), dtype=torch.float64, device=device)
+    raise TypeError(f"alpha must be a float or a 0-d tensor, got {type(alpha).__name__}")
 
 
 def _check_alpha_value(a: float) -> None:
