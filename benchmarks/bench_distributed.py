@@ -14,7 +14,9 @@ exact bytes of the training state the rank holds (parameters, gradients and the 
 On CPU with gloo this is indicative only: W processes share the machine's cores, gloo's
 collectives go through loopback TCP, and the sharded soft top-k threshold search is plain PyTorch in
 float64 (every other part of the step runs the one-process models' own kernels on each shard; one
-rank holds the whole model, placed locally). On a shared machine the numbers are noisy.
+rank holds the whole model, placed locally). ``--sharded-one-rank`` adds a ``dictionary-sharded`` row:
+one rank with the sharded placement forced (its collectives are identities), the cost of the sharded
+code path itself against the local one. On a shared machine the numbers are noisy.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ def _config(a, arch: str, parallel: str) -> TrainConfig:
 def _worker(rank: int, world: int, store: str, a, arch: str, parallel: str, out: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
+    if parallel == "dictionary-sharded":  # one rank, the sharded placement instead of the local one
+        import softsae.parallel
+        from softsae.distributed.placement import ShardedLatents
+
+        def shard_model_(model, group=None):
+            model.latents = ShardedLatents(group, model.n)
+            return model
+
+        softsae.parallel.shard_model_ = shard_model_
+        parallel = "dictionary"
     if parallel != "none":
         dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
@@ -104,6 +116,8 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=["softsae", "topk"])
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--modes", nargs="+", default=["data", "dictionary"], choices=["data", "dictionary"])
+    ap.add_argument("--sharded-one-rank", action="store_true",
+                    help="also run one dictionary rank with the sharded placement forced")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--out", help="also write the markdown table to this file")
     a = ap.parse_args()
@@ -116,6 +130,9 @@ def main() -> None:
             for world in a.worlds:
                 rows.append(run(a, arch, parallel, world))
                 print(rows[-1], flush=True)
+        if a.sharded_one_rank:
+            rows.append(run(a, arch, "dictionary-sharded", 1))
+            print(rows[-1], flush=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     head = (f"d={a.d}, n={a.n}, k={a.k}, global batch {a.batch_size}, {a.steps} steps (timed from step {a.warmup}), "
             f"CPU gloo, 1 thread per process, torch {torch.__version__}, {stamp}")

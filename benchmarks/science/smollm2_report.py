@@ -79,6 +79,29 @@ def frontier_comparison(agg: dict, ks: list[int]) -> list[dict]:
     return comps
 
 
+def paired_against_topk(runs_dir: Path, rows: list[dict], block: int = 128) -> list[dict]:
+    """Per-token CE (with the SAE spliced in) and KL of each model minus TopK's at the same K and seed, on the
+    same held-out tokens: the mean difference and its standard error over blocks of ``block`` consecutive
+    tokens (tokens of one window are correlated, blocks much less so). Negative = better than TopK."""
+    have = {(r["variant"], r["k"], r["seed"]): runs_dir / r["run"] / "per_token.npz" for r in rows}
+    have = {key: f for key, f in have.items() if f.exists()}
+    out = []
+    for (variant, k, seed), f in sorted(have.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        ref = have.get(("topk", k, seed))
+        if variant == "topk" or ref is None:
+            continue
+        a, b = np.load(f), np.load(ref)
+        row = {"variant": variant, "k": k, "seed": seed}
+        for key in ("ce_sae", "kl"):
+            d = a[key].astype(np.float64) - b[key].astype(np.float64)
+            nb = len(d) // block
+            means = d[:nb * block].reshape(nb, block).mean(axis=1)
+            row[key] = {"diff": float(d.mean()), "se": float(means.std(ddof=1) / np.sqrt(nb)) if nb > 1 else None,
+                        "tokens": len(d)}
+        out.append(row)
+    return out
+
+
 def plot(rows: list[dict], agg: dict, out_png: Path, info_png: Path, runs_dir: Path) -> None:
     import matplotlib
 
@@ -150,7 +173,7 @@ def _f(v, spec=".4f") -> str:
 
 
 def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base: dict, ks: list[int],
-             missing: list[str]) -> str:
+             missing: list[str], paired: list[dict]) -> str:
     full = a.scale == "full"
     lines = [f"# SmolLM2-135M: SoftSAE vs TopK vs BatchTopK ({'full' if full else 'REDUCED'} scale)", ""]
     if full:
@@ -214,6 +237,14 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
         met = n_fvu >= 2 and n_ce >= 2
         lines.append(f"- {LABELS[variant]}: FVU on/below at {n_fvu} of {len(cs)} K; CE recovered or KL on/below at "
                      f"{n_ce} of {len(cs)} K -> target {'met' if met else 'NOT met'} at this scale.")
+    if paired:
+        lines += ["", "Paired on the same held-out tokens, against TopK at the same K and seed (not at equal L0: "
+                  "SoftSAE's and BatchTopK's mean L0 is below K, so a difference <= 0 here is conservative for them): "
+                  "mean per-token difference +- its standard error over blocks of 128 consecutive tokens.", "",
+                  "| model | K | seed | CE with SAE minus TopK's | KL minus TopK's |", "|---|---|---|---|---|"]
+        for c in paired:
+            lines.append(f"| {LABELS[c['variant']]} | {c['k']} | {c['seed']} | {c['ce_sae']['diff']:+.4f} "
+                         f"+- {_f(c['ce_sae']['se'])} | {c['kl']['diff']:+.4f} +- {_f(c['kl']['se'])} |")
     diag = [r for r in rows if r.get("diagnostics")]
     if diag:
         lines += ["", "Diagnostics (`softsae eval --diagnostics`, first 20k held-out rows): the same SoftSAE "
@@ -269,11 +300,14 @@ def write_report(a, meta: dict, todo: list[tuple[str, int, int]]) -> dict:
     comps = frontier_comparison(agg, ks)
     stem = "smollm2" if a.scale == "full" else "smollm2_reduced"
     missing = sorted(set(names) - {r["run"] for r in rows if r.get("kl_mean") is not None})
+    paired = paired_against_topk(a.runs, rows)
     plot(rows, agg, RESULTS / f"{stem}_frontiers.png", RESULTS / f"{stem}_information.png", a.runs)
     out = {"scale": a.scale, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "activations": {"rows": meta["rows"], "d": meta["d"], "extract_tokens_per_s": meta.get("tokens_per_s")},
-           "lm_baselines": base, "rows": rows, "frontier": comps, "not_run": missing}
+           "lm_baselines": base, "rows": rows, "frontier": comps, "paired_vs_topk": paired,
+           "not_run": missing}
     atomic_write_json(RESULTS / f"{stem}.json", out)
-    (RESULTS / f"{stem}.md").write_text(markdown(a, meta, rows, agg, comps, base, ks, missing), encoding="utf-8")
+    md = markdown(a, meta, rows, agg, comps, base, ks, missing, paired)
+    (RESULTS / f"{stem}.md").write_text(md, encoding="utf-8")
     print((RESULTS / f"{stem}.md").read_text())
     return out
