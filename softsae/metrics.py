@@ -86,7 +86,8 @@ def evaluate(model: SparseAutoencoder, data, batch_size: int = 4096, max_rows: i
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all rows (original space; invariant to
     the model's normalisation), MSE per element, mean cosine(x, x_hat), L0 per row (mean,
     quantiles, histogram), fraction of latents that never fired, and for SoftSAE the k_hat
-    distribution. ``return_per_row`` adds the per-row ``l0`` (and ``k_hat``) arrays.
+    distribution. ``return_per_row`` adds the per-row ``l0`` (and ``k_hat``) arrays and ``sse``, each
+    row's ||x - x_hat||^2 (float64), from which an FVU over any subset of the rows follows.
     """
     source = load_activations(data)
     if source.d != model.d:
@@ -96,7 +97,7 @@ def evaluate(model: SparseAutoencoder, data, batch_size: int = 4096, max_rows: i
     model.eval()
     sse = sum_x2 = cos_sum = 0.0
     n_rows = 0
-    l0s, khats = [], []
+    l0s, khats, sses = [], [], []
     fired = torch.zeros(model.n, dtype=torch.bool, device=dev)
     sum_x = torch.zeros(model.d, dtype=torch.float64, device=dev)
     try:
@@ -106,7 +107,10 @@ def evaluate(model: SparseAutoencoder, data, batch_size: int = 4096, max_rows: i
             out = model.forward_train(x_n)
             x_hat = model.denormalize(out.x_hat.float())
             xd, rd = x.double(), (x - x_hat).double()
-            sse += float(rd.pow(2).sum())
+            row_sse = rd.pow(2).sum(1)
+            sse += float(row_sse.sum())
+            if return_per_row:
+                sses.append(row_sse.cpu())
             sum_x += xd.sum(0)
             sum_x2 += float(xd.pow(2).sum())
             cos_sum += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).double().sum())
@@ -132,7 +136,7 @@ def evaluate(model: SparseAutoencoder, data, batch_size: int = 4096, max_rows: i
     if khats:
         report["k_hat"] = summarize(torch.cat(khats).numpy())
     if return_per_row:
-        report["per_row"] = {"l0": l0}
+        report["per_row"] = {"l0": l0, "sse": torch.cat(sses).numpy()}
         if khats:
             report["per_row"]["k_hat"] = torch.cat(khats).numpy()
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -401,3 +402,17 @@ def test_batchtopk_k_train_used_only_in_training():
     assert int(out.codes.l0().sum()) == min(6 * B, int((pre > 0).sum()))
     m.k_train = None
     assert int(m.forward_train(m.normalize(_x())).codes.l0().sum()) == min(2 * B, int((pre > 0).sum()))
+
+
+def test_evaluate_per_row_sse_sums_to_fvu():
+    from softsae.metrics import evaluate
+
+    m = SoftSAE(D, N, 4, alpha=0.05, backend="reference").eval()
+    x = _x(300).numpy()
+    r = evaluate(m, x, batch_size=128, return_per_row=True)
+    sse = r["per_row"]["sse"]
+    assert sse.shape == (300,) and sse.dtype == np.float64
+    x_hat = m.denormalize(m.forward_train(m.normalize(torch.from_numpy(x))).x_hat).detach().double().numpy()
+    np.testing.assert_allclose(sse, ((x - x_hat) ** 2).sum(1), rtol=1e-5)
+    centred = ((x - x.mean(0)) ** 2).sum()
+    assert r["fvu"] == pytest.approx(sse.sum() / centred, rel=1e-6)

@@ -110,6 +110,36 @@ def train_one(a, meta: dict, variant: str, k: int, seed: int) -> dict:
     return res
 
 
+MASSIVE = 10.0  # a held-out row is a massive activation when its centred norm is > 10x the median (fixed a priori)
+
+
+def add_fvu_without_massive(a, meta: dict, runs: list[tuple[str, int, int]]) -> None:
+    """Add ``fvu_no_massive`` to each finished run's result.json: the FVU over the held-out rows that are not
+    massive activations (centred norm > MASSIVE x the median; Sun et al. 2024), and how much of the held-out
+    variance those few rows carry. On SmolLM2's layer 14 about 40 of 82k held-out tokens hold ~70% of the
+    variance, so the plain FVU mostly measures those tokens."""
+    from softsae.checkpoint import atomic_write_json, load_sae
+    from softsae.metrics import evaluate
+
+    files = [a.runs / run_name(*r) / "result.json" for r in runs]
+    todo = [f for f in files if f.exists() and "fvu_no_massive" not in json.loads(f.read_text())]
+    if not todo:
+        return
+    path = meta["paths"]["heldout"]
+    x = np.load(path, mmap_mode="r")[:a.fvu_rows].astype(np.float64)
+    norm2 = ((x - x.mean(0)) ** 2).sum(1)
+    massive = np.sqrt(norm2) > MASSIVE * np.median(np.sqrt(norm2))
+    rest = x[~massive]
+    rest_var = float(((rest - rest.mean(0)) ** 2).sum())
+    for f in todo:
+        res = json.loads(f.read_text())
+        rep = evaluate(load_sae(f.parent, device=a.device), path, max_rows=a.fvu_rows, return_per_row=True)
+        res["fvu_no_massive"] = {"fvu": float(rep["per_row"]["sse"][~massive].sum() / rest_var),
+                                 "massive_rows": int(massive.sum()), "rows": int(len(massive)), "x_median": MASSIVE,
+                                 "massive_variance_share": float(norm2[massive].sum() / norm2.sum())}
+        atomic_write_json(f, res)
+
+
 def heldout_texts(meta: dict) -> list[str]:
     """Texts of the held-out documents, in corpus order (as the extractor reads them)."""
     from softsae.corpus import python_docs_corpus
@@ -206,6 +236,7 @@ def main() -> None:
             todo_eval = [j for j in todo if run_name(*j) in set(a.only)]
         else:
             todo_eval = todo
+        add_fvu_without_massive(a, meta, todo_eval)
         stage_eval(a, meta, todo_eval)
     if a.stage in ("report", "all"):
         import sys

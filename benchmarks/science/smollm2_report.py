@@ -12,7 +12,8 @@ from softsae.metrics import interp_log
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LABELS = {"softsae": "SoftSAE", "softsae_paper": "SoftSAE (paper recipe)", "topk": "TopK", "batchtopk": "BatchTopK"}
-METRICS = {"fvu": ("held-out FVU", False), "frac_recovered_zero": ("CE loss recovered (vs zero abl.)", True),
+METRICS = {"fvu": ("held-out FVU", False), "fvu_nm": ("held-out FVU without massive-activation rows", False),
+           "frac_recovered_zero": ("CE loss recovered (vs zero abl.)", True),
            "kl_mean": ("KL(clean || SAE), nats/token", False)}
 
 
@@ -29,6 +30,7 @@ def collect(runs_dir: Path, names: list[str]) -> list[dict]:
         rows.append({"run": name, "variant": r["variant"], "k": r["k"], "seed": r["seed"],
                      "fvu": r["eval"]["fvu"], "l0": r["eval"]["l0"]["mean"], "l0_p05": r["eval"]["l0"].get("p05"),
                      "l0_p95": r["eval"]["l0"].get("p95"), "dead": r["eval"]["dead_fraction"],
+                     "fvu_nm": r.get("fvu_no_massive", {}).get("fvu"), "massive": r.get("fvu_no_massive"),
                      "train_seconds": r["train_seconds"], "tokens_seen": r["tokens_seen"],
                      "lm_l0": e.get("l0_mean"), "k_hat": e.get("k_hat_mean"),
                      "ce_sae": e.get("ce_loss_sae"), "ce_increase": e.get("ce_loss_increase"),
@@ -46,8 +48,8 @@ def mean_over_seeds(rows: list[dict]) -> dict[tuple[str, int], dict]:
     out = {}
     for key, rs in groups.items():
         m = {"n_seeds": len(rs)}
-        for f in ("fvu", "l0", "lm_l0", "frac_recovered_zero", "frac_recovered_mean", "kl_mean", "ce_increase",
-                  "dead", "k_hat"):
+        for f in ("fvu", "fvu_nm", "l0", "lm_l0", "frac_recovered_zero", "frac_recovered_mean", "kl_mean",
+                  "ce_increase", "dead", "k_hat"):
             vals = [r[f] for r in rs if r[f] is not None]
             m[f] = float(np.mean(vals)) if vals else None
             m[f + "_sd"] = float(np.std(vals)) if len(vals) > 1 else None
@@ -68,7 +70,7 @@ def frontier_comparison(agg: dict, ks: list[int]) -> list[dict]:
                 continue
             c = {"variant": variant, "k": k, "l0": m["l0"]}
             for metric, (_, higher_better) in METRICS.items():
-                l0_key = "l0" if metric == "fvu" else "lm_l0"
+                l0_key = "l0" if metric.startswith("fvu") else "lm_l0"
                 if m.get(metric) is None or any(t.get(metric) is None for _, t in topk):
                     continue
                 x = m[l0_key]
@@ -108,10 +110,10 @@ def plot(rows: list[dict], agg: dict, out_png: Path, info_png: Path, runs_dir: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4.2))
     for ax, (metric, (label, _)) in zip(axes, METRICS.items(), strict=True):
         for variant, marker in (("topk", "o-"), ("batchtopk", "s-"), ("softsae", "^-"), ("softsae_paper", "v-")):
-            pts = sorted((m["l0" if metric == "fvu" else "lm_l0"], m[metric]) for (v, _k), m in agg.items()
+            pts = sorted((m["l0" if metric.startswith("fvu") else "lm_l0"], m[metric]) for (v, _k), m in agg.items()
                          if v == variant and m.get(metric) is not None)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker, label=LABELS[variant])
@@ -203,10 +205,12 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
               "(`--recipe default` / `--recipe paper`); nothing was tuned on the held-out split.", "",
               f"LM baselines on the held-out tokens: CE clean {_f(base.get('ce_loss_clean'))}, zero ablation "
               f"{_f(base.get('ce_loss_zero'))}, mean ablation {_f(base.get('ce_loss_mean'))} nats/token.", "",
-              "| model | K | seed | held-out FVU | mean L0 | L0 p5-p95 | dead % | CE increase | CE rec. (zero) "
-              "| CE rec. (mean) | KL | mean k_hat | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | K | seed | held-out FVU | FVU w/o massive | mean L0 | L0 p5-p95 | dead % | CE increase "
+              "| CE rec. (zero) | CE rec. (mean) | KL | mean k_hat | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["k"], list(LABELS).index(r["variant"]), r["seed"])):
-        lines.append(f"| {LABELS[r['variant']]} | {r['k']} | {r['seed']} | {r['fvu']:.4f} | {r['l0']:.2f} | "
+        lines.append(f"| {LABELS[r['variant']]} | {r['k']} | {r['seed']} | {r['fvu']:.4f} | {_f(r['fvu_nm'])} | "
+                     f"{r['l0']:.2f} | "
                      f"{_f(r['l0_p05'], '.0f')}-{_f(r['l0_p95'], '.0f')} | {100 * r['dead']:.1f} | "
                      f"{_f(r['ce_increase'])} | {_f(r['frac_recovered_zero'])} | {_f(r['frac_recovered_mean'])} | "
                      f"{_f(r['kl_mean'])} | {_f(r['k_hat'], '.2f')} | {r['train_seconds']:.0f} |")
@@ -214,8 +218,8 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
               "its K points; 'extrap.' = outside them; means over the seeds; FVU at the activations' mean L0, CE and "
               "KL at the mean L0 of the LM evaluation's tokens). On/below = FVU and KL no higher, CE recovered no "
               "lower:", "",
-              "| model | K | mean L0 | FVU (TopK at L0) | CE rec. (TopK at L0) | KL (TopK at L0) |",
-              "|---|---|---|---|---|---|"]
+              "| model | K | mean L0 | FVU (TopK at L0) | FVU w/o massive (TopK at L0) | CE rec. (TopK at L0) "
+              "| KL (TopK at L0) |", "|---|---|---|---|---|---|---|"]
 
     def cell(c, m):
         if m not in c:
@@ -225,7 +229,7 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
         return f"{v['value']:.4f} ({v['topk_at_l0']:.4f}{', extrap.' if v['extrapolated'] else ''}) {mark}"
 
     for c in comps:
-        lines.append(f"| {LABELS[c['variant']]} | {c['k']} | {c['l0']:.2f} | {cell(c, 'fvu')} | "
+        lines.append(f"| {LABELS[c['variant']]} | {c['k']} | {c['l0']:.2f} | {cell(c, 'fvu')} | {cell(c, 'fvu_nm')} | "
                      f"{cell(c, 'frac_recovered_zero')} | {cell(c, 'kl_mean')} |")
     lines += ["", "Targets (issue 17: SoftSAE on or below TopK's frontier at >= 2 of 3 K, in FVU and in CE recovered "
               "or KL):", ""]
@@ -237,6 +241,13 @@ def markdown(a, meta: dict, rows: list[dict], agg: dict, comps: list[dict], base
         met = n_fvu >= 2 and n_ce >= 2
         lines.append(f"- {LABELS[variant]}: FVU on/below at {n_fvu} of {len(cs)} K; CE recovered or KL on/below at "
                      f"{n_ce} of {len(cs)} K -> target {'met' if met else 'NOT met'} at this scale.")
+    m = next((r["massive"] for r in rows if r.get("massive")), None)
+    if m is not None:
+        lines += ["", f"Massive activations: {m['massive_rows']} of the {m['rows']:,} held-out rows have a centred "
+                  f"norm above {m['x_median']:g}x the median (fixed before any comparison) and carry "
+                  f"{100 * m['massive_variance_share']:.0f}% of the held-out variance, so the plain FVU mostly "
+                  "measures how those few tokens are reconstructed; 'FVU w/o massive' is the FVU over the other rows. "
+                  "The target is read on the plain FVU, as the issue states it."]
     if paired:
         lines += ["", "Paired on the same held-out tokens, against TopK at the same K and seed (not at equal L0: "
                   "SoftSAE's and BatchTopK's mean L0 is below K, so a difference <= 0 here is conservative for them): "
