@@ -117,6 +117,15 @@ def plot(rows: list[dict], agg: dict, out_png: Path, info_png: Path, runs_dir: P
                          if v == variant and m.get(metric) is not None)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker, label=LABELS[variant])
+        # the axis spans the TopK / BatchTopK / SoftSAE points; a model far outside it is named, not plotted
+        main = [m[metric] for (v, _k), m in agg.items() if v != "softsae_paper" and m.get(metric) is not None]
+        if main:
+            lo, hi = min(main), max(main)
+            ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+            off = [f"{LABELS[v]} K={k}: {m[metric]:.3g}" for (v, k), m in sorted(agg.items())
+                   if m.get(metric) is not None and not lo - (hi - lo) <= m[metric] <= hi + (hi - lo)]
+            if off:
+                ax.text(0.02, 0.02, "off scale: " + "; ".join(off), transform=ax.transAxes, fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("mean L0 (held-out)")
         ax.set_ylabel(label)
